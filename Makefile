@@ -1,0 +1,42 @@
+# meter-grpc — run `make run` to serve, `make test` to prove it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/meter/v1/*.proto)
+GEN_DIR := src
+
+.PHONY: run test lint proto proto-check bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m meter_grpc
+
+test: $(STAMP) proto-check
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+# Regenerates the committed Python code of the protos (messages, gRPC stubs, mypy stubs).
+proto: $(STAMP)
+	$(PY) scripts/gen_protos.py $(GEN_DIR)
+
+# Fails when the committed generated code differs from what the protos produce.
+proto-check: $(STAMP)
+	$(PY) scripts/gen_protos.py --check $(GEN_DIR)
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""meter-grpc: metered software licenses over gRPC."""
