@@ -1,0 +1,1 @@
+"""gRPC servicers: convert the request, call the domain, convert the answer."""

@@ -1,0 +1,143 @@
+"""Who is calling: an admin token or a license key (SPEC §5)."""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from meter_grpc.domain.errors import MeterError, Reason
+
+LICENSE = "/meter.v1.LicenseService/"
+USAGE = "/meter.v1.UsageService/"
+
+# Methods a `License <key>` caller may use, each on its own license only.
+LICENSE_KEY_METHODS = frozenset(
+    [
+        LICENSE + "ValidateLicense",
+        LICENSE + "ActivateMachine",
+        LICENSE + "DeactivateMachine",
+        LICENSE + "MachineHeartbeat",
+        LICENSE + "CheckInLicense",
+        LICENSE + "CheckOutLicense",
+        LICENSE + "GetPublicKey",
+        USAGE + "IncrementUsage",
+        USAGE + "GetUsage",
+        USAGE + "SyncUsage",
+        USAGE + "StreamUsage",
+        USAGE + "WatchUsage",
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """`license_id` is empty for an admin."""
+
+    license_id: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return not self.license_id
+
+
+ADMIN = Principal()
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal", default=ADMIN)
+
+
+def current() -> Principal:
+    return _current.get()
+
+
+def set_current(p: Principal) -> None:
+    _current.set(p)
+
+
+def require_license(license_id: str) -> None:
+    """PERMISSION_DENIED when a license-key caller names another license."""
+    p = _current.get()
+    if p.license_id and p.license_id != license_id:
+        raise MeterError(
+            Reason.PERMISSION_DENIED,
+            "a license key may only act on its own license",
+            metadata={"license_id": license_id},
+        )
+
+
+def _denied(method: str) -> MeterError:
+    return MeterError(
+        Reason.PERMISSION_DENIED,
+        f"a license key may not call {method.rsplit('/', 1)[-1]}",
+        metadata={"method": method},
+    )
+
+
+def _unauthenticated(message: str) -> MeterError:
+    return MeterError(Reason.UNAUTHENTICATED, message)
+
+
+class KeyCache:
+    """license key -> license id; ids are never reused and keys never change, so a hit stays
+    right until the license is deleted (then every script answers LICENSE_NOT_FOUND)."""
+
+    def __init__(self, size: int = 10_000, ttl_s: float = 60.0) -> None:
+        self.size, self.ttl_s = size, ttl_s
+        self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        item = self._items.get(key)
+        if item is None or item[1] < time.monotonic():
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, license_id: str) -> None:
+        self._items[key] = (license_id, time.monotonic() + self.ttl_s)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class Authenticator:
+    def __init__(
+        self,
+        admin_tokens: Sequence[str],
+        license_id_by_key: Callable[[str], Awaitable[str | None]],
+    ) -> None:
+        self._tokens = [t.encode() for t in admin_tokens]
+        self._lookup = license_id_by_key
+        self._cache = KeyCache()
+
+    def _is_admin_token(self, token: str) -> bool:
+        given = token.encode()
+        ok = False
+        for t in self._tokens:  # compare with every token: timing says nothing about which
+            ok |= hmac.compare_digest(given, t)
+        return ok
+
+    async def authenticate(self, method: str, authorization: str | None) -> Principal:
+        if not authorization:
+            raise _unauthenticated("missing authorization metadata: 'Bearer <admin token>' or 'License <key>'")
+        scheme, _, credential = authorization.strip().partition(" ")
+        credential = credential.strip()
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            if credential and self._is_admin_token(credential):
+                return ADMIN
+            raise _unauthenticated("invalid admin token")
+        if scheme == "license":
+            if not credential:
+                raise _unauthenticated("empty license key")
+            license_id = self._cache.get(credential)
+            if license_id is None:
+                license_id = await self._lookup(credential)
+                if license_id is None:
+                    raise _unauthenticated("unknown license key")
+                self._cache.put(credential, license_id)
+            if method not in LICENSE_KEY_METHODS:
+                raise _denied(method)
+            return Principal(license_id)
+        raise _unauthenticated("authorization must be 'Bearer <admin token>' or 'License <key>'")

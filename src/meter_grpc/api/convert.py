@@ -1,0 +1,153 @@
+"""Protobuf messages to domain dataclasses and back. Enum numbers are shared by both."""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from meter.v1 import license_pb2, policy_pb2
+from meter_grpc.domain.models import (
+    ExpirationStrategy,
+    License,
+    OverageStrategy,
+    Policy,
+    Usage,
+    UsageResetInterval,
+)
+from meter_grpc.domain.rules import Violations
+
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
+    if ms is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromMilliseconds(ms)
+    return t
+
+
+def ms_of(t: timestamp_pb2.Timestamp) -> int:
+    return int(t.ToMilliseconds())
+
+
+def duration_ms(d: duration_pb2.Duration) -> int:
+    return int(d.ToMilliseconds())
+
+
+def _enum(cls: type[E], value: int, field: str, v: Violations) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        v.add(field, f"unknown value {value}")
+        return cls(0)
+
+
+def _opt(msg: object, name: str) -> int | None:
+    return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+
+
+def policy_from_proto(pb: policy_pb2.Policy, v: Violations, prefix: str = "policy") -> Policy:
+    return Policy(
+        id=pb.id,
+        name=pb.name,
+        max_uses=_opt(pb, "max_uses"),
+        max_machines=_opt(pb, "max_machines"),
+        max_cores=_opt(pb, "max_cores"),
+        floating=pb.floating,
+        strict=pb.strict,
+        duration_ms=duration_ms(pb.duration) if pb.HasField("duration") else None,
+        expiration_strategy=_enum(
+            ExpirationStrategy, pb.expiration_strategy, f"{prefix}.expiration_strategy", v
+        ),
+        require_check_in=pb.require_check_in,
+        check_in_interval_ms=duration_ms(pb.check_in_interval) if pb.HasField("check_in_interval") else None,
+        heartbeat_duration_ms=duration_ms(pb.heartbeat_duration) if pb.HasField("heartbeat_duration") else None,
+        entitlements=list(pb.entitlements),
+        overage_strategy=_enum(OverageStrategy, pb.overage_strategy, f"{prefix}.overage_strategy", v),
+        usage_reset_interval=_enum(
+            UsageResetInterval, pb.usage_reset_interval, f"{prefix}.usage_reset_interval", v
+        ),
+        metadata=dict(pb.metadata),
+    )
+
+
+def _dur(ms: int | None) -> duration_pb2.Duration | None:
+    if ms is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(ms)
+    return d
+
+
+def policy_to_proto(p: Policy) -> policy_pb2.Policy:
+    return policy_pb2.Policy(
+        id=p.id,
+        name=p.name,
+        max_uses=p.max_uses,
+        max_machines=p.max_machines,
+        max_cores=p.max_cores,
+        floating=p.floating,
+        strict=p.strict,
+        duration=_dur(p.duration_ms),
+        expiration_strategy=int(p.expiration_strategy),  # type: ignore[arg-type]
+        require_check_in=p.require_check_in,
+        check_in_interval=_dur(p.check_in_interval_ms),
+        heartbeat_duration=_dur(p.heartbeat_duration_ms),
+        entitlements=p.entitlements,
+        overage_strategy=int(p.overage_strategy),  # type: ignore[arg-type]
+        usage_reset_interval=int(p.usage_reset_interval),  # type: ignore[arg-type]
+        metadata=p.metadata,
+        create_time=ts(p.create_time_ms),
+        update_time=ts(p.update_time_ms),
+    )
+
+
+def license_from_proto(pb: license_pb2.License) -> License:
+    return License(
+        id=pb.id,
+        key=pb.key,
+        policy_id=pb.policy_id,
+        name=pb.name,
+        expire_time_ms=ms_of(pb.expire_time) if pb.HasField("expire_time") else None,
+        max_uses_override=_opt(pb, "max_uses"),
+        max_machines_override=_opt(pb, "max_machines"),
+        max_cores_override=_opt(pb, "max_cores"),
+        entitlements=list(pb.entitlements),
+        metadata=dict(pb.metadata),
+    )
+
+
+def license_to_proto(lic: License, now_ms: int) -> license_pb2.License:
+    return license_pb2.License(
+        id=lic.id,
+        key=lic.key,
+        policy_id=lic.policy_id,
+        name=lic.name,
+        status=int(lic.status(now_ms)),  # type: ignore[arg-type]
+        expire_time=ts(lic.expire_time_ms),
+        max_uses=lic.max_uses,
+        max_machines=lic.max_machines,
+        max_cores=lic.max_cores,
+        entitlements=lic.entitlements,
+        metadata=lic.metadata,
+        uses=lic.uses,
+        machines_count=lic.machines_count,
+        cores_count=lic.cores_count,
+        last_check_in_time=ts(lic.last_check_in_ms),
+        create_time=ts(lic.create_time_ms),
+        update_time=ts(lic.update_time_ms),
+    )
+
+
+def usage_fields(u: Usage) -> dict[str, object]:
+    """Keyword arguments shared by every usage response message."""
+    return {
+        "uses": u.uses,
+        "max_uses": u.max_uses,
+        "remaining": u.remaining,
+        "overage_limit": u.overage_limit,
+        "period_end_time": ts(u.period_end_ms),
+    }

@@ -1,0 +1,1 @@
+"""Licensing rules as plain Python: no gRPC, protobuf or Redis here."""

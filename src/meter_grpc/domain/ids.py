@@ -1,0 +1,41 @@
+"""Identifiers and license keys."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+
+# Crockford's base32 without I, L, O, U: unambiguous when read aloud or typed.
+_KEY_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+KEY_GROUPS = 5
+KEY_GROUP_LEN = 6  # 30 characters of 5 bits = 150 bits of randomness
+
+
+def new_id() -> str:
+    """A UUIDv7 (RFC 9562): time-ordered, so ids sort in creation order."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | rand
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant 10
+    return str(uuid.UUID(int=value))
+
+
+def new_license_key() -> str:
+    """e.g. 'K7Q2MX-9ZP4CT-...': 5 groups of 6 base32 characters, 150 random bits."""
+    chars = "".join(secrets.choice(_KEY_ALPHABET) for _ in range(KEY_GROUPS * KEY_GROUP_LEN))
+    return "-".join(chars[i : i + KEY_GROUP_LEN] for i in range(0, len(chars), KEY_GROUP_LEN))
+
+
+def new_machine_id(license_id: str) -> str:
+    """Machine ids carry their license id, so a machine is found in its license's keys."""
+    return f"{license_id}.{secrets.token_hex(8)}"
+
+
+def license_id_of_machine(machine_id: str) -> str | None:
+    license_id, sep, suffix = machine_id.rpartition(".")
+    if not sep or not license_id or len(suffix) != 16:
+        return None
+    return license_id

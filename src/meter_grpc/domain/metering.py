@@ -1,0 +1,93 @@
+"""Usage counters: increment, decrement, reset, read. The check itself runs in usage.lua."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from meter_grpc.domain import periods
+from meter_grpc.domain.clock import Clock
+from meter_grpc.domain.errors import FieldViolation, MeterError, Reason, not_found
+from meter_grpc.domain.models import Usage
+from meter_grpc.domain.rules import MAX_COUNTER, Violations
+
+if TYPE_CHECKING:
+    from meter_grpc.storage.store import RedisStore
+
+
+def _n(v: int | None) -> str:
+    return "unlimited" if v is None else str(v)
+
+
+class Metering:
+    def __init__(self, store: RedisStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def increment(self, license_id: str, amount: int, request_id: str = "") -> Usage:
+        return await self._run("inc", license_id, amount, request_id)
+
+    async def decrement(self, license_id: str, amount: int, request_id: str = "") -> Usage:
+        return await self._run("dec", license_id, amount, request_id)
+
+    async def reset(self, license_id: str, request_id: str = "") -> Usage:
+        return await self._run("reset", license_id, 0, request_id)
+
+    async def get(self, license_id: str) -> Usage:
+        return await self._run("get", license_id, 0, "")
+
+    async def _run(self, op: str, license_id: str, amount: int, request_id: str) -> Usage:
+        v = Violations()
+        v.identifier("license_id", license_id)
+        v.amount("amount", amount)
+        v.request_id("request_id", request_id)
+        v.raise_if_any()
+        amount = amount or 1
+        now = self.clock.now_ms()
+        result = await self.store.usage(
+            license_id,
+            op,
+            amount=amount,
+            request_id=request_id,
+            now_ms=now,
+            periods=periods.all_period_bounds(now),
+            max_counter=MAX_COUNTER,
+        )
+        status, usage = result.status.name, result.usage
+        if status == "OK":
+            return usage
+        meta = {"license_id": license_id, "uses": str(usage.uses)}
+        if status == "LICENSE_NOT_FOUND":
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        if status == "USAGE_LIMIT_EXCEEDED":
+            limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
+            raise MeterError(
+                Reason.USAGE_LIMIT_EXCEEDED,
+                f"using {amount} more would pass the usage limit: {usage.uses} used of "
+                f"{_n(usage.max_uses)} (granted up to {limit})",
+                metadata={
+                    **meta,
+                    "limit": str(usage.max_uses if usage.max_uses is not None else limit),
+                    "overage_limit": str(limit),
+                    "requested": str(amount),
+                    "remaining": str(max(0, limit - usage.uses)),
+                },
+                quota_subject=f"license:{license_id}",
+            )
+        if status == "USAGE_UNDERFLOW":
+            raise MeterError(
+                Reason.USAGE_UNDERFLOW,
+                f"cannot decrement by {amount}: usage is {usage.uses}",
+                metadata={**meta, "requested": str(amount)},
+            )
+        if status == "LICENSE_SUSPENDED":
+            raise MeterError(Reason.LICENSE_SUSPENDED, "the license is suspended", metadata=meta)
+        if status == "LICENSE_EXPIRED":
+            raise MeterError(Reason.LICENSE_EXPIRED, "the license has expired", metadata=meta)
+        if status == "REQUEST_ID_REUSED":
+            raise MeterError(
+                Reason.REQUEST_ID_REUSED,
+                f"request_id {request_id!r} was used with other arguments",
+                metadata={"license_id": license_id, "request_id": request_id, "field": "request_id"},
+                violations=(FieldViolation("request_id", "was used before with other arguments"),),
+            )
+        raise AssertionError(f"unknown usage status {status}")

@@ -1,0 +1,169 @@
+"""Policies, licenses and usage as plain dataclasses.
+
+Enum values equal the proto enum numbers, so the API layer converts with int().
+All times are integer milliseconds since the Unix epoch; durations are milliseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+DAY_MS = 86_400_000
+EXPIRING_WINDOW_MS = 3 * DAY_MS
+
+
+class ExpirationStrategy(enum.IntEnum):
+    UNSPECIFIED = 0
+    RESTRICT_ACCESS = 1
+    REVOKE_ACCESS = 2
+    MAINTAIN_ACCESS = 3
+    ALLOW_ACCESS = 4
+
+    @property
+    def effective(self) -> ExpirationStrategy:
+        return ExpirationStrategy.RESTRICT_ACCESS if self is self.UNSPECIFIED else self
+
+
+class OverageStrategy(enum.IntEnum):
+    UNSPECIFIED = 0
+    NO_OVERAGE = 1
+    ALLOW_1_25X_OVERAGE = 2
+    ALLOW_1_5X_OVERAGE = 3
+    ALLOW_2X_OVERAGE = 4
+    ALWAYS_ALLOW_OVERAGE = 5
+
+
+class UsageResetInterval(enum.IntEnum):
+    UNSPECIFIED = 0
+    NONE = 1
+    DAILY = 2
+    WEEKLY = 3
+    MONTHLY = 4
+    YEARLY = 5
+
+
+class LicenseStatus(enum.IntEnum):
+    UNSPECIFIED = 0
+    ACTIVE = 1
+    EXPIRING = 2
+    EXPIRED = 3
+    SUSPENDED = 4
+
+
+def overage_ceiling(limit: int | None, strategy: OverageStrategy) -> int | None:
+    """The highest count granted under `limit` with `strategy`; None means no ceiling.
+
+    Mirrors `ceiling()` in storage/lua/common.lua: 1.25x of 8 is 10, 1.5x of 3 is 4.
+    """
+    if limit is None or strategy == OverageStrategy.ALWAYS_ALLOW_OVERAGE:
+        return None
+    if strategy == OverageStrategy.ALLOW_1_25X_OVERAGE:
+        return limit * 5 // 4
+    if strategy == OverageStrategy.ALLOW_1_5X_OVERAGE:
+        return limit * 3 // 2
+    if strategy == OverageStrategy.ALLOW_2X_OVERAGE:
+        return limit * 2
+    return limit
+
+
+@dataclass(slots=True)
+class Policy:
+    id: str = ""
+    name: str = ""
+    max_uses: int | None = None
+    max_machines: int | None = None
+    max_cores: int | None = None
+    floating: bool = False
+    strict: bool = False
+    duration_ms: int | None = None
+    expiration_strategy: ExpirationStrategy = ExpirationStrategy.UNSPECIFIED
+    require_check_in: bool = False
+    check_in_interval_ms: int | None = None
+    heartbeat_duration_ms: int | None = None
+    entitlements: list[str] = field(default_factory=list)
+    overage_strategy: OverageStrategy = OverageStrategy.UNSPECIFIED
+    usage_reset_interval: UsageResetInterval = UsageResetInterval.UNSPECIFIED
+    metadata: dict[str, str] = field(default_factory=dict)
+    create_time_ms: int = 0
+    update_time_ms: int = 0
+    # Incremented by every update; licenses keep the revision of the policy they follow.
+    revision: int = 1
+
+
+@dataclass(slots=True)
+class License:
+    id: str = ""
+    key: str = ""
+    policy_id: str = ""
+    name: str = ""
+    suspended: bool = False
+    expire_time_ms: int | None = None
+    # Overrides of the policy limits; None = the policy's limit applies.
+    max_uses_override: int | None = None
+    max_machines_override: int | None = None
+    max_cores_override: int | None = None
+    entitlements: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    uses: int = 0
+    # Start (ms) of the usage period `uses` counts in; 0 when usage never resets by itself.
+    period_start_ms: int = 0
+    machines_count: int = 0
+    cores_count: int = 0
+    last_check_in_ms: int | None = None
+    create_time_ms: int = 0
+    update_time_ms: int = 0
+    # The policy as this license last saw it (its limits are checked inside the scripts).
+    policy: Policy = field(default_factory=Policy)
+
+    @property
+    def max_uses(self) -> int | None:
+        return self.max_uses_override if self.max_uses_override is not None else self.policy.max_uses
+
+    @property
+    def max_machines(self) -> int | None:
+        if self.max_machines_override is not None:
+            return self.max_machines_override
+        return self.policy.max_machines
+
+    @property
+    def max_cores(self) -> int | None:
+        if self.max_cores_override is not None:
+            return self.max_cores_override
+        return self.policy.max_cores
+
+    @property
+    def all_entitlements(self) -> list[str]:
+        """The policy's entitlements plus the license's own, without repeats."""
+        return list(dict.fromkeys([*self.policy.entitlements, *self.entitlements]))
+
+    def is_expired(self, now_ms: int) -> bool:
+        return self.expire_time_ms is not None and now_ms >= self.expire_time_ms
+
+    def status(self, now_ms: int) -> LicenseStatus:
+        if self.suspended:
+            return LicenseStatus.SUSPENDED
+        if self.expire_time_ms is None:
+            return LicenseStatus.ACTIVE
+        if now_ms >= self.expire_time_ms:
+            return LicenseStatus.EXPIRED
+        if self.expire_time_ms - now_ms <= EXPIRING_WINDOW_MS:
+            return LicenseStatus.EXPIRING
+        return LicenseStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A license's counter as returned by every usage operation."""
+
+    uses: int
+    max_uses: int | None
+    overage_limit: int | None
+    period_end_ms: int | None
+    replayed: bool = False
+
+    @property
+    def remaining(self) -> int | None:
+        if self.overage_limit is None:
+            return None
+        return max(0, self.overage_limit - self.uses)

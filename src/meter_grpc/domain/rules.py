@@ -1,0 +1,158 @@
+"""Input bounds and checks. Bad input is refused here, before anything reaches Redis.
+
+Lua numbers are IEEE doubles, exact up to 2^53. Amounts and limits are capped at 2^50 so
+that every sum and overage ceiling (at most 2x a limit, or a counter plus an amount) the
+scripts compute stays exact; the counter itself never passes MAX_COUNTER.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from meter_grpc.domain.errors import FieldViolation, invalid_fields
+from meter_grpc.domain.models import License, Policy
+
+MAX_AMOUNT = 2**50
+MAX_LIMIT = 2**50
+MAX_COUNTER = 2**53 - 1
+MAX_NAME_LEN = 256
+MAX_ID_LEN = 128
+MAX_REQUEST_ID_LEN = 128
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_LEN = 128
+MAX_METADATA_VALUE_LEN = 1024
+MAX_ENTITLEMENTS = 256
+MAX_ENTITLEMENT_LEN = 128
+MIN_KEY_LEN = 16
+MAX_KEY_LEN = 256
+MIN_DURATION_MS = 1000
+MAX_DURATION_MS = 100 * 366 * 86_400_000  # a century
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+_PRINTABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
+_ENTITLEMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+
+class Violations:
+    """Collects field violations; `raise_if_any()` raises one INVALID_ARGUMENT for all."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise invalid_fields(self.items)
+
+    def identifier(self, field: str, value: str, *, required: bool = True) -> None:
+        if not value:
+            if required:
+                self.add(field, "is required")
+            return
+        if len(value) > MAX_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value):
+            self.add(field, f"must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces")
+
+    def request_id(self, field: str, value: str) -> None:
+        if value and (len(value) > MAX_REQUEST_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value)):
+            self.add(
+                field,
+                f"must be at most {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces",
+            )
+
+    def amount(self, field: str, value: int) -> None:
+        if value < 0:
+            self.add(field, "must not be negative (0 means 1)")
+        elif value > MAX_AMOUNT:
+            self.add(field, f"must be at most 2^50 ({MAX_AMOUNT})")
+
+    def text(self, field: str, value: str, max_len: int = MAX_NAME_LEN) -> None:
+        if len(value) > max_len:
+            self.add(field, f"must be at most {max_len} characters")
+        elif "\x00" in value:
+            self.add(field, "must not contain NUL characters")
+
+    def limit(self, field: str, value: int | None, *, minimum: int = 0) -> None:
+        if value is None:
+            return
+        if value < minimum:
+            self.add(field, f"must be at least {minimum} (leave unset for unlimited)")
+        elif value > MAX_LIMIT:
+            self.add(field, f"must be at most 2^50 ({MAX_LIMIT})")
+
+    def duration(self, field: str, value_ms: int | None, *, minimum_ms: int = MIN_DURATION_MS) -> None:
+        if value_ms is None:
+            return
+        if value_ms < minimum_ms:
+            self.add(field, f"must be at least {minimum_ms // 1000} second(s)")
+        elif value_ms > MAX_DURATION_MS:
+            self.add(field, "must be at most 100 years")
+
+    def metadata(self, field: str, value: Mapping[str, str]) -> None:
+        if len(value) > MAX_METADATA_ENTRIES:
+            self.add(field, f"must have at most {MAX_METADATA_ENTRIES} entries")
+            return
+        for k, v in value.items():
+            if not k or len(k) > MAX_METADATA_KEY_LEN:
+                self.add(f"{field}[{k!r}]", f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
+            elif len(v) > MAX_METADATA_VALUE_LEN:
+                self.add(f"{field}[{k!r}]", f"values must be at most {MAX_METADATA_VALUE_LEN} characters")
+
+    def entitlements(self, field: str, value: Iterable[str]) -> None:
+        codes = list(value)
+        if len(codes) > MAX_ENTITLEMENTS:
+            self.add(field, f"must have at most {MAX_ENTITLEMENTS} codes")
+            return
+        for i, code in enumerate(codes):
+            if len(code) > MAX_ENTITLEMENT_LEN or not _ENTITLEMENT.fullmatch(code):
+                self.add(
+                    f"{field}[{i}]",
+                    f"must be 1 to {MAX_ENTITLEMENT_LEN} characters of letters, digits, '_.:-'",
+                )
+
+    def page(self, size_field: str, page_size: int) -> int:
+        if page_size < 0:
+            self.add(size_field, "must not be negative")
+            return DEFAULT_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            self.add(size_field, f"must be at most {MAX_PAGE_SIZE}")
+        return page_size or DEFAULT_PAGE_SIZE
+
+
+def check_policy(v: Violations, p: Policy, prefix: str = "policy") -> None:
+    v.text(f"{prefix}.name", p.name)
+    v.limit(f"{prefix}.max_uses", p.max_uses)
+    v.limit(f"{prefix}.max_machines", p.max_machines)
+    v.limit(f"{prefix}.max_cores", p.max_cores)
+    v.duration(f"{prefix}.duration", p.duration_ms)
+    v.duration(f"{prefix}.check_in_interval", p.check_in_interval_ms)
+    v.duration(f"{prefix}.heartbeat_duration", p.heartbeat_duration_ms)
+    if p.require_check_in and p.check_in_interval_ms is None:
+        v.add(f"{prefix}.check_in_interval", "is required when require_check_in is set")
+    if p.floating and p.max_machines is not None and p.max_machines < 1:
+        v.add(f"{prefix}.max_machines", "must be at least 1 for a floating policy")
+    if not p.floating and p.max_machines is not None and p.max_machines != 1:
+        v.add(
+            f"{prefix}.max_machines",
+            "a node-locked policy (floating = false) allows exactly one machine: "
+            "leave unset or set 1",
+        )
+    v.entitlements(f"{prefix}.entitlements", p.entitlements)
+    v.metadata(f"{prefix}.metadata", p.metadata)
+
+
+def check_license(v: Violations, lic: License, prefix: str = "license") -> None:
+    v.text(f"{prefix}.name", lic.name)
+    v.limit(f"{prefix}.max_uses", lic.max_uses_override)
+    v.limit(f"{prefix}.max_machines", lic.max_machines_override)
+    v.limit(f"{prefix}.max_cores", lic.max_cores_override)
+    v.entitlements(f"{prefix}.entitlements", lic.entitlements)
+    v.metadata(f"{prefix}.metadata", lic.metadata)
+
+
+def check_key(v: Violations, field: str, key: str) -> None:
+    if not MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN or not _PRINTABLE_TOKEN.fullmatch(key):
+        v.add(field, f"must be {MIN_KEY_LEN} to {MAX_KEY_LEN} printable ASCII characters without spaces")

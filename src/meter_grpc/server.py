@@ -1,0 +1,168 @@
+"""build_server(settings): the one factory that `python -m meter_grpc` and the tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from meter.v1 import license_service_pb2, license_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from meter_grpc.api.auth import Authenticator
+from meter_grpc.api.interceptor import MeterInterceptor
+from meter_grpc.api.license_service import LicenseService
+from meter_grpc.api.usage_service import UsageService
+from meter_grpc.config import Settings
+from meter_grpc.domain.licensing import Licensing
+from meter_grpc.domain.metering import Metering
+from meter_grpc.storage.connection import make_client, warm_up
+from meter_grpc.storage.embedded import EmbeddedServer
+from meter_grpc.storage.store import RedisStore
+
+log = logging.getLogger("meter_grpc")
+
+SERVICE_NAMES = (
+    license_service_pb2.DESCRIPTOR.services_by_name["LicenseService"].full_name,
+    usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+)
+HEALTH_PROBE_INTERVAL_S = 1.0
+_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def admin_tokens(settings: Settings) -> list[str]:
+    """METER_ADMIN_TOKENS, or one token kept in METER_DATA_DIR/admin-token (created once)."""
+    if settings.admin_tokens:
+        return settings.admin_tokens
+    path = settings.data_dir / "admin-token"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        log.info("generated an admin token in %s", path.resolve())
+    else:
+        log.info("admin token: %s", path.resolve())
+    return [path.read_text().strip()]
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+@dataclass
+class Service:
+    """A built meter-grpc server with everything it owns."""
+
+    server: aio.Server
+    port: int
+    settings: Settings
+    store: RedisStore
+    licensing: Licensing
+    metering: Metering
+    health: HealthServicer
+    embedded: EmbeddedServer | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._tasks.append(asyncio.create_task(self._watch_storage(), name="meter-health"))
+        log.info("meter-grpc serving on port %d", self.port)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_storage(self) -> None:
+        """SERVING only while Redis answers."""
+        serving: bool | None = None
+        while True:
+            try:
+                ok = await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_s)
+            except Exception:  # noqa: BLE001 - any failure means not serving
+                ok = False
+            if ok != serving:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self._set_health(status)
+                log.log(logging.INFO if ok else logging.WARNING, "storage %s", "reachable" if ok else "unreachable")
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain in-flight calls, then close the pool and the embedded store."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        log.info("meter-grpc stopped")
+
+
+async def build_server(settings: Settings) -> tuple[Service, int]:
+    """Connects the store (starting the embedded one if no URL is set) and builds the server.
+
+    Returns the service (not started yet) and the bound port.
+    """
+    embedded = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedServer(Path(settings.data_dir))
+        url = await embedded.start()
+    try:
+        client = make_client(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
+        store = RedisStore(client)
+        with contextlib.suppress(Exception):
+            await warm_up(client, min(8, settings.redis_pool_size))
+        licensing = Licensing(store, settings.clock)
+        metering = Metering(store, settings.clock)
+        authenticator = Authenticator(admin_tokens(settings), licensing.license_id_by_key)
+
+        server = aio.server(
+            interceptors=[MeterInterceptor(authenticator)],
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        license_service_pb2_grpc.add_LicenseServiceServicer_to_server(LicenseService(licensing), server)
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        for name in ("", *SERVICE_NAMES):
+            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        creds = _server_credentials(settings)
+        if creds is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, creds)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {settings.listen}")
+    except BaseException:
+        if embedded is not None:
+            await embedded.stop()
+        raise
+    service = Service(server, port, settings, store, licensing, metering, health, embedded)
+    return service, port

@@ -1,0 +1,1 @@
+"""Redis storage: key schema, Lua scripts, repositories, the embedded server."""

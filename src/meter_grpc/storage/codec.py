@@ -1,0 +1,126 @@
+"""Policies and licenses to and from their Redis representation.
+
+A policy is stored as JSON. A license is a hash whose fields the scripts read directly:
+the license's own fields, its limit overrides (`o_*`), a snapshot of its policy (`p_*`,
+with the full policy JSON in `p_json`) and its counters (`uses`, `period`, `machines`, `cores`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from meter_grpc.domain.models import (
+    ExpirationStrategy,
+    License,
+    OverageStrategy,
+    Policy,
+    UsageResetInterval,
+)
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _parse_opt(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)  # type: ignore[arg-type]
+
+
+def policy_to_json(p: Policy) -> str:
+    return json.dumps(asdict(p), separators=(",", ":"), sort_keys=True)
+
+
+def policy_from_json(text: str) -> Policy:
+    d: dict[str, Any] = json.loads(text)
+    p = Policy(**d)
+    p.expiration_strategy = ExpirationStrategy(p.expiration_strategy)
+    p.overage_strategy = OverageStrategy(p.overage_strategy)
+    p.usage_reset_interval = UsageResetInterval(p.usage_reset_interval)
+    return p
+
+
+def policy_snapshot_fields(p: Policy) -> dict[str, str]:
+    """The `p_*` fields of a license hash (without `p_rev`)."""
+    return {
+        "p_json": policy_to_json(p),
+        "p_uses": _opt(p.max_uses),
+        "p_machines": _opt(p.max_machines),
+        "p_cores": _opt(p.max_cores),
+        "p_overage": str(int(p.overage_strategy)),
+        "p_expiry_strategy": str(int(p.expiration_strategy)),
+        "p_reset": str(int(p.usage_reset_interval)),
+        "p_heartbeat": _opt(p.heartbeat_duration_ms),
+        "p_floating": "1" if p.floating else "0",
+        "p_duration": _opt(p.duration_ms),
+    }
+
+
+# License attribute -> (hash field, encoder) for the attributes an update may change.
+_UPDATABLE: dict[str, tuple[str, Any]] = {
+    "name": ("name", str),
+    "expire_time_ms": ("expire", _opt),
+    "max_uses_override": ("o_uses", _opt),
+    "max_machines_override": ("o_machines", _opt),
+    "max_cores_override": ("o_cores", _opt),
+    "entitlements": ("ents", json.dumps),
+    "metadata": ("meta", lambda m: json.dumps(m, sort_keys=True)),
+    "suspended": ("suspended", lambda b: "1" if b else "0"),
+    "last_check_in_ms": ("check_in", _opt),
+}
+
+
+def license_fields(changes: dict[str, object]) -> dict[str, str]:
+    """Hash fields for changed License attributes (KeyError for one that cannot change)."""
+    out = {}
+    for attr, value in changes.items():
+        field, encode = _UPDATABLE[attr]
+        out[field] = encode(value)
+    return out
+
+
+def license_to_hash(lic: License) -> dict[str, str]:
+    return {
+        "id": lic.id,
+        "key": lic.key,
+        "policy_id": lic.policy_id,
+        **license_fields({attr: getattr(lic, attr) for attr in _UPDATABLE}),
+        "created": str(lic.create_time_ms),
+        "updated": str(lic.update_time_ms),
+        "uses": str(lic.uses),
+        "period": str(lic.period_start_ms),
+        "machines": str(lic.machines_count),
+        "cores": str(lic.cores_count),
+        "p_rev": str(lic.policy.revision),
+        **policy_snapshot_fields(lic.policy),
+    }
+
+
+def license_from_hash(h: dict[str, str]) -> License:
+    return License(
+        id=h["id"],
+        key=h["key"],
+        policy_id=h["policy_id"],
+        name=h.get("name", ""),
+        suspended=h.get("suspended") == "1",
+        expire_time_ms=_parse_opt(h.get("expire")),
+        max_uses_override=_parse_opt(h.get("o_uses")),
+        max_machines_override=_parse_opt(h.get("o_machines")),
+        max_cores_override=_parse_opt(h.get("o_cores")),
+        entitlements=json.loads(h.get("ents") or "[]"),
+        metadata=json.loads(h.get("meta") or "{}"),
+        uses=int(h.get("uses") or 0),
+        period_start_ms=int(h.get("period") or 0),
+        machines_count=int(h.get("machines") or 0),
+        cores_count=int(h.get("cores") or 0),
+        last_check_in_ms=_parse_opt(h.get("check_in")),
+        create_time_ms=int(h.get("created") or 0),
+        update_time_ms=int(h.get("updated") or 0),
+        policy=policy_from_json(h["p_json"]),
+    )
+
+
+def flat_to_dict(flat: list[str]) -> dict[str, str]:
+    """HGETALL as returned from a script (a flat field, value list)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -1,0 +1,78 @@
+"""Every Redis key name of meter-grpc is built here, and only here.
+
+All keys of one license share the hash tag `{lic:<id>}` and so one cluster slot: a script
+touches exactly one license and never reads a key of another slot. A policy's keys share
+`{pol:<id>}`. Global indexes (lists in creation order) have their own slots and are only
+read or written outside scripts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "meter"
+
+
+def _lic(license_id: str) -> str:
+    return f"{PREFIX}:{{lic:{license_id}}}"
+
+
+def license(license_id: str) -> str:
+    """Hash: the license, its policy snapshot, its usage counter and machine counters."""
+    return _lic(license_id)
+
+
+def license_events(license_id: str) -> str:
+    """Stream: usage events of the license (WatchUsage), capped in length."""
+    return f"{_lic(license_id)}:events"
+
+
+def request_record(license_id: str, request_id: str) -> str:
+    """String: the stored answer of a call with this idempotency key (expires after 24 h)."""
+    return f"{_lic(license_id)}:req:{request_id}"
+
+
+def usage_record(license_id: str, record_id: str) -> str:
+    """String: a SyncUsage record id that was applied (expires after 30 days)."""
+    return f"{_lic(license_id)}:rec:{record_id}"
+
+
+def machines(license_id: str) -> str:
+    """Hash: machine id -> machine JSON, for the license's live machines."""
+    return f"{_lic(license_id)}:machines"
+
+
+def fingerprints(license_id: str) -> str:
+    """Hash: fingerprint -> machine id, for the license's live machines."""
+    return f"{_lic(license_id)}:fingerprints"
+
+
+def heartbeats(license_id: str) -> str:
+    """Sorted set: machine id scored by the time its heartbeat runs out."""
+    return f"{_lic(license_id)}:heartbeats"
+
+
+def license_by_key(key: str) -> str:
+    """String: license id of a license key (stored by digest: one read per lookup)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{PREFIX}:{{key:{digest}}}"
+
+
+def policy(policy_id: str) -> str:
+    """Hash: `json` (the policy) and `rev` (its revision)."""
+    return f"{PREFIX}:{{pol:{policy_id}}}"
+
+
+def policy_licenses(policy_id: str) -> str:
+    """Sorted set (all scores 0, ordered by id): the licenses of a policy."""
+    return f"{PREFIX}:{{pol:{policy_id}}}:licenses"
+
+
+def all_policies() -> str:
+    """Sorted set (all scores 0, ordered by id): every policy."""
+    return f"{PREFIX}:policies"
+
+
+def all_licenses() -> str:
+    """Sorted set (all scores 0, ordered by id): every license."""
+    return f"{PREFIX}:licenses"

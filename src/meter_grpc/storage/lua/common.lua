@@ -1,0 +1,55 @@
+-- common.lua: helpers prepended to every script of this folder (one copy, loaded by
+-- meter_grpc.storage.scripts). Defines no keys and reads no ARGV of its own.
+--
+-- opt(v)               -> number or nil for a missing / empty field
+-- ceiling(limit, ovg)  -> highest count granted under `limit` with overage strategy `ovg`
+--                         (nil = no ceiling); mirrors domain.models.overage_ceiling
+-- period_of(reset, i)  -> start, end (ms) of the current period of interval `reset`, read from
+--                         ARGV[i..i+7] (DAILY, WEEKLY, MONTHLY, YEARLY start/end pairs), or nil
+-- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event
+-- int(n)               -> n as a decimal integer string; numbers are never handed to Redis
+--                         as Lua numbers, whose conversion may use an exponent
+
+local function opt(v)
+  if v == false or v == nil or v == '' then
+    return nil
+  end
+  return tonumber(v)
+end
+
+local function ceiling(limit, ovg)
+  if limit == nil or ovg == 5 then
+    return nil
+  end
+  if ovg == 2 then
+    return math.floor(limit * 5 / 4)
+  elseif ovg == 3 then
+    return math.floor(limit * 3 / 2)
+  elseif ovg == 4 then
+    return limit * 2
+  end
+  return limit
+end
+
+local function period_of(reset, i)
+  if reset ~= nil and reset >= 2 and reset <= 5 then
+    local j = i + (reset - 2) * 2
+    return tonumber(ARGV[j]), tonumber(ARGV[j + 1])
+  end
+  return nil, nil
+end
+
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+local function emit(stream, maxlen, now, kind, amount, uses, max, rid)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
+    'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now))
+end
+
+-- An expired license refuses use under RESTRICT_ACCESS (1, also 0 = unspecified) and
+-- REVOKE_ACCESS (2); MAINTAIN_ACCESS (3) and ALLOW_ACCESS (4) keep increments going.
+local function expired_refuses_use(expire, strategy, now)
+  return expire ~= nil and now >= expire and (strategy == nil or strategy <= 2)
+end

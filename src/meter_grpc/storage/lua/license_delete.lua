@@ -1,0 +1,14 @@
+-- license_delete.lua: deletes a license with its machines and usage events.
+--
+-- KEYS[1]  license hash               (keys.license)
+-- KEYS[2..] the license's other keys: machines, fingerprints, heartbeats, events
+--
+-- Returns {key, policy_id} of the deleted license (for the caller to drop it from the key
+-- lookup and the indexes), or false when it does not exist.
+
+local f = redis.call('HMGET', KEYS[1], 'key', 'policy_id')
+if not f[1] then
+  return false
+end
+redis.call('DEL', unpack(KEYS))
+return f

@@ -1,0 +1,288 @@
+"""RedisStore: every read and write of meter-grpc's data, on one redis.asyncio client.
+
+State changes that check a rule are Lua scripts on the keys of one license or one policy.
+Connection failures become STORAGE_UNAVAILABLE: `outcome=not_applied` when nothing can have
+changed (the connection could not be made), `outcome=unknown` when a write may have landed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from meter_grpc.domain.errors import MeterError, Reason
+from meter_grpc.domain.models import License, Policy, Usage
+from meter_grpc.storage import codec, keys
+from meter_grpc.storage.scripts import Scripts, UsageStatus
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000
+EVENTS_MAXLEN = 1000
+USAGE_OPS = ("inc", "dec", "reset", "get")
+
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+)
+
+
+def storage_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Turns Redis being unreachable into STORAGE_UNAVAILABLE (with a retry delay)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            sent = isinstance(exc, RedisTimeoutError) or "Error while reading" in str(exc)
+            raise MeterError(
+                Reason.STORAGE_UNAVAILABLE,
+                "the counter store is unreachable; retry later",
+                metadata={
+                    "outcome": "unknown" if sent else "not_applied",
+                    "error": type(exc).__name__,
+                },
+                retry_after_ms=500,
+            ) from exc
+
+    return wrapper
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    status: UsageStatus
+    usage: Usage
+
+
+def _opt(v: int) -> int | None:
+    return None if v < 0 else v
+
+
+class RedisStore:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.scripts = Scripts(client)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    @storage_call
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    # --- policies -------------------------------------------------------------------------
+
+    @storage_call
+    async def create_policy(self, p: Policy) -> None:
+        await self.client.hset(keys.policy(p.id), mapping={"json": codec.policy_to_json(p), "rev": p.revision})
+        await self.client.zadd(keys.all_policies(), {p.id: 0})
+
+    @storage_call
+    async def get_policy(self, policy_id: str) -> Policy | None:
+        json_text, rev = await self.client.hmget(keys.policy(policy_id), ["json", "rev"])
+        if json_text is None:
+            return None
+        p = codec.policy_from_json(json_text)
+        p.revision = int(rev)
+        return p
+
+    @storage_call
+    async def _list_ids(self, index: str, after: str, limit: int) -> list[str]:
+        start = f"({after}" if after else "-"
+        ids: list[str] = await self.client.zrangebylex(index, start, "+", start=0, num=limit)
+        return ids
+
+    async def list_policy_ids(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` policy ids after `after`, in creation (id) order."""
+        return await self._list_ids(keys.all_policies(), after, limit)
+
+    async def list_license_ids(self, policy_id: str, after: str, limit: int) -> list[str]:
+        """License ids after `after` in creation order: all, or those of one policy."""
+        index = keys.policy_licenses(policy_id) if policy_id else keys.all_licenses()
+        return await self._list_ids(index, after, limit)
+
+    @storage_call
+    async def get_policies(self, ids: Sequence[str]) -> list[Policy]:
+        if not ids:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for pid in ids:
+                pipe.hmget(keys.policy(pid), ["json", "rev"])
+            rows = await pipe.execute()
+        out = []
+        for json_text, rev in rows:
+            if json_text is not None:
+                p = codec.policy_from_json(json_text)
+                p.revision = int(rev)
+                out.append(p)
+        return out
+
+    @storage_call
+    async def update_policy(self, p: Policy, expected_revision: int) -> int:
+        """New revision; 0 on a revision conflict; -1 when the policy is gone."""
+        p.revision = expected_revision + 1
+        rev: int = await self.scripts.policy_update(
+            keys=[keys.policy(p.id)], args=[expected_revision, codec.policy_to_json(p)]
+        )
+        return rev
+
+    @storage_call
+    async def delete_policy(self, policy_id: str) -> int:
+        """0 deleted, -1 not found, n > 0: licenses still use it."""
+        n: int = await self.scripts.policy_delete(
+            keys=[keys.policy(policy_id), keys.policy_licenses(policy_id)]
+        )
+        if n == 0:
+            await self.client.zrem(keys.all_policies(), policy_id)
+        return n
+
+    @storage_call
+    async def attach_license(self, policy_id: str, license_id: str) -> Policy | None:
+        row = await self.scripts.policy_attach(
+            keys=[keys.policy(policy_id), keys.policy_licenses(policy_id)], args=[license_id]
+        )
+        if not row:
+            return None
+        p = codec.policy_from_json(row[0])
+        p.revision = int(row[1])
+        return p
+
+    @storage_call
+    async def detach_license(self, policy_id: str, license_id: str) -> None:
+        await self.client.zrem(keys.policy_licenses(policy_id), license_id)
+
+    @storage_call
+    async def follow_policy(self, license_id: str, p: Policy) -> bool:
+        fields = codec.policy_snapshot_fields(p)
+        flat = [x for kv in fields.items() for x in kv]
+        applied: int = await self.scripts.license_follow_policy(
+            keys=[keys.license(license_id)], args=[p.revision, *flat]
+        )
+        return applied == 1
+
+    # --- licenses -------------------------------------------------------------------------
+
+    @storage_call
+    async def claim_key(self, key: str, license_id: str) -> bool:
+        """Reserves a license key for a license; False when another license has it."""
+        return bool(await self.client.set(keys.license_by_key(key), license_id, nx=True))
+
+    @storage_call
+    async def release_key(self, key: str) -> None:
+        await self.client.delete(keys.license_by_key(key))
+
+    @storage_call
+    async def create_license(self, lic: License) -> None:
+        await self.client.hset(keys.license(lic.id), mapping=codec.license_to_hash(lic))
+        await self.client.zadd(keys.all_licenses(), {lic.id: 0})
+
+    @storage_call
+    async def license_id_by_key(self, key: str) -> str | None:
+        value: str | None = await self.client.get(keys.license_by_key(key))
+        return value
+
+    @storage_call
+    async def get_license(self, license_id: str) -> License | None:
+        h = await self.client.hgetall(keys.license(license_id))
+        return codec.license_from_hash(h) if h else None
+
+    @storage_call
+    async def get_licenses(self, ids: Sequence[str]) -> list[License]:
+        if not ids:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for lid in ids:
+                pipe.hgetall(keys.license(lid))
+            rows = await pipe.execute()
+        return [codec.license_from_hash(h) for h in rows if h]
+
+    @storage_call
+    async def update_license(
+        self, license_id: str, changes: dict[str, object], now_ms: int
+    ) -> License | None:
+        """Sets License attributes (by attribute name) and `update_time`; None if gone."""
+        fields = codec.license_fields(changes)
+        fields["updated"] = str(now_ms)
+        flat = [x for kv in fields.items() for x in kv]
+        row = await self.scripts.license_update(keys=[keys.license(license_id)], args=flat)
+        return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
+
+    @storage_call
+    async def delete_license(self, license_id: str) -> bool:
+        row = await self.scripts.license_delete(
+            keys=[
+                keys.license(license_id),
+                keys.machines(license_id),
+                keys.fingerprints(license_id),
+                keys.heartbeats(license_id),
+                keys.license_events(license_id),
+            ]
+        )
+        if not row:
+            return False
+        key, policy_id = row
+        await self.client.delete(keys.license_by_key(key))
+        await self.client.zrem(keys.policy_licenses(policy_id), license_id)
+        await self.client.zrem(keys.all_licenses(), license_id)
+        return True
+
+    # --- usage ----------------------------------------------------------------------------
+
+    @storage_call
+    async def usage(
+        self,
+        license_id: str,
+        op: str,
+        *,
+        amount: int,
+        request_id: str,
+        now_ms: int,
+        periods: Sequence[int],
+        max_counter: int,
+    ) -> UsageResult:
+        """Runs usage.lua: one round trip, one atomic check-and-move."""
+        script_keys = [keys.license(license_id), keys.license_events(license_id)]
+        if request_id:
+            script_keys.append(keys.request_record(license_id, request_id))
+        row = await self.scripts.usage(
+            keys=script_keys,
+            args=[
+                now_ms,
+                op,
+                amount,
+                request_id,
+                f"{op}:{amount}",
+                REQUEST_RECORD_TTL_MS,
+                *periods,
+                max_counter,
+                EVENTS_MAXLEN,
+            ],
+        )
+        status, uses, max_uses, ceiling, period_end, replayed = row
+        return UsageResult(
+            UsageStatus(status),
+            Usage(
+                uses=uses,
+                max_uses=_opt(max_uses),
+                overage_limit=_opt(ceiling),
+                period_end_ms=_opt(period_end),
+                replayed=bool(replayed),
+            ),
+        )
