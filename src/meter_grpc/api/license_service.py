@@ -7,15 +7,19 @@ from typing import Any
 
 from meter.v1 import license_service_pb2 as pb
 from meter.v1 import license_service_pb2_grpc as pb_grpc
-from meter_grpc.api import auth
 from meter_grpc.api.convert import license_from_proto, license_to_proto, policy_from_proto, policy_to_proto
+from meter_grpc.api.machines import MachineRpcs
+from meter_grpc.api.offline import OfflineRpcs
 from meter_grpc.domain.licensing import Licensing
 from meter_grpc.domain.rules import Violations
 
 Ctx = Any
 
 
-class LicenseService(pb_grpc.LicenseServiceServicer):
+class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
+    """Policies and licenses here; machines/validation in MachineRpcs, license files in
+    OfflineRpcs. RPCs not implemented answer UNIMPLEMENTED (the generated base class)."""
+
     def __init__(self, licensing: Licensing) -> None:
         self.licensing = licensing
 
@@ -91,5 +95,3 @@ class LicenseService(pb_grpc.LicenseServiceServicer):
         lic = await self.licensing.renew_license(request.id)
         return pb.RenewLicenseResponse(license=license_to_proto(lic, self._now()))
 
-
-__all__ = ["LicenseService", "auth"]

@@ -81,7 +81,10 @@ class RedisStore:
         self.scripts = Scripts(client)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self.client.__class__.__name__ == "RedisCluster":
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
 
     @storage_call
     async def ping(self) -> bool:
