@@ -1,7 +1,7 @@
 """Generate the Python code of protos/meter/v1 (messages, gRPC stubs, mypy stubs).
 
-    python scripts/gen_protos.py src            # write src/meter/v1/*
-    python scripts/gen_protos.py --check src    # exit 1 when the committed code has drifted
+python scripts/gen_protos.py src            # write src/meter/v1/*
+python scripts/gen_protos.py --check src    # exit 1 when the committed code has drifted
 """
 
 from __future__ import annotations

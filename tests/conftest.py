@@ -60,7 +60,9 @@ class Running:
 
 
 @pytest.fixture(scope="session")
-async def running(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+async def running(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Running]:
     clock = ManualClock()
     settings = Settings(
         listen="127.0.0.1:0",
@@ -124,11 +126,14 @@ def make_license(licenses: lgrpc.LicenseServiceStub, make_policy: Any) -> Any:
     """make_license(policy=None, **license_fields); without a policy, one is made from
     `policy_fields`."""
 
-    async def make(policy_id: str = "", policy_fields: dict[str, Any] | None = None, **fields: Any) -> Any:
+    async def make(
+        policy_id: str = "", policy_fields: dict[str, Any] | None = None, **fields: Any
+    ) -> Any:
         if not policy_id:
             policy_id = (await make_policy(**(policy_fields or {}))).id
         resp = await licenses.CreateLicense(
-            lpb.CreateLicenseRequest(license={"policy_id": policy_id, **fields}), metadata=admin_md()
+            lpb.CreateLicenseRequest(license={"policy_id": policy_id, **fields}),
+            metadata=admin_md(),
         )
         return resp.license
 

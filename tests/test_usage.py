@@ -15,14 +15,18 @@ from tests.conftest import Running
 from tests.support import admin_md, expect_error
 
 
-async def inc(usage: ugrpc.UsageServiceStub, license_id: str, amount: int = 0, request_id: str = "") -> Any:
+async def inc(
+    usage: ugrpc.UsageServiceStub, license_id: str, amount: int = 0, request_id: str = ""
+) -> Any:
     return await usage.IncrementUsage(
         upb.IncrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id),
         metadata=admin_md(),
     )
 
 
-async def test_increment_counts_and_reports_limit(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_increment_counts_and_reports_limit(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     lic = await make_license(policy_fields={"max_uses": 5})
     r = await inc(usage, lic.id)
     assert (r.uses, r.max_uses, r.remaining, r.overage_limit) == (1, 5, 4, 5)
@@ -33,7 +37,9 @@ async def test_increment_counts_and_reports_limit(usage: ugrpc.UsageServiceStub,
     assert not got.HasField("period_end_time")
 
 
-async def test_unlimited_license_has_no_max(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_unlimited_license_has_no_max(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     lic = await make_license()
     r = await inc(usage, lic.id, amount=1000)
     assert r.uses == 1000
@@ -57,7 +63,9 @@ async def test_limit_exceeded_error_carries_numbers(
     assert await redis.hget(keys.license(lic.id), "uses") == "2"
 
 
-async def test_bulk_increment_is_all_or_nothing(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_bulk_increment_is_all_or_nothing(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     lic = await make_license(policy_fields={"max_uses": 10})
     await inc(usage, lic.id, amount=7)
     await expect_error(inc(usage, lic.id, amount=4))  # 11 > 10: nothing counted
@@ -67,7 +75,9 @@ async def test_bulk_increment_is_all_or_nothing(usage: ugrpc.UsageServiceStub, m
     assert err.reason == "USAGE_LIMIT_EXCEEDED"
 
 
-async def test_license_override_beats_policy(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_license_override_beats_policy(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     lic = await make_license(policy_fields={"max_uses": 2}, max_uses=4)
     assert lic.max_uses == 4
     r = await inc(usage, lic.id, amount=4)
@@ -92,15 +102,21 @@ async def test_overage_strategies(usage: ugrpc.UsageServiceStub, make_license: A
 async def test_decrement_never_below_zero(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
     lic = await make_license(policy_fields={"max_uses": 10})
     await inc(usage, lic.id, amount=5)
-    r = await usage.DecrementUsage(upb.DecrementUsageRequest(license_id=lic.id, amount=2), metadata=admin_md())
+    r = await usage.DecrementUsage(
+        upb.DecrementUsageRequest(license_id=lic.id, amount=2), metadata=admin_md()
+    )
     assert r.uses == 3
     err = await expect_error(
-        usage.DecrementUsage(upb.DecrementUsageRequest(license_id=lic.id, amount=4), metadata=admin_md())
+        usage.DecrementUsage(
+            upb.DecrementUsageRequest(license_id=lic.id, amount=4), metadata=admin_md()
+        )
     )
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "USAGE_UNDERFLOW"
     assert err.metadata["uses"] == "3" and err.metadata["requested"] == "4"
-    r = await usage.DecrementUsage(upb.DecrementUsageRequest(license_id=lic.id), metadata=admin_md())
+    r = await usage.DecrementUsage(
+        upb.DecrementUsageRequest(license_id=lic.id), metadata=admin_md()
+    )
     assert r.uses == 2
 
 
@@ -145,7 +161,9 @@ async def test_bad_input_is_refused_and_changes_nothing(
         assert err.reason == "INVALID_ARGUMENT"
         assert field in err.bad_fields
     err = await expect_error(
-        usage.DecrementUsage(upb.DecrementUsageRequest(license_id=lic.id, amount=-5), metadata=admin_md())
+        usage.DecrementUsage(
+            upb.DecrementUsageRequest(license_id=lic.id, amount=-5), metadata=admin_md()
+        )
     )
     assert err.bad_fields == ["amount"]
     assert await redis.hget(keys.license(lic.id), "uses") == "0"
@@ -165,7 +183,9 @@ async def test_idempotent_retry_returns_first_answer(
     assert 23 * 3600 * 1000 < ttl <= 24 * 3600 * 1000
 
 
-async def test_idempotent_refusal_is_replayed(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_idempotent_refusal_is_replayed(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     lic = await make_license(policy_fields={"max_uses": 2})
     err1 = await expect_error(inc(usage, lic.id, amount=5, request_id="big"))
     err2 = await expect_error(inc(usage, lic.id, amount=5, request_id="big"))
@@ -183,14 +203,17 @@ async def test_request_id_reused_with_other_arguments(
     assert err.bad_fields == ["request_id"]
     err = await expect_error(
         usage.DecrementUsage(
-            upb.DecrementUsageRequest(license_id=lic.id, amount=2, request_id="same"), metadata=admin_md()
+            upb.DecrementUsageRequest(license_id=lic.id, amount=2, request_id="same"),
+            metadata=admin_md(),
         )
     )
     assert err.reason == "REQUEST_ID_REUSED"
     assert await redis.hget(keys.license(lic.id), "uses") == "2"
 
 
-async def test_request_ids_are_scoped_to_their_license(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_request_ids_are_scoped_to_their_license(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     a = await make_license(policy_fields={"max_uses": 10})
     b = await make_license(policy_fields={"max_uses": 10})
     assert (await inc(usage, a.id, amount=2, request_id="shared")).uses == 2

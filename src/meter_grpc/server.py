@@ -16,7 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meter.v1 import license_service_pb2, license_service_pb2_grpc, usage_service_pb2, usage_service_pb2_grpc
+from meter.v1 import (
+    license_service_pb2,
+    license_service_pb2_grpc,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
+)
 from meter_grpc.api.auth import Authenticator
 from meter_grpc.api.interceptor import MeterInterceptor
 from meter_grpc.api.license_service import LicenseService
@@ -84,7 +89,9 @@ class Service:
         self._tasks.append(asyncio.create_task(self._watch_storage(), name="meter-health"))
         log.info("meter-grpc serving on port %d", self.port)
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
@@ -94,13 +101,21 @@ class Service:
         while True:
             try:
                 ok = await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_s)
-            except Exception:  # noqa: BLE001 - any failure means not serving
+            except Exception:
                 ok = False
             if ok != serving:
                 serving = ok
-                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ok
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
                 await self._set_health(status)
-                log.log(logging.INFO if ok else logging.WARNING, "storage %s", "reachable" if ok else "unreachable")
+                log.log(
+                    logging.INFO if ok else logging.WARNING,
+                    "storage %s",
+                    "reachable" if ok else "unreachable",
+                )
             await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -128,7 +143,9 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         embedded = EmbeddedServer(Path(settings.data_dir))
         url = await embedded.start()
     try:
-        client = make_client(url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s)
+        client = make_client(
+            url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s
+        )
         store = RedisStore(client)
         with contextlib.suppress(Exception):
             await warm_up(client, min(8, settings.redis_pool_size))
@@ -143,12 +160,19 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        license_service_pb2_grpc.add_LicenseServiceServicer_to_server(LicenseService(licensing), server)
-        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)
+        license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
+            LicenseService(licensing),  # type: ignore[abstract]
+            server,
+        )
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)  # type: ignore[abstract]
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         for name in ("", *SERVICE_NAMES):

@@ -120,7 +120,9 @@ class Authenticator:
 
     async def authenticate(self, method: str, authorization: str | None) -> Principal:
         if not authorization:
-            raise _unauthenticated("missing authorization metadata: 'Bearer <admin token>' or 'License <key>'")
+            raise _unauthenticated(
+                "missing authorization metadata: 'Bearer <admin token>' or 'License <key>'"
+            )
         scheme, _, credential = authorization.strip().partition(" ")
         credential = credential.strip()
         scheme = scheme.lower()

@@ -63,10 +63,16 @@ def policy_from_proto(pb: policy_pb2.Policy, v: Violations, prefix: str = "polic
             ExpirationStrategy, pb.expiration_strategy, f"{prefix}.expiration_strategy", v
         ),
         require_check_in=pb.require_check_in,
-        check_in_interval_ms=duration_ms(pb.check_in_interval) if pb.HasField("check_in_interval") else None,
-        heartbeat_duration_ms=duration_ms(pb.heartbeat_duration) if pb.HasField("heartbeat_duration") else None,
+        check_in_interval_ms=duration_ms(pb.check_in_interval)
+        if pb.HasField("check_in_interval")
+        else None,
+        heartbeat_duration_ms=duration_ms(pb.heartbeat_duration)
+        if pb.HasField("heartbeat_duration")
+        else None,
         entitlements=list(pb.entitlements),
-        overage_strategy=_enum(OverageStrategy, pb.overage_strategy, f"{prefix}.overage_strategy", v),
+        overage_strategy=_enum(
+            OverageStrategy, pb.overage_strategy, f"{prefix}.overage_strategy", v
+        ),
         usage_reset_interval=_enum(
             UsageResetInterval, pb.usage_reset_interval, f"{prefix}.usage_reset_interval", v
         ),

@@ -45,14 +45,20 @@ def _pack(msg: object) -> any_pb2.Any:
 def to_status_proto(err: MeterError) -> status_pb2.Status:
     code = STATUS_CODES[err.reason]
     details = [
-        _pack(error_details_pb2.ErrorInfo(reason=str(err.reason), domain=DOMAIN, metadata=dict(err.metadata)))
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=str(err.reason), domain=DOMAIN, metadata=dict(err.metadata)
+            )
+        )
     ]
     if err.violations:
         details.append(
             _pack(
                 error_details_pb2.BadRequest(
                     field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
                         for v in err.violations
                     ]
                 )
@@ -63,7 +69,9 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
             _pack(
                 error_details_pb2.QuotaFailure(
                     violations=[
-                        error_details_pb2.QuotaFailure.Violation(subject=err.quota_subject, description=err.message)
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=err.quota_subject, description=err.message
+                        )
                     ]
                 )
             )
@@ -80,4 +88,6 @@ def to_grpc_status(err: MeterError) -> grpc.Status:
 
 
 def internal_status() -> status_pb2.Status:
-    return status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message="internal error; see the server log")
+    return status_pb2.Status(
+        code=grpc.StatusCode.INTERNAL.value[0], message="internal error; see the server log"
+    )

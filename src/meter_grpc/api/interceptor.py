@@ -17,9 +17,10 @@ from meter_grpc.domain.errors import MeterError
 log = logging.getLogger("meter_grpc.api")
 
 PROTECTED_PREFIX = "/meter.v1."
+Handler = Any  # grpc.RpcMethodHandler; its stubs do not type the aio behaviors
 
 
-async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+async def _abort(context: Any, exc: BaseException, method: str) -> None:
     if isinstance(exc, MeterError):
         status = to_grpc_status(exc)
     elif isinstance(exc, NotImplementedError):
@@ -32,23 +33,23 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, met
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _authorization(context: aio.ServicerContext[Any, Any]) -> str | None:
+def _authorization(context: Any) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             return value if isinstance(value, str) else value.decode()
     return None
 
 
-class MeterInterceptor(aio.ServerInterceptor):
+class MeterInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self._auth = authenticator
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
@@ -60,16 +61,16 @@ class MeterInterceptor(aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
-    async def _enter(self, method: str, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _enter(self, method: str, context: Any) -> None:
         auth.set_current(await self._auth.authenticate(method, _authorization(context)))
 
-    def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, method: str, h: Handler) -> Handler:
         enter = self._enter
 
         if h.unary_unary:
             inner_uu = h.unary_unary
 
-            async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            async def unary_unary(request: Any, context: Any) -> Any:
                 try:
                     await enter(method, context)
                     return await inner_uu(request, context)
@@ -83,7 +84,7 @@ class MeterInterceptor(aio.ServerInterceptor):
             )
 
         def streaming(inner: Any) -> Callable[..., AsyncIterator[Any]]:
-            async def behavior(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 try:
                     await enter(method, context)
                     async for item in inner(request, context):
@@ -105,7 +106,7 @@ class MeterInterceptor(aio.ServerInterceptor):
             )
         inner_su = h.stream_unary
 
-        async def stream_unary(request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        async def stream_unary(request_iterator: Any, context: Any) -> Any:
             try:
                 await enter(method, context)
                 return await inner_su(request_iterator, context)

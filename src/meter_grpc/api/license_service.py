@@ -7,7 +7,12 @@ from typing import Any
 
 from meter.v1 import license_service_pb2 as pb
 from meter.v1 import license_service_pb2_grpc as pb_grpc
-from meter_grpc.api.convert import license_from_proto, license_to_proto, policy_from_proto, policy_to_proto
+from meter_grpc.api.convert import (
+    license_from_proto,
+    license_to_proto,
+    policy_from_proto,
+    policy_to_proto,
+)
 from meter_grpc.api.machines import MachineRpcs
 from meter_grpc.api.offline import OfflineRpcs
 from meter_grpc.domain.licensing import Licensing
@@ -28,41 +33,61 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
 
     # --- policies -------------------------------------------------------------------------
 
-    async def CreatePolicy(self, request: pb.CreatePolicyRequest, context: Ctx) -> pb.CreatePolicyResponse:
+    async def CreatePolicy(
+        self, request: pb.CreatePolicyRequest, context: Ctx
+    ) -> pb.CreatePolicyResponse:
         v = Violations()
         policy = policy_from_proto(request.policy, v)
         v.raise_if_any()
-        return pb.CreatePolicyResponse(policy=policy_to_proto(await self.licensing.create_policy(policy)))
+        return pb.CreatePolicyResponse(
+            policy=policy_to_proto(await self.licensing.create_policy(policy))
+        )
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: Ctx) -> pb.GetPolicyResponse:
-        return pb.GetPolicyResponse(policy=policy_to_proto(await self.licensing.get_policy(request.id)))
+        return pb.GetPolicyResponse(
+            policy=policy_to_proto(await self.licensing.get_policy(request.id))
+        )
 
-    async def ListPolicies(self, request: pb.ListPoliciesRequest, context: Ctx) -> pb.ListPoliciesResponse:
+    async def ListPolicies(
+        self, request: pb.ListPoliciesRequest, context: Ctx
+    ) -> pb.ListPoliciesResponse:
         policies, token = await self.licensing.list_policies(request.page_size, request.page_token)
-        return pb.ListPoliciesResponse(policies=[policy_to_proto(p) for p in policies], next_page_token=token)
+        return pb.ListPoliciesResponse(
+            policies=[policy_to_proto(p) for p in policies], next_page_token=token
+        )
 
-    async def UpdatePolicy(self, request: pb.UpdatePolicyRequest, context: Ctx) -> pb.UpdatePolicyResponse:
+    async def UpdatePolicy(
+        self, request: pb.UpdatePolicyRequest, context: Ctx
+    ) -> pb.UpdatePolicyResponse:
         v = Violations()
         patch = policy_from_proto(request.policy, v)
         v.raise_if_any()
         policy = await self.licensing.update_policy(patch, request.update_mask.paths)
         return pb.UpdatePolicyResponse(policy=policy_to_proto(policy))
 
-    async def DeletePolicy(self, request: pb.DeletePolicyRequest, context: Ctx) -> pb.DeletePolicyResponse:
+    async def DeletePolicy(
+        self, request: pb.DeletePolicyRequest, context: Ctx
+    ) -> pb.DeletePolicyResponse:
         await self.licensing.delete_policy(request.id)
         return pb.DeletePolicyResponse()
 
     # --- licenses -------------------------------------------------------------------------
 
-    async def CreateLicense(self, request: pb.CreateLicenseRequest, context: Ctx) -> pb.CreateLicenseResponse:
+    async def CreateLicense(
+        self, request: pb.CreateLicenseRequest, context: Ctx
+    ) -> pb.CreateLicenseResponse:
         lic = await self.licensing.create_license(license_from_proto(request.license))
         return pb.CreateLicenseResponse(license=license_to_proto(lic, self._now()))
 
-    async def GetLicense(self, request: pb.GetLicenseRequest, context: Ctx) -> pb.GetLicenseResponse:
+    async def GetLicense(
+        self, request: pb.GetLicenseRequest, context: Ctx
+    ) -> pb.GetLicenseResponse:
         lic = await self.licensing.get_license(request.id)
         return pb.GetLicenseResponse(license=license_to_proto(lic, self._now()))
 
-    async def ListLicenses(self, request: pb.ListLicensesRequest, context: Ctx) -> pb.ListLicensesResponse:
+    async def ListLicenses(
+        self, request: pb.ListLicensesRequest, context: Ctx
+    ) -> pb.ListLicensesResponse:
         licenses, token = await self.licensing.list_licenses(
             request.policy_id, request.page_size, request.page_token
         )
@@ -71,17 +96,23 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
             licenses=[license_to_proto(lic, now) for lic in licenses], next_page_token=token
         )
 
-    async def UpdateLicense(self, request: pb.UpdateLicenseRequest, context: Ctx) -> pb.UpdateLicenseResponse:
+    async def UpdateLicense(
+        self, request: pb.UpdateLicenseRequest, context: Ctx
+    ) -> pb.UpdateLicenseResponse:
         lic = await self.licensing.update_license(
             license_from_proto(request.license), request.update_mask.paths
         )
         return pb.UpdateLicenseResponse(license=license_to_proto(lic, self._now()))
 
-    async def DeleteLicense(self, request: pb.DeleteLicenseRequest, context: Ctx) -> pb.DeleteLicenseResponse:
+    async def DeleteLicense(
+        self, request: pb.DeleteLicenseRequest, context: Ctx
+    ) -> pb.DeleteLicenseResponse:
         await self.licensing.delete_license(request.id)
         return pb.DeleteLicenseResponse()
 
-    async def SuspendLicense(self, request: pb.SuspendLicenseRequest, context: Ctx) -> pb.SuspendLicenseResponse:
+    async def SuspendLicense(
+        self, request: pb.SuspendLicenseRequest, context: Ctx
+    ) -> pb.SuspendLicenseResponse:
         lic = await self.licensing.suspend_license(request.id)
         return pb.SuspendLicenseResponse(license=license_to_proto(lic, self._now()))
 
@@ -91,7 +122,8 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
         lic = await self.licensing.reinstate_license(request.id)
         return pb.ReinstateLicenseResponse(license=license_to_proto(lic, self._now()))
 
-    async def RenewLicense(self, request: pb.RenewLicenseRequest, context: Ctx) -> pb.RenewLicenseResponse:
+    async def RenewLicense(
+        self, request: pb.RenewLicenseRequest, context: Ctx
+    ) -> pb.RenewLicenseResponse:
         lic = await self.licensing.renew_license(request.id)
         return pb.RenewLicenseResponse(license=license_to_proto(lic, self._now()))
-

@@ -20,16 +20,22 @@ class UsageService(pb_grpc.UsageServiceServicer):
     def __init__(self, metering: Metering) -> None:
         self.metering = metering
 
-    async def IncrementUsage(self, request: pb.IncrementUsageRequest, context: Ctx) -> pb.IncrementUsageResponse:
+    async def IncrementUsage(
+        self, request: pb.IncrementUsageRequest, context: Ctx
+    ) -> pb.IncrementUsageResponse:
         auth.require_license(request.license_id)
         u = await self.metering.increment(request.license_id, request.amount, request.request_id)
         return pb.IncrementUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
-    async def DecrementUsage(self, request: pb.DecrementUsageRequest, context: Ctx) -> pb.DecrementUsageResponse:
+    async def DecrementUsage(
+        self, request: pb.DecrementUsageRequest, context: Ctx
+    ) -> pb.DecrementUsageResponse:
         u = await self.metering.decrement(request.license_id, request.amount, request.request_id)
         return pb.DecrementUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
-    async def ResetUsage(self, request: pb.ResetUsageRequest, context: Ctx) -> pb.ResetUsageResponse:
+    async def ResetUsage(
+        self, request: pb.ResetUsageRequest, context: Ctx
+    ) -> pb.ResetUsageResponse:
         u = await self.metering.reset(request.license_id, request.request_id)
         return pb.ResetUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
@@ -44,9 +50,13 @@ class UsageService(pb_grpc.UsageServiceServicer):
         async for request in request_iterator:
             try:
                 auth.require_license(request.license_id)
-                u = await self.metering.increment(request.license_id, request.amount, request.request_id)
+                u = await self.metering.increment(
+                    request.license_id, request.amount, request.request_id
+                )
             except MeterError as err:
-                yield pb.StreamUsageResponse(request_id=request.request_id, error=to_status_proto(err))
+                yield pb.StreamUsageResponse(
+                    request_id=request.request_id, error=to_status_proto(err)
+                )
                 continue
             yield pb.StreamUsageResponse(
                 request_id=request.request_id,

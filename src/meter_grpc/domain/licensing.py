@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from meter_grpc.storage.store import RedisStore
 
 POLICY_MASK = frozenset(
-    f.name for f in dataclasses.fields(Policy) if f.name not in ("id", "create_time_ms", "update_time_ms", "revision")
+    f.name
+    for f in dataclasses.fields(Policy)
+    if f.name not in ("id", "create_time_ms", "update_time_ms", "revision")
 )
 # update_mask path -> License attribute
 LICENSE_MASK = {
@@ -33,7 +35,9 @@ _PROPAGATE_BATCH = 200
 _UPDATE_RETRIES = 20
 
 
-def _check_mask(paths: Iterable[str], allowed: Iterable[str], field: str = "update_mask") -> list[str]:
+def _check_mask(
+    paths: Iterable[str], allowed: Iterable[str], field: str = "update_mask"
+) -> list[str]:
     paths = list(paths)
     if not paths:
         raise invalid(field, "is required: name the fields to change")
@@ -41,7 +45,10 @@ def _check_mask(paths: Iterable[str], allowed: Iterable[str], field: str = "upda
     allowed = frozenset(allowed)
     for path in paths:
         if path not in allowed:
-            v.add(f"{field}.paths", f"{path!r} cannot be updated (allowed: {', '.join(sorted(allowed))})")
+            v.add(
+                f"{field}.paths",
+                f"{path!r} cannot be updated (allowed: {', '.join(sorted(allowed))})",
+            )
     v.raise_if_any()
     return paths
 
@@ -58,7 +65,9 @@ class Licensing:
         check_policy(v, p)
         v.raise_if_any()
         now = self.clock.now_ms()
-        p = dataclasses.replace(p, id=ids.new_id(), create_time_ms=now, update_time_ms=now, revision=1)
+        p = dataclasses.replace(
+            p, id=ids.new_id(), create_time_ms=now, update_time_ms=now, revision=1
+        )
         await self.store.create_policy(p)
         return p
 
@@ -102,7 +111,11 @@ class Licensing:
                 updated.revision = rev
                 await self._propagate(updated)
                 return updated
-        raise MeterError(Reason.STORAGE_UNAVAILABLE, "policy is being updated concurrently; retry", retry_after_ms=100)
+        raise MeterError(
+            Reason.STORAGE_UNAVAILABLE,
+            "policy is being updated concurrently; retry",
+            retry_after_ms=100,
+        )
 
     async def _propagate(self, p: Policy) -> None:
         """Copies the policy into each of its licenses (their scripts read only their own keys)."""
@@ -145,7 +158,11 @@ class Licensing:
         try:
             if lic.key:
                 if not await self.store.claim_key(lic.key, lic.id):
-                    raise MeterError(Reason.LICENSE_KEY_TAKEN, "another license has this key", metadata={"field": "license.key"})
+                    raise MeterError(
+                        Reason.LICENSE_KEY_TAKEN,
+                        "another license has this key",
+                        metadata={"field": "license.key"},
+                    )
             else:
                 lic.key = ids.new_license_key()
                 while not await self.store.claim_key(lic.key, lic.id):  # 150 random bits: ~never
@@ -188,7 +205,9 @@ class Licensing:
             return None
         return await self.store.license_id_by_key(key)
 
-    async def list_licenses(self, policy_id: str, page_size: int, page_token: str) -> tuple[list[License], str]:
+    async def list_licenses(
+        self, policy_id: str, page_size: int, page_token: str
+    ) -> tuple[list[License], str]:
         v = Violations()
         v.identifier("policy_id", policy_id, required=False)
         size = v.page("page_size", page_size)
@@ -246,4 +265,3 @@ class Licensing:
         now = self.clock.now_ms()
         base = max(lic.expire_time_ms or now, now)
         return await self._set(license_id, {"expire_time_ms": base + duration})
-

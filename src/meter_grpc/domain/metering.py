@@ -87,7 +87,11 @@ class Metering:
             raise MeterError(
                 Reason.REQUEST_ID_REUSED,
                 f"request_id {request_id!r} was used with other arguments",
-                metadata={"license_id": license_id, "request_id": request_id, "field": "request_id"},
+                metadata={
+                    "license_id": license_id,
+                    "request_id": request_id,
+                    "field": "request_id",
+                },
                 violations=(FieldViolation("request_id", "was used before with other arguments"),),
             )
         raise AssertionError(f"unknown usage status {status}")

@@ -118,7 +118,9 @@ class License:
 
     @property
     def max_uses(self) -> int | None:
-        return self.max_uses_override if self.max_uses_override is not None else self.policy.max_uses
+        return (
+            self.max_uses_override if self.max_uses_override is not None else self.policy.max_uses
+        )
 
     @property
     def max_machines(self) -> int | None:

@@ -24,8 +24,10 @@ def period_bounds(now_ms: int, interval: UsageResetInterval) -> tuple[int, int] 
         return _ms(start), _ms(start + dt.timedelta(days=7))
     if interval == UsageResetInterval.MONTHLY:
         start = day.replace(day=1)
-        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
-            month=start.month + 1
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
         )
         return _ms(start), _ms(end)
     if interval == UsageResetInterval.YEARLY:
@@ -56,7 +58,9 @@ def all_period_bounds(now_ms: int) -> list[int]:
     return out
 
 
-def uses_in_current_period(uses: int, period_start_ms: int, now_ms: int, interval: UsageResetInterval) -> int:
+def uses_in_current_period(
+    uses: int, period_start_ms: int, now_ms: int, interval: UsageResetInterval
+) -> int:
     """The counter as the scripts would see it now: 0 once a new period has begun."""
     bounds = period_bounds(now_ms, interval)
     if bounds is None:

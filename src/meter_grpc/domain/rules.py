@@ -83,7 +83,9 @@ class Violations:
         elif value > MAX_LIMIT:
             self.add(field, f"must be at most 2^50 ({MAX_LIMIT})")
 
-    def duration(self, field: str, value_ms: int | None, *, minimum_ms: int = MIN_DURATION_MS) -> None:
+    def duration(
+        self, field: str, value_ms: int | None, *, minimum_ms: int = MIN_DURATION_MS
+    ) -> None:
         if value_ms is None:
             return
         if value_ms < minimum_ms:
@@ -99,7 +101,9 @@ class Violations:
             if not k or len(k) > MAX_METADATA_KEY_LEN:
                 self.add(f"{field}[{k!r}]", f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
             elif len(v) > MAX_METADATA_VALUE_LEN:
-                self.add(f"{field}[{k!r}]", f"values must be at most {MAX_METADATA_VALUE_LEN} characters")
+                self.add(
+                    f"{field}[{k!r}]", f"values must be at most {MAX_METADATA_VALUE_LEN} characters"
+                )
 
     def entitlements(self, field: str, value: Iterable[str]) -> None:
         codes = list(value)
@@ -155,4 +159,7 @@ def check_license(v: Violations, lic: License, prefix: str = "license") -> None:
 
 def check_key(v: Violations, field: str, key: str) -> None:
     if not MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN or not _PRINTABLE_TOKEN.fullmatch(key):
-        v.add(field, f"must be {MIN_KEY_LEN} to {MAX_KEY_LEN} printable ASCII characters without spaces")
+        v.add(
+            field,
+            f"must be {MIN_KEY_LEN} to {MAX_KEY_LEN} printable ASCII characters without spaces",
+        )

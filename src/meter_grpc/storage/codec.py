@@ -25,7 +25,7 @@ def _opt(value: int | None) -> str:
 
 
 def _parse_opt(value: str | None) -> int | None:
-    return None if value in (None, "") else int(value)  # type: ignore[arg-type]
+    return None if value is None or value == "" else int(value)
 
 
 def policy_to_json(p: Policy) -> str:

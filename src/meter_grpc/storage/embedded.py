@@ -101,7 +101,7 @@ class EmbeddedServer:
             try:
                 if await client.ping():
                     return
-            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            except Exception as exc:
                 last = exc
             finally:
                 await client.aclose()

@@ -94,7 +94,9 @@ class RedisStore:
 
     @storage_call
     async def create_policy(self, p: Policy) -> None:
-        await self.client.hset(keys.policy(p.id), mapping={"json": codec.policy_to_json(p), "rev": p.revision})
+        await self.client.hset(
+            keys.policy(p.id), mapping={"json": codec.policy_to_json(p), "rev": p.revision}
+        )
         await self.client.zadd(keys.all_policies(), {p.id: 0})
 
     @storage_call
