@@ -14,30 +14,47 @@ from meter.v1 import usage_service_pb2_grpc as ugrpc
 from tests.support import admin_md, expect_error, license_md
 
 
-async def test_missing_or_wrong_credentials(licenses: lgrpc.LicenseServiceStub, usage: ugrpc.UsageServiceStub) -> None:
-    for md in [(), (("authorization", "Bearer wrong"),), (("authorization", "Basic abc"),), (("authorization", "Bearer"),)]:
+async def test_missing_or_wrong_credentials(
+    licenses: lgrpc.LicenseServiceStub, usage: ugrpc.UsageServiceStub
+) -> None:
+    for md in [
+        (),
+        (("authorization", "Bearer wrong"),),
+        (("authorization", "Basic abc"),),
+        (("authorization", "Bearer"),),
+    ]:
         err = await expect_error(licenses.ListPolicies(lpb.ListPoliciesRequest(), metadata=md))
         assert err.code == grpc.StatusCode.UNAUTHENTICATED
         assert err.reason == "UNAUTHENTICATED"
     err = await expect_error(
-        usage.GetUsage(upb.GetUsageRequest(license_id="x"), metadata=(("authorization", "License NOPE-NOPE"),))
+        usage.GetUsage(
+            upb.GetUsageRequest(license_id="x"), metadata=(("authorization", "License NOPE-NOPE"),)
+        )
     )
     assert err.code == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_license_key_uses_its_own_license(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_license_key_uses_its_own_license(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     lic = await make_license(policy_fields={"max_uses": 5})
-    r = await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=2), metadata=license_md(lic.key))
+    r = await usage.IncrementUsage(
+        upb.IncrementUsageRequest(license_id=lic.id, amount=2), metadata=license_md(lic.key)
+    )
     assert r.uses == 2
     got = await usage.GetUsage(upb.GetUsageRequest(license_id=lic.id), metadata=license_md(lic.key))
     assert got.uses == 2
 
 
-async def test_license_key_may_not_touch_another_license(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_license_key_may_not_touch_another_license(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     mine = await make_license()
     other = await make_license()
     err = await expect_error(
-        usage.IncrementUsage(upb.IncrementUsageRequest(license_id=other.id), metadata=license_md(mine.key))
+        usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=other.id), metadata=license_md(mine.key)
+        )
     )
     assert err.code == grpc.StatusCode.PERMISSION_DENIED
     assert err.reason == "PERMISSION_DENIED"
@@ -64,7 +81,9 @@ async def test_license_key_may_not_decrement_reset_or_administer(
     await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())
 
 
-async def test_stream_usage_checks_each_request(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
+async def test_stream_usage_checks_each_request(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
     mine = await make_license()
     other = await make_license()
 

@@ -47,7 +47,9 @@ async def test_create_and_get_policy(licenses: lgrpc.LicenseServiceStub) -> None
     ).policy
     assert created.id
     assert created.create_time.seconds > 0
-    got = (await licenses.GetPolicy(lpb.GetPolicyRequest(id=created.id), metadata=admin_md())).policy
+    got = (
+        await licenses.GetPolicy(lpb.GetPolicyRequest(id=created.id), metadata=admin_md())
+    ).policy
     assert got == created
     assert (got.max_uses, got.max_machines, got.max_cores) == (100, 3, 16)
     assert got.duration.seconds == 86400
@@ -76,21 +78,27 @@ async def test_bad_policies_are_refused(licenses: lgrpc.LicenseServiceStub) -> N
         (policy_pb2.Policy(metadata={"": "x"}), "policy.metadata['']"),
     ]
     for policy, field in cases:
-        err = await expect_error(licenses.CreatePolicy(lpb.CreatePolicyRequest(policy=policy), metadata=admin_md()))
+        err = await expect_error(
+            licenses.CreatePolicy(lpb.CreatePolicyRequest(policy=policy), metadata=admin_md())
+        )
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT, field
         assert err.reason == "INVALID_ARGUMENT"
         assert field in err.bad_fields, (field, err.bad_fields)
 
 
 async def test_get_unknown_policy(licenses: lgrpc.LicenseServiceStub) -> None:
-    err = await expect_error(licenses.GetPolicy(lpb.GetPolicyRequest(id="missing"), metadata=admin_md()))
+    err = await expect_error(
+        licenses.GetPolicy(lpb.GetPolicyRequest(id="missing"), metadata=admin_md())
+    )
     assert err.code == grpc.StatusCode.NOT_FOUND
     assert err.reason == "POLICY_NOT_FOUND"
     err = await expect_error(licenses.GetPolicy(lpb.GetPolicyRequest(id=""), metadata=admin_md()))
     assert err.bad_fields == ["id"]
 
 
-async def test_list_policies_pages_through_everything(licenses: lgrpc.LicenseServiceStub, make_policy: Any) -> None:
+async def test_list_policies_pages_through_everything(
+    licenses: lgrpc.LicenseServiceStub, make_policy: Any
+) -> None:
     made = [(await make_policy(name=f"page-{i}")).id for i in range(7)]
     seen: list[str] = []
     token = ""
@@ -109,19 +117,25 @@ async def test_list_policies_pages_through_everything(licenses: lgrpc.LicenseSer
         licenses.ListPolicies(lpb.ListPoliciesRequest(page_token="garbage!"), metadata=admin_md())
     )
     assert err.bad_fields == ["page_token"]
-    err = await expect_error(licenses.ListPolicies(lpb.ListPoliciesRequest(page_size=-1), metadata=admin_md()))
+    err = await expect_error(
+        licenses.ListPolicies(lpb.ListPoliciesRequest(page_size=-1), metadata=admin_md())
+    )
     assert err.bad_fields == ["page_size"]
 
 
 async def test_update_policy_honours_mask_and_reaches_licenses(
-    licenses: lgrpc.LicenseServiceStub, usage: ugrpc.UsageServiceStub, make_policy: Any, make_license: Any
+    licenses: lgrpc.LicenseServiceStub,
+    usage: ugrpc.UsageServiceStub,
+    make_policy: Any,
+    make_license: Any,
 ) -> None:
     p = await make_policy(name="before", max_uses=2, metadata={"a": "1"})
     lics = [await make_license(p.id) for _ in range(3)]
     updated = (
         await licenses.UpdatePolicy(
             lpb.UpdatePolicyRequest(
-                policy=policy_pb2.Policy(id=p.id, name="ignored", max_uses=5), update_mask=mask("max_uses")
+                policy=policy_pb2.Policy(id=p.id, name="ignored", max_uses=5),
+                update_mask=mask("max_uses"),
             ),
             metadata=admin_md(),
         )
@@ -130,17 +144,23 @@ async def test_update_policy_honours_mask_and_reaches_licenses(
     assert updated.name == "before"  # not in the mask
     assert updated.metadata["a"] == "1"
     for lic in lics:
-        r = await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=5), metadata=admin_md())
+        r = await usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lic.id, amount=5), metadata=admin_md()
+        )
         assert r.max_uses == 5
     # An unset optional limit in the mask clears it: unlimited.
     cleared = (
         await licenses.UpdatePolicy(
-            lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id), update_mask=mask("max_uses")),
+            lpb.UpdatePolicyRequest(
+                policy=policy_pb2.Policy(id=p.id), update_mask=mask("max_uses")
+            ),
             metadata=admin_md(),
         )
     ).policy
     assert not cleared.HasField("max_uses")
-    got = (await licenses.GetLicense(lpb.GetLicenseRequest(id=lics[0].id), metadata=admin_md())).license
+    got = (
+        await licenses.GetLicense(lpb.GetLicenseRequest(id=lics[0].id), metadata=admin_md())
+    ).license
     assert not got.HasField("max_uses")
 
 
@@ -148,20 +168,32 @@ async def test_update_policy_errors(licenses: lgrpc.LicenseServiceStub, make_pol
     p = await make_policy(max_uses=2)
     for request, field in [
         (lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id)), "update_mask"),
-        (lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id), update_mask=mask("id")), "update_mask.paths"),
-        (lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id), update_mask=mask("bogus")), "update_mask.paths"),
         (
-            lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id, max_uses=-3), update_mask=mask("max_uses")),
+            lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id), update_mask=mask("id")),
+            "update_mask.paths",
+        ),
+        (
+            lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id=p.id), update_mask=mask("bogus")),
+            "update_mask.paths",
+        ),
+        (
+            lpb.UpdatePolicyRequest(
+                policy=policy_pb2.Policy(id=p.id, max_uses=-3), update_mask=mask("max_uses")
+            ),
             "policy.max_uses",
         ),
     ]:
         err = await expect_error(licenses.UpdatePolicy(request, metadata=admin_md()))
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT
         assert field in err.bad_fields
-    assert (await licenses.GetPolicy(lpb.GetPolicyRequest(id=p.id), metadata=admin_md())).policy.max_uses == 2
+    assert (
+        await licenses.GetPolicy(lpb.GetPolicyRequest(id=p.id), metadata=admin_md())
+    ).policy.max_uses == 2
     err = await expect_error(
         licenses.UpdatePolicy(
-            lpb.UpdatePolicyRequest(policy=policy_pb2.Policy(id="gone", name="x"), update_mask=mask("name")),
+            lpb.UpdatePolicyRequest(
+                policy=policy_pb2.Policy(id="gone", name="x"), update_mask=mask("name")
+            ),
             metadata=admin_md(),
         )
     )
@@ -173,7 +205,9 @@ async def test_delete_policy_refused_while_licenses_use_it(
 ) -> None:
     p = await make_policy()
     lic = await make_license(p.id)
-    err = await expect_error(licenses.DeletePolicy(lpb.DeletePolicyRequest(id=p.id), metadata=admin_md()))
+    err = await expect_error(
+        licenses.DeletePolicy(lpb.DeletePolicyRequest(id=p.id), metadata=admin_md())
+    )
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert err.reason == "POLICY_IN_USE"
     assert err.metadata["licenses"] == "1"
@@ -181,7 +215,9 @@ async def test_delete_policy_refused_while_licenses_use_it(
     await licenses.DeletePolicy(lpb.DeletePolicyRequest(id=p.id), metadata=admin_md())
     err = await expect_error(licenses.GetPolicy(lpb.GetPolicyRequest(id=p.id), metadata=admin_md()))
     assert err.reason == "POLICY_NOT_FOUND"
-    err = await expect_error(licenses.DeletePolicy(lpb.DeletePolicyRequest(id=p.id), metadata=admin_md()))
+    err = await expect_error(
+        licenses.DeletePolicy(lpb.DeletePolicyRequest(id=p.id), metadata=admin_md())
+    )
     assert err.reason == "POLICY_NOT_FOUND"
     assert not await redis.exists(keys.policy(p.id), keys.policy_licenses(p.id))
 
@@ -212,13 +248,15 @@ async def test_create_license_with_own_key_and_collision(
     key = "CUSTOM-KEY-0001-ABCDEFGH"
     lic = (
         await licenses.CreateLicense(
-            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id=p.id, key=key)), metadata=admin_md()
+            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id=p.id, key=key)),
+            metadata=admin_md(),
         )
     ).license
     assert lic.key == key
     err = await expect_error(
         licenses.CreateLicense(
-            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id=p.id, key=key)), metadata=admin_md()
+            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id=p.id, key=key)),
+            metadata=admin_md(),
         )
     )
     assert err.code == grpc.StatusCode.ALREADY_EXISTS
@@ -228,12 +266,15 @@ async def test_create_license_with_own_key_and_collision(
 
 async def test_create_license_errors(licenses: lgrpc.LicenseServiceStub, make_policy: Any) -> None:
     err = await expect_error(
-        licenses.CreateLicense(lpb.CreateLicenseRequest(license=license_pb2.License()), metadata=admin_md())
+        licenses.CreateLicense(
+            lpb.CreateLicenseRequest(license=license_pb2.License()), metadata=admin_md()
+        )
     )
     assert err.bad_fields == ["license.policy_id"]
     err = await expect_error(
         licenses.CreateLicense(
-            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id="nope")), metadata=admin_md()
+            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id="nope")),
+            metadata=admin_md(),
         )
     )
     assert err.code == grpc.StatusCode.NOT_FOUND
@@ -245,7 +286,9 @@ async def test_create_license_errors(licenses: lgrpc.LicenseServiceStub, make_po
         (license_pb2.License(policy_id=p.id, name="x" * 300), "license.name"),
         (license_pb2.License(policy_id=p.id, metadata={"k": "v" * 2000}), "license.metadata['k']"),
     ]:
-        err = await expect_error(licenses.CreateLicense(lpb.CreateLicenseRequest(license=lic), metadata=admin_md()))
+        err = await expect_error(
+            licenses.CreateLicense(lpb.CreateLicenseRequest(license=lic), metadata=admin_md())
+        )
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT
         assert field in err.bad_fields
 
@@ -258,7 +301,9 @@ async def test_license_expiry_from_policy_duration(make_license: Any) -> None:
     assert not perpetual.HasField("expire_time")
 
 
-async def test_list_licenses_all_and_by_policy(licenses: lgrpc.LicenseServiceStub, make_policy: Any, make_license: Any) -> None:
+async def test_list_licenses_all_and_by_policy(
+    licenses: lgrpc.LicenseServiceStub, make_policy: Any, make_license: Any
+) -> None:
     p = await make_policy()
     mine = [(await make_license(p.id)).id for _ in range(5)]
     await make_license()  # another policy's
@@ -266,19 +311,26 @@ async def test_list_licenses_all_and_by_policy(licenses: lgrpc.LicenseServiceStu
     token = ""
     while True:
         page = await licenses.ListLicenses(
-            lpb.ListLicensesRequest(policy_id=p.id, page_size=2, page_token=token), metadata=admin_md()
+            lpb.ListLicensesRequest(policy_id=p.id, page_size=2, page_token=token),
+            metadata=admin_md(),
         )
         seen += [lic.id for lic in page.licenses]
         token = page.next_page_token
         if not token:
             break
     assert seen == mine
-    first = await licenses.ListLicenses(lpb.ListLicensesRequest(policy_id=p.id, page_size=2), metadata=admin_md())
+    first = await licenses.ListLicenses(
+        lpb.ListLicensesRequest(policy_id=p.id, page_size=2), metadata=admin_md()
+    )
     err = await expect_error(
-        licenses.ListLicenses(lpb.ListLicensesRequest(page_token=first.next_page_token), metadata=admin_md())
+        licenses.ListLicenses(
+            lpb.ListLicensesRequest(page_token=first.next_page_token), metadata=admin_md()
+        )
     )
     assert err.bad_fields == ["page_token"]  # a token of another filter
-    everything = await licenses.ListLicenses(lpb.ListLicensesRequest(page_size=1000), metadata=admin_md())
+    everything = await licenses.ListLicenses(
+        lpb.ListLicensesRequest(page_size=1000), metadata=admin_md()
+    )
     assert set(mine) <= {lic.id for lic in everything.licenses}
 
 
@@ -289,7 +341,9 @@ async def test_update_license_override_and_fields(
     updated = (
         await licenses.UpdateLicense(
             lpb.UpdateLicenseRequest(
-                license=license_pb2.License(id=lic.id, max_uses=10, name="new", metadata={"x": "y"}),
+                license=license_pb2.License(
+                    id=lic.id, max_uses=10, name="new", metadata={"x": "y"}
+                ),
                 update_mask=mask("max_uses", "name"),
             ),
             metadata=admin_md(),
@@ -298,26 +352,34 @@ async def test_update_license_override_and_fields(
     assert (updated.max_uses, updated.name) == (10, "new")
     assert dict(updated.metadata) == {}
     assert updated.update_time.ToMilliseconds() >= lic.update_time.ToMilliseconds()
-    r = await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=10), metadata=admin_md())
+    r = await usage.IncrementUsage(
+        upb.IncrementUsageRequest(license_id=lic.id, amount=10), metadata=admin_md()
+    )
     assert r.uses == 10
     # Clearing the override brings the policy's limit back.
     back = (
         await licenses.UpdateLicense(
-            lpb.UpdateLicenseRequest(license=license_pb2.License(id=lic.id), update_mask=mask("max_uses")),
+            lpb.UpdateLicenseRequest(
+                license=license_pb2.License(id=lic.id), update_mask=mask("max_uses")
+            ),
             metadata=admin_md(),
         )
     ).license
     assert back.max_uses == 2
     err = await expect_error(
         licenses.UpdateLicense(
-            lpb.UpdateLicenseRequest(license=license_pb2.License(id=lic.id, key="X" * 20), update_mask=mask("key")),
+            lpb.UpdateLicenseRequest(
+                license=license_pb2.License(id=lic.id, key="X" * 20), update_mask=mask("key")
+            ),
             metadata=admin_md(),
         )
     )
     assert err.bad_fields == ["update_mask.paths"]
     err = await expect_error(
         licenses.UpdateLicense(
-            lpb.UpdateLicenseRequest(license=license_pb2.License(id="gone", name="x"), update_mask=mask("name")),
+            lpb.UpdateLicenseRequest(
+                license=license_pb2.License(id="gone", name="x"), update_mask=mask("name")
+            ),
             metadata=admin_md(),
         )
     )
@@ -325,18 +387,27 @@ async def test_update_license_override_and_fields(
 
 
 async def test_delete_license_removes_every_key(
-    licenses: lgrpc.LicenseServiceStub, usage: ugrpc.UsageServiceStub, make_license: Any, redis: aioredis.Redis
+    licenses: lgrpc.LicenseServiceStub,
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+    redis: aioredis.Redis,
 ) -> None:
     lic = await make_license()
     await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=admin_md())
     await licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
-    assert not await redis.exists(keys.license(lic.id), keys.license_events(lic.id), keys.license_by_key(lic.key))
+    assert not await redis.exists(
+        keys.license(lic.id), keys.license_events(lic.id), keys.license_by_key(lic.key)
+    )
     assert await redis.zscore(keys.all_licenses(), lic.id) is None
-    err = await expect_error(licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md()))
+    err = await expect_error(
+        licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())
+    )
     assert err.reason == "LICENSE_NOT_FOUND"
     err = await expect_error(
         usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=admin_md())
     )
     assert err.reason == "LICENSE_NOT_FOUND"
-    err = await expect_error(licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md()))
+    err = await expect_error(
+        licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
+    )
     assert err.reason == "LICENSE_NOT_FOUND"

@@ -94,9 +94,19 @@ async def test_restart_keeps_policies_licenses_and_uses(proc: ServiceProcess) ->
     assert oct((proc.data_dir / "admin-token").stat().st_mode & 0o777) == "0o600"
     async with grpc.aio.insecure_channel(proc.target) as ch:
         licenses, usage = lgrpc.LicenseServiceStub(ch), ugrpc.UsageServiceStub(ch)
-        policy = (await licenses.CreatePolicy(lpb.CreatePolicyRequest(policy=policy_pb2.Policy(max_uses=10)), metadata=token)).policy
-        lic = (await licenses.CreateLicense(lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=token)).license
-        await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=7), metadata=token)
+        policy = (
+            await licenses.CreatePolicy(
+                lpb.CreatePolicyRequest(policy=policy_pb2.Policy(max_uses=10)), metadata=token
+            )
+        ).policy
+        lic = (
+            await licenses.CreateLicense(
+                lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=token
+            )
+        ).license
+        await usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lic.id, amount=7), metadata=token
+        )
     code, log = await proc.terminate()
     assert code == 0, log
     assert "stopped" in log
@@ -106,10 +116,14 @@ async def test_restart_keeps_policies_licenses_and_uses(proc: ServiceProcess) ->
     assert proc.token() == token  # the generated admin token is kept
     async with grpc.aio.insecure_channel(proc.target) as ch:
         licenses, usage = lgrpc.LicenseServiceStub(ch), ugrpc.UsageServiceStub(ch)
-        assert (await licenses.GetPolicy(lpb.GetPolicyRequest(id=policy.id), metadata=token)).policy == policy
+        assert (
+            await licenses.GetPolicy(lpb.GetPolicyRequest(id=policy.id), metadata=token)
+        ).policy == policy
         got = (await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=token)).license
         assert (got.key, got.uses) == (lic.key, 7)
-        r = await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=3), metadata=token)
+        r = await usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lic.id, amount=3), metadata=token
+        )
         assert r.uses == 10
     code, _ = await proc.terminate()
     assert code == 0
@@ -123,14 +137,20 @@ async def test_leftover_embedded_server_is_replaced(proc: ServiceProcess) -> Non
     token = proc.token()
     async with grpc.aio.insecure_channel(proc.target) as ch:
         licenses = lgrpc.LicenseServiceStub(ch)
-        policy = (await licenses.CreatePolicy(lpb.CreatePolicyRequest(policy=policy_pb2.Policy()), metadata=token)).policy
+        policy = (
+            await licenses.CreatePolicy(
+                lpb.CreatePolicyRequest(policy=policy_pb2.Policy()), metadata=token
+            )
+        ).policy
     assert proc.proc is not None
     proc.proc.kill()
     await proc.proc.wait()
     await proc.start()
     async with grpc.aio.insecure_channel(proc.target) as ch:
         licenses = lgrpc.LicenseServiceStub(ch)
-        assert (await licenses.GetPolicy(lpb.GetPolicyRequest(id=policy.id), metadata=token)).policy.id == policy.id
+        assert (
+            await licenses.GetPolicy(lpb.GetPolicyRequest(id=policy.id), metadata=token)
+        ).policy.id == policy.id
     code, _ = await proc.terminate()
     assert code == 0
 
@@ -153,7 +173,10 @@ async def test_unreachable_store_gives_unavailable_and_not_serving(tmp_path: Pat
             assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
             usage = ugrpc.UsageServiceStub(ch)
             err = await expect_error(
-                usage.IncrementUsage(upb.IncrementUsageRequest(license_id="x"), metadata=(("authorization", "Bearer t"),))
+                usage.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id="x"),
+                    metadata=(("authorization", "Bearer t"),),
+                )
             )
             assert err.code == grpc.StatusCode.UNAVAILABLE
             assert err.reason == "STORAGE_UNAVAILABLE"

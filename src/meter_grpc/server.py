@@ -146,7 +146,10 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         client = make_client(
             url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s
         )
-        store = RedisStore(client)
+        # Blocking reads (WatchUsage) wait up to WATCH_BLOCK_MS: a pool of their own, with a
+        # socket timeout above that.
+        watchers = make_client(url, pool_size=1024, timeout_s=settings.redis_timeout_s + 10)
+        store = RedisStore(client, watchers)
         with contextlib.suppress(Exception):
             await warm_up(client, min(8, settings.redis_pool_size))
         licensing = Licensing(store, settings.clock)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from meter.v1 import usage_pb2
 from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
 from meter_grpc.api import auth
-from meter_grpc.api.convert import usage_fields
+from meter_grpc.api.convert import ts, usage_fields
 from meter_grpc.api.errors import to_status_proto
 from meter_grpc.domain.errors import MeterError
 from meter_grpc.domain.metering import Metering
@@ -61,4 +62,22 @@ class UsageService(pb_grpc.UsageServiceServicer):
             yield pb.StreamUsageResponse(
                 request_id=request.request_id,
                 result=pb.IncrementUsageResponse(**usage_fields(u), replayed=u.replayed),  # type: ignore[arg-type]
+            )
+
+    async def WatchUsage(
+        self, request: pb.WatchUsageRequest, context: Ctx
+    ) -> AsyncIterator[pb.WatchUsageResponse]:
+        auth.require_license(request.license_id)
+        async for e in self.metering.watch(request.license_id, request.after_event_id):
+            yield pb.WatchUsageResponse(
+                event=usage_pb2.UsageEvent(
+                    event_id=e.event_id,
+                    type=int(e.type),  # type: ignore[arg-type]
+                    amount=e.amount,
+                    uses=e.uses,
+                    max_uses=e.max_uses,
+                    request_id=e.request_id,
+                    event_time=ts(e.time_ms),
+                ),
+                send_time=ts(self.metering.clock.now_ms()),
             )

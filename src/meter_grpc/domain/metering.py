@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from meter_grpc.domain import periods
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import FieldViolation, MeterError, Reason, not_found
-from meter_grpc.domain.models import Usage
+from meter_grpc.domain.models import Usage, UsageEvent
 from meter_grpc.domain.rules import MAX_COUNTER, Violations
 
 if TYPE_CHECKING:
@@ -16,6 +18,10 @@ if TYPE_CHECKING:
 
 def _n(v: int | None) -> str:
     return "unlimited" if v is None else str(v)
+
+
+_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+WATCH_BLOCK_MS = 5000
 
 
 class Metering:
@@ -34,6 +40,29 @@ class Metering:
 
     async def get(self, license_id: str) -> Usage:
         return await self._run("get", license_id, 0, "")
+
+    async def watch(self, license_id: str, after_event_id: str = "") -> AsyncIterator[UsageEvent]:
+        """Usage events of a license as they happen (after `after_event_id`, or from now).
+
+        Ends with LICENSE_NOT_FOUND when the license is deleted while being watched.
+        """
+        v = Violations()
+        v.identifier("license_id", license_id)
+        if after_event_id and not _EVENT_ID.fullmatch(after_event_id):
+            v.add("after_event_id", "must be an event_id of an earlier UsageEvent")
+        v.raise_if_any()
+        if not await self.store.license_exists(license_id):
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        after = after_event_id or await self.store.last_event_id(license_id)
+        while True:
+            events = await self.store.read_events(license_id, after, WATCH_BLOCK_MS)
+            if not events:
+                if not await self.store.license_exists(license_id):
+                    raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+                continue
+            for event in events:
+                yield event
+            after = events[-1].event_id
 
     async def _run(self, op: str, license_id: str, amount: int, request_id: str) -> Usage:
         v = Violations()

@@ -169,3 +169,24 @@ class Usage:
         if self.overage_limit is None:
             return None
         return max(0, self.overage_limit - self.uses)
+
+
+class UsageEventType(enum.IntEnum):
+    UNSPECIFIED = 0
+    INCREMENTED = 1
+    DECREMENTED = 2
+    RESET = 3
+    LIMIT_REACHED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One change of a usage counter, as kept in the license's event stream."""
+
+    event_id: str
+    type: UsageEventType
+    amount: int
+    uses: int
+    max_uses: int | None
+    request_id: str
+    time_ms: int

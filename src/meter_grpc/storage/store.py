@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meter_grpc.domain.errors import MeterError, Reason
-from meter_grpc.domain.models import License, Policy, Usage
+from meter_grpc.domain.models import License, Policy, Usage, UsageEvent, UsageEventType
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.scripts import Scripts, UsageStatus
 
@@ -75,16 +75,47 @@ def _opt(v: int) -> int | None:
     return None if v < 0 else v
 
 
+_EVENT_TYPES = {
+    "inc": UsageEventType.INCREMENTED,
+    "dec": UsageEventType.DECREMENTED,
+    "reset": UsageEventType.RESET,
+    "limit": UsageEventType.LIMIT_REACHED,
+}
+
+
+def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
+    return UsageEvent(
+        event_id=event_id,
+        type=_EVENT_TYPES.get(f.get("type", ""), UsageEventType.UNSPECIFIED),
+        amount=int(f.get("amount") or 0),
+        uses=int(f.get("uses") or 0),
+        max_uses=int(f["max"]) if f.get("max") else None,
+        request_id=f.get("rid", ""),
+        time_ms=int(f.get("ts") or 0),
+    )
+
+
+async def _close(client: Any) -> None:
+    if client.__class__.__name__ == "RedisCluster":
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
+
+
 class RedisStore:
-    def __init__(self, client: Any) -> None:
+    """`client` serves requests; `blocking_client` (its own pool, longer socket timeout)
+    serves the blocking reads of WatchUsage, so watchers never hold the request path's
+    connections."""
+
+    def __init__(self, client: Any, blocking_client: Any | None = None) -> None:
         self.client = client
+        self.blocking_client = blocking_client or client
         self.scripts = Scripts(client)
 
     async def close(self) -> None:
-        if self.client.__class__.__name__ == "RedisCluster":
-            await self.client.aclose()
-        else:
-            await self.client.aclose(close_connection_pool=True)
+        await _close(self.client)
+        if self.blocking_client is not self.client:
+            await _close(self.blocking_client)
 
     @storage_call
     async def ping(self) -> bool:
@@ -291,3 +322,28 @@ class RedisStore:
                 replayed=bool(replayed),
             ),
         )
+
+    # --- usage events ---------------------------------------------------------------------
+
+    @storage_call
+    async def last_event_id(self, license_id: str) -> str:
+        """Id of the newest usage event of the license ("0-0" when there is none)."""
+        rows = await self.client.xrevrange(keys.license_events(license_id), "+", "-", count=1)
+        return str(rows[0][0]) if rows else "0-0"
+
+    @storage_call
+    async def read_events(
+        self, license_id: str, after: str, block_ms: int, count: int = 100
+    ) -> list[UsageEvent]:
+        """Usage events after `after`, waiting up to `block_ms` for the first one."""
+        stream = keys.license_events(license_id)
+        reply = await self.blocking_client.xread({stream: after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        # RESP2 answers [[stream, [(id, fields), ...]]]; RESP3 {stream: [[(id, fields), ...]]}
+        entries = reply[0][1] if isinstance(reply, list) else reply[stream][0]
+        return [_event(str(eid), fields) for eid, fields in entries]
+
+    @storage_call
+    async def license_exists(self, license_id: str) -> bool:
+        return bool(await self.client.exists(keys.license(license_id)))

@@ -1,0 +1,116 @@
+"""WatchUsage: a server stream of usage events."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
+from meter.v1 import usage_pb2
+from meter.v1 import usage_service_pb2 as upb
+from meter.v1 import usage_service_pb2_grpc as ugrpc
+from tests.support import admin_md, expect_error, license_md, rich_error
+
+
+async def _collect(stream: Any, n: int) -> list[usage_pb2.UsageEvent]:
+    out = []
+    async for msg in stream:
+        out.append(msg.event)
+        if len(out) == n:
+            break
+    return out
+
+
+async def test_watch_sees_increments_limit_decrements_and_resets(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
+    lic = await make_license(policy_fields={"max_uses": 3})
+    stream = usage.WatchUsage(
+        upb.WatchUsageRequest(license_id=lic.id), metadata=license_md(lic.key)
+    )
+    collecting = asyncio.create_task(_collect(stream, 5))
+    await asyncio.sleep(0.2)  # the watcher is subscribed; it only sees events from now on
+    md = admin_md()
+    await usage.IncrementUsage(
+        upb.IncrementUsageRequest(license_id=lic.id, amount=2, request_id="r1"), metadata=md
+    )
+    await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=md)
+    await expect_error(
+        usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=md)
+    )
+    await usage.DecrementUsage(upb.DecrementUsageRequest(license_id=lic.id), metadata=md)
+    await usage.ResetUsage(upb.ResetUsageRequest(license_id=lic.id), metadata=md)
+    events = await asyncio.wait_for(collecting, 10)
+    stream.cancel()
+    T = usage_pb2
+    assert [(e.type, e.amount, e.uses) for e in events] == [
+        (T.USAGE_EVENT_TYPE_INCREMENTED, 2, 2),
+        (T.USAGE_EVENT_TYPE_INCREMENTED, 1, 3),
+        (T.USAGE_EVENT_TYPE_LIMIT_REACHED, 1, 3),
+        (T.USAGE_EVENT_TYPE_DECREMENTED, 1, 2),
+        (T.USAGE_EVENT_TYPE_RESET, 0, 0),
+    ]
+    assert events[0].request_id == "r1"
+    assert events[0].max_uses == 3
+    assert events[0].event_time.seconds > 0
+
+
+async def test_watch_resumes_after_an_event_id(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
+    lic = await make_license()
+    md = admin_md()
+    stream = usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=md)
+    first = asyncio.create_task(_collect(stream, 1))
+    await asyncio.sleep(0.2)
+    for amount in (1, 2, 3):
+        await usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lic.id, amount=amount), metadata=md
+        )
+    (e1,) = await asyncio.wait_for(first, 10)
+    stream.cancel()
+    rest = await asyncio.wait_for(
+        _collect(
+            usage.WatchUsage(
+                upb.WatchUsageRequest(license_id=lic.id, after_event_id=e1.event_id), metadata=md
+            ),
+            2,
+        ),
+        10,
+    )
+    assert [e.amount for e in [e1, *rest]] == [1, 2, 3]
+
+
+async def test_watch_errors(
+    usage: ugrpc.UsageServiceStub, licenses: lgrpc.LicenseServiceStub, make_license: Any
+) -> None:
+    lic = await make_license()
+    other = await make_license()
+
+    async def first_error(request: upb.WatchUsageRequest, md: Any) -> Any:
+        try:
+            async for _ in usage.WatchUsage(request, metadata=md):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return rich_error(exc)
+        raise AssertionError("stream ended without error")
+
+    err = await first_error(upb.WatchUsageRequest(license_id="missing"), admin_md())
+    assert err.reason == "LICENSE_NOT_FOUND"
+    err = await first_error(
+        upb.WatchUsageRequest(license_id=lic.id, after_event_id="nope"), admin_md()
+    )
+    assert err.bad_fields == ["after_event_id"]
+    err = await first_error(upb.WatchUsageRequest(license_id=other.id), license_md(lic.key))
+    assert err.reason == "PERMISSION_DENIED"
+    # Deleting the watched license ends the stream with LICENSE_NOT_FOUND.
+    watching = asyncio.create_task(
+        first_error(upb.WatchUsageRequest(license_id=lic.id), admin_md())
+    )
+    await asyncio.sleep(0.2)
+    await licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
+    err = await asyncio.wait_for(watching, 15)
+    assert err.reason == "LICENSE_NOT_FOUND", err
