@@ -26,10 +26,16 @@ from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
 from meter_grpc.domain.clock import ManualClock
 from meter_grpc.server import Service, build_server
+from meter_grpc.storage.connection import is_cluster_url, make_client
 from meter_grpc.storage.embedded import EmbeddedServer
+from tests.cluster import LocalCluster
 from tests.support import ADMIN_TOKEN, admin_md
 
-BACKENDS = ["embedded"] + (["external"] if os.environ.get("METER_TEST_REDIS_URL") else [])
+BACKENDS = [
+    "embedded",
+    pytest.param("cluster", marks=pytest.mark.cluster),
+    *(["external"] if os.environ.get("METER_TEST_REDIS_URL") else []),
+]
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +46,24 @@ async def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     await server.stop()
 
 
+@pytest.fixture(scope="session")
+async def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        await cluster.start()
+        yield cluster.url
+    finally:
+        await cluster.stop()
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
-async def redis_url(request: pytest.FixtureRequest, embedded_url: str) -> str:
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test that talks to the service runs once per backend: the embedded server, a
+    three-node Redis Cluster, and METER_TEST_REDIS_URL when it is set."""
     if request.param == "external":
         return os.environ["METER_TEST_REDIS_URL"]
-    return embedded_url
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
 
 
 @dataclass
@@ -88,7 +107,11 @@ def clock(running: Running) -> Iterator[ManualClock]:
 @pytest.fixture
 async def redis(running: Running) -> AsyncIterator[aioredis.Redis]:
     """A direct client on the service's store, to read counters back."""
-    client = aioredis.Redis.from_url(running.redis_url, decode_responses=True)
+    client: Any
+    if is_cluster_url(running.redis_url):
+        client = make_client(running.redis_url)
+    else:
+        client = aioredis.Redis.from_url(running.redis_url, decode_responses=True)
     yield client
     await client.aclose()
 

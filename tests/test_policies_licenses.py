@@ -395,9 +395,8 @@ async def test_delete_license_removes_every_key(
     lic = await make_license()
     await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=admin_md())
     await licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
-    assert not await redis.exists(
-        keys.license(lic.id), keys.license_events(lic.id), keys.license_by_key(lic.key)
-    )
+    assert not await redis.exists(keys.license(lic.id), keys.license_events(lic.id))
+    assert not await redis.exists(keys.license_by_key(lic.key))
     assert await redis.zscore(keys.all_licenses(), lic.id) is None
     err = await expect_error(
         licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())

