@@ -46,30 +46,19 @@ class LocalCluster:
         for port in self.ports:
             d = self.base / str(port)
             d.mkdir(parents=True)
+            args = [
+                "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--logfile", str(d / "valkey.log"),
+            ]  # fmt: skip
             self.procs.append(
                 await asyncio.create_subprocess_exec(
                     binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(d),
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                    "--logfile",
-                    str(d / "valkey.log"),
+                    *args,
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.DEVNULL,
-                )  # fmt: skip
+                )
             )
         clients = [aioredis.Redis(host="127.0.0.1", port=p) for p in self.ports]
         try:
