@@ -44,18 +44,28 @@ RESETTING_INTERVALS = (
 )
 
 
+_DAY_MS = 86_400_000
+_cached_day: int | None = None
+_cached_bounds: list[int] = []
+
+
 def all_period_bounds(now_ms: int) -> list[int]:
     """start, end of the current period for DAILY, WEEKLY, MONTHLY, YEARLY, flattened.
 
     Passed to the usage scripts, which pick the pair of the license's interval; the calendar
-    arithmetic stays in Python and the clock stays an argument.
+    arithmetic stays in Python and the clock stays an argument. Every period starts at a
+    UTC midnight, so the answer is the same all day long and is computed once per day.
     """
-    out: list[int] = []
-    for interval in RESETTING_INTERVALS:
-        bounds = period_bounds(now_ms, interval)
-        assert bounds is not None
-        out.extend(bounds)
-    return out
+    global _cached_day, _cached_bounds
+    day = now_ms // _DAY_MS
+    if day != _cached_day:
+        out: list[int] = []
+        for interval in RESETTING_INTERVALS:
+            bounds = period_bounds(now_ms, interval)
+            assert bounds is not None
+            out.extend(bounds)
+        _cached_day, _cached_bounds = day, out
+    return _cached_bounds
 
 
 def uses_in_current_period(

@@ -1,0 +1,190 @@
+"""meter-grpc benchmark: throughput and latency of the request path, against a bare grpc.aio
+server measured in the same run (ratios, because shared machines are noisy).
+
+    make bench                      # or: python bench/bench.py --seconds 5 --concurrency 64
+
+Both servers run as their own processes (meter-grpc with its embedded valkey-server, appendfsync
+always); one client process drives them with --concurrency calls in flight over --channels
+channels, for --seconds per scenario after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
+from meter.v1 import policy_pb2
+from meter.v1 import usage_service_pb2 as upb
+from meter.v1 import usage_service_pb2_grpc as ugrpc
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bench-admin-token"
+MD = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def wait_serving(target: str, health: bool) -> None:
+    async with grpc.aio.insecure_channel(target) as ch:
+        for _ in range(600):
+            try:
+                if health:
+                    r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                else:
+                    await ugrpc.UsageServiceStub(ch).GetUsage(upb.GetUsageRequest(), timeout=1)
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{target} did not come up")
+
+
+Call = Callable[[ugrpc.UsageServiceStub, int], Awaitable[object]]
+
+
+async def drive(target: str, call: Call, seconds: float, concurrency: int, channels: int) -> tuple[float, list[float]]:
+    """Calls per second and latencies (ms) with `concurrency` calls in flight."""
+    chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    stubs = [ugrpc.UsageServiceStub(c) for c in chans]
+    latencies: list[float] = []
+    count = 0
+    stop_at = 0.0
+    measuring = False
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        stub = stubs[w % channels]
+        i = 0
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await call(stub, w * 10_000_000 + i)
+            i += 1
+            if measuring:
+                latencies.append((time.perf_counter() - t0) * 1000)
+                count += 1
+
+    try:
+        stop_at = time.perf_counter() + 1.0  # warm-up
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        measuring = True
+        start = time.perf_counter()
+        stop_at = start + seconds
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    finally:
+        for c in chans:
+            await c.close()
+    return count / elapsed, latencies
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    bare_port, meter_port = free_port(), free_port()
+    bare_target, meter_target = f"127.0.0.1:{bare_port}", f"127.0.0.1:{meter_port}"
+    with tempfile.TemporaryDirectory() as data:
+        procs = [
+            spawn([str(ROOT / "bench" / "bare_server.py"), bare_target], {}),
+            spawn(
+                ["-m", "meter_grpc"],
+                {
+                    "METER_LISTEN": meter_target,
+                    "METER_DATA_DIR": data,
+                    "METER_ADMIN_TOKENS": TOKEN,
+                    "METER_REDIS_URL": args.redis_url,
+                    "METER_LOG_LEVEL": "WARNING",
+                },
+            ),
+        ]
+        try:
+            await wait_serving(bare_target, health=False)
+            await wait_serving(meter_target, health=True)
+            async with grpc.aio.insecure_channel(meter_target) as ch:
+                ls = lgrpc.LicenseServiceStub(ch)
+                policy = (await ls.CreatePolicy(lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")), metadata=MD)).policy
+                lic = (await ls.CreateLicense(lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=MD)).license
+
+            async def bare(stub: ugrpc.UsageServiceStub, i: int) -> object:
+                return await stub.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id))
+
+            async def increment(stub: ugrpc.UsageServiceStub, i: int) -> object:
+                return await stub.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=MD)
+
+            async def increment_idem(stub: ugrpc.UsageServiceStub, i: int) -> object:
+                return await stub.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id=lic.id, request_id=f"b{i}"), metadata=MD
+                )
+
+            async def get(stub: ugrpc.UsageServiceStub, i: int) -> object:
+                return await stub.GetUsage(upb.GetUsageRequest(license_id=lic.id), metadata=MD)
+
+            scenarios: list[tuple[str, str, Call]] = [
+                ("bare grpc.aio IncrementUsage (baseline)", bare_target, bare),
+                ("meter IncrementUsage", meter_target, increment),
+                ("meter IncrementUsage + request_id", meter_target, increment_idem),
+                ("meter GetUsage", meter_target, get),
+            ]
+            print(
+                f"# {args.seconds:g}s per scenario, {args.concurrency} calls in flight over "
+                f"{args.channels} channels, store: {args.redis_url or 'embedded valkey (appendfsync always)'}"
+            )
+            print(f"{'scenario':42} {'calls/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7}")
+            baseline = 0.0
+            for name, target, call in scenarios:
+                rate, lat = await drive(target, call, args.seconds, args.concurrency, args.channels)
+                baseline = baseline or rate
+                print(
+                    f"{name:42} {rate:9.0f} {rate / baseline:7.2f} {statistics.median(lat):7.2f} {pct(lat, 0.99):7.2f}",
+                    flush=True,
+                )
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--redis-url", default="", help="METER_REDIS_URL for the service (default: embedded)")
+    uvloop.run(main(parser.parse_args()))
