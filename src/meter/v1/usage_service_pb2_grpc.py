@@ -99,6 +99,8 @@ class UsageServiceServicer:
     def IncrementUsage(self, request, context):
         """Adds `amount` to the counter if the result stays within the limit (with overage);
         otherwise counts nothing and fails with USAGE_LIMIT_EXCEEDED.
+        IncrementUsageRequest is also the message of StreamUsage (SPEC): same fields, same rules.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,6 +47,8 @@ class UsageServiceStub:
     IncrementUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.IncrementUsageRequest, _usage_service_pb2.IncrementUsageResponse]
     """Adds `amount` to the counter if the result stays within the limit (with overage);
     otherwise counts nothing and fails with USAGE_LIMIT_EXCEEDED.
+    IncrementUsageRequest is also the message of StreamUsage (SPEC): same fields, same rules.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     DecrementUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.DecrementUsageRequest, _usage_service_pb2.DecrementUsageResponse]
     """Subtracts `amount`; fails with USAGE_UNDERFLOW instead of going below 0."""
@@ -83,6 +85,8 @@ class UsageServiceAsyncStub(UsageServiceStub):
     IncrementUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.IncrementUsageRequest, _usage_service_pb2.IncrementUsageResponse]  # type: ignore[assignment]
     """Adds `amount` to the counter if the result stays within the limit (with overage);
     otherwise counts nothing and fails with USAGE_LIMIT_EXCEEDED.
+    IncrementUsageRequest is also the message of StreamUsage (SPEC): same fields, same rules.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     DecrementUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.DecrementUsageRequest, _usage_service_pb2.DecrementUsageResponse]  # type: ignore[assignment]
     """Subtracts `amount`; fails with USAGE_UNDERFLOW instead of going below 0."""
@@ -122,6 +126,8 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_usage_service_pb2.IncrementUsageResponse, _abc.Awaitable[_usage_service_pb2.IncrementUsageResponse]]:
         """Adds `amount` to the counter if the result stays within the limit (with overage);
         otherwise counts nothing and fails with USAGE_LIMIT_EXCEEDED.
+        IncrementUsageRequest is also the message of StreamUsage (SPEC): same fields, same rules.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod
