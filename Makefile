@@ -23,8 +23,8 @@ test: $(STAMP) proto-check
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
 # Regenerates the committed Python code of the protos (messages, gRPC stubs, mypy stubs).

@@ -3,7 +3,6 @@ no auth, no storage. meter-grpc's throughput is reported as a ratio of this one'
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import grpc
@@ -14,7 +13,9 @@ from meter.v1 import usage_service_pb2_grpc as pb_grpc
 
 
 class Bare(pb_grpc.UsageServiceServicer):
-    async def IncrementUsage(self, request: pb.IncrementUsageRequest, context: object) -> pb.IncrementUsageResponse:
+    async def IncrementUsage(
+        self, request: pb.IncrementUsageRequest, context: object
+    ) -> pb.IncrementUsageResponse:
         return pb.IncrementUsageResponse(uses=1, max_uses=1_000_000, remaining=999_999)
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: object) -> pb.GetUsageResponse:

@@ -58,7 +58,9 @@ async def wait_serving(target: str, health: bool) -> None:
         for _ in range(600):
             try:
                 if health:
-                    r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    r = await health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 else:
@@ -73,7 +75,9 @@ async def wait_serving(target: str, health: bool) -> None:
 Call = Callable[[ugrpc.UsageServiceStub, int], Awaitable[object]]
 
 
-async def drive(target: str, call: Call, seconds: float, concurrency: int, channels: int) -> tuple[float, list[float]]:
+async def drive(
+    target: str, call: Call, seconds: float, concurrency: int, channels: int
+) -> tuple[float, list[float]]:
     """Calls per second and latencies (ms) with `concurrency` calls in flight."""
     chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
     stubs = [ugrpc.UsageServiceStub(c) for c in chans]
@@ -135,14 +139,24 @@ async def main(args: argparse.Namespace) -> None:
             await wait_serving(meter_target, health=True)
             async with grpc.aio.insecure_channel(meter_target) as ch:
                 ls = lgrpc.LicenseServiceStub(ch)
-                policy = (await ls.CreatePolicy(lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")), metadata=MD)).policy
-                lic = (await ls.CreateLicense(lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=MD)).license
+                policy = (
+                    await ls.CreatePolicy(
+                        lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")), metadata=MD
+                    )
+                ).policy
+                lic = (
+                    await ls.CreateLicense(
+                        lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=MD
+                    )
+                ).license
 
             async def bare(stub: ugrpc.UsageServiceStub, i: int) -> object:
                 return await stub.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id))
 
             async def increment(stub: ugrpc.UsageServiceStub, i: int) -> object:
-                return await stub.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=MD)
+                return await stub.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id=lic.id), metadata=MD
+                )
 
             async def increment_idem(stub: ugrpc.UsageServiceStub, i: int) -> object:
                 return await stub.IncrementUsage(
@@ -182,9 +196,13 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--redis-url", default="", help="METER_REDIS_URL for the service (default: embedded)")
+    parser.add_argument(
+        "--redis-url", default="", help="METER_REDIS_URL for the service (default: embedded)"
+    )
     uvloop.run(main(parser.parse_args()))

@@ -25,6 +25,7 @@ from meter.v1 import (
 from meter_grpc.api.auth import Authenticator
 from meter_grpc.api.interceptor import MeterInterceptor
 from meter_grpc.api.license_service import LicenseService
+from meter_grpc.api.metrics import Metrics
 from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings
 from meter_grpc.domain.licensing import Licensing
@@ -156,8 +157,9 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         metering = Metering(store, settings.clock)
         authenticator = Authenticator(admin_tokens(settings), licensing.license_id_by_key)
 
+        metrics = Metrics() if settings.metrics_listen else None
         server = aio.server(
-            interceptors=[MeterInterceptor(authenticator)],
+            interceptors=[MeterInterceptor(authenticator, metrics)],
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
@@ -180,6 +182,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         )
         for name in ("", *SERVICE_NAMES):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if metrics is not None:
+            metrics_port = metrics.serve(settings.metrics_listen)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                settings.metrics_listen.rpartition(":")[0],
+                metrics_port,
+            )
         creds = _server_credentials(settings)
         if creds is None:
             port = server.add_insecure_port(settings.listen)

@@ -1,17 +1,22 @@
 """One interceptor for every meter.v1 call: authenticate, then turn domain errors into rich
-statuses. Anything unexpected becomes INTERNAL with a generic message and a full log."""
+statuses. Anything unexpected becomes INTERNAL with a generic message and a full log.
+With metrics on, it also counts calls by method and status code and times them."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
 from grpc import aio
+from grpc_status import rpc_status
 
 from meter_grpc.api import auth
 from meter_grpc.api.errors import internal_status, to_grpc_status
+from meter_grpc.api.metrics import Metrics
 from meter_grpc.domain.errors import MeterError
 
 log = logging.getLogger("meter_grpc.api")
@@ -20,17 +25,16 @@ PROTECTED_PREFIX = "/meter.v1."
 Handler = Any  # grpc.RpcMethodHandler; its stubs do not type the aio behaviors
 
 
-async def _abort(context: Any, exc: BaseException, method: str) -> None:
+def _status(exc: BaseException, method: str) -> grpc.Status:
     if isinstance(exc, MeterError):
-        status = to_grpc_status(exc)
-    elif isinstance(exc, NotImplementedError):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
-    else:
-        log.exception("unexpected error in %s", method, exc_info=exc)
-        from grpc_status import rpc_status
-
-        status = rpc_status.to_status(internal_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
+        return to_grpc_status(exc)
+    if isinstance(exc, NotImplementedError):
+        unimplemented = status_pb2.Status(
+            code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=f"{method} is not implemented"
+        )
+        return rpc_status.to_status(unimplemented)
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    return rpc_status.to_status(internal_status())
 
 
 def _authorization(context: Any) -> str | None:
@@ -41,8 +45,9 @@ def _authorization(context: Any) -> str | None:
 
 
 class MeterInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authenticator: auth.Authenticator) -> None:
+    def __init__(self, authenticator: auth.Authenticator, metrics: Metrics | None = None) -> None:
         self._auth = authenticator
+        self._metrics = metrics
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -61,60 +66,64 @@ class MeterInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         self._wrapped[method] = wrapped
         return wrapped
 
-    async def _enter(self, method: str, context: Any) -> None:
-        auth.set_current(await self._auth.authenticate(method, _authorization(context)))
-
     def _wrap(self, method: str, h: Handler) -> Handler:
-        enter = self._enter
+        authenticate = self._auth.authenticate
+        metrics = self._metrics
 
+        async def run(call: Callable[[], Awaitable[Any]], context: Any) -> Any:
+            """Authenticates, runs the call, and maps what it raises to a status."""
+            started = time.perf_counter() if metrics else 0.0
+            code = "OK"
+            try:
+                auth.set_current(await authenticate(method, _authorization(context)))
+                return await call()
+            except aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
+                raise
+            except Exception as exc:
+                status = _status(exc, method)
+                code = status.code.name
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            finally:
+                if metrics:
+                    metrics.observe(method, code, time.perf_counter() - started)
+
+        def streaming(inner: Any) -> Callable[..., AsyncIterator[Any]]:
+            async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+                started = time.perf_counter() if metrics else 0.0
+                code = "OK"
+                try:
+                    auth.set_current(await authenticate(method, _authorization(context)))
+                    async for item in inner(request, context):
+                        yield item
+                except aio.AbortError:
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception as exc:
+                    status = _status(exc, method)
+                    code = status.code.name
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+                finally:
+                    if metrics:
+                        metrics.observe(method, code, time.perf_counter() - started)
+
+            return behavior
+
+        des, ser = h.request_deserializer, h.response_serializer
         if h.unary_unary:
             inner_uu = h.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
-                try:
-                    await enter(method, context)
-                    return await inner_uu(request, context)
-                except (MeterError, Exception) as exc:
-                    if isinstance(exc, aio.AbortError):
-                        raise
-                    await _abort(context, exc, method)
+                return await run(lambda: inner_uu(request, context), context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, h.request_deserializer, h.response_serializer
-            )
-
-        def streaming(inner: Any) -> Callable[..., AsyncIterator[Any]]:
-            async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-                try:
-                    await enter(method, context)
-                    async for item in inner(request, context):
-                        yield item
-                except (MeterError, Exception) as exc:
-                    if isinstance(exc, aio.AbortError):
-                        raise
-                    await _abort(context, exc, method)
-
-            return behavior
-
+            return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
         if h.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                streaming(h.unary_stream), h.request_deserializer, h.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(streaming(h.unary_stream), des, ser)
         if h.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                streaming(h.stream_stream), h.request_deserializer, h.response_serializer
-            )
+            return grpc.stream_stream_rpc_method_handler(streaming(h.stream_stream), des, ser)
         inner_su = h.stream_unary
 
         async def stream_unary(request_iterator: Any, context: Any) -> Any:
-            try:
-                await enter(method, context)
-                return await inner_su(request_iterator, context)
-            except (MeterError, Exception) as exc:
-                if isinstance(exc, aio.AbortError):
-                    raise
-                await _abort(context, exc, method)
+            return await run(lambda: inner_su(request_iterator, context), context)
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, h.request_deserializer, h.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
