@@ -83,6 +83,8 @@ class Service:
     metering: Metering
     health: HealthServicer
     embedded: EmbeddedServer | None = None
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -128,6 +130,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.embedded is not None:
             await self.embedded.stop()
         log.info("meter-grpc stopped")
@@ -182,6 +186,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         )
         for name in ("", *SERVICE_NAMES):
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics_port = None
         if metrics is not None:
             metrics_port = metrics.serve(settings.metrics_listen)
             log.info(
@@ -200,5 +205,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         if embedded is not None:
             await embedded.stop()
         raise
-    service = Service(server, port, settings, store, licensing, metering, health, embedded)
+    service = Service(
+        server, port, settings, store, licensing, metering, health, embedded, metrics, metrics_port
+    )
     return service, port
