@@ -34,9 +34,15 @@ class Metrics:
         self.latency.labels(name).observe(seconds)
 
     def serve(self, listen: str) -> int:
-        """Starts the HTTP endpoint; returns its port."""
+        """Starts the HTTP endpoint (a thread); returns its port."""
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(
+        self._http, _thread = start_http_server(
             int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
         )
-        return int(server.server_address[1])
+        return int(self._http.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
