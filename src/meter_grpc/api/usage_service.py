@@ -8,7 +8,11 @@ from typing import Any
 from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
 from meter_grpc.api import auth
-from meter_grpc.api.convert import usage_fields
+from meter_grpc.api.convert import (
+    record_result_to_proto,
+    usage_fields,
+    usage_record_from_proto,
+)
 from meter_grpc.api.errors import to_status_proto
 from meter_grpc.domain.errors import MeterError
 from meter_grpc.domain.metering import Metering
@@ -43,6 +47,15 @@ class UsageService(pb_grpc.UsageServiceServicer):
         auth.require_license(request.license_id)
         u = await self.metering.get(request.license_id)
         return pb.GetUsageResponse(**usage_fields(u))  # type: ignore[arg-type]
+
+    async def SyncUsage(self, request: pb.SyncUsageRequest, context: Ctx) -> pb.SyncUsageResponse:
+        auth.require_license(request.license_id)
+        result = await self.metering.sync(
+            request.license_id, [usage_record_from_proto(r) for r in request.records]
+        )
+        return pb.SyncUsageResponse(
+            results=[record_result_to_proto(r) for r in result.results], uses=result.uses
+        )
 
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.IncrementUsageRequest], context: Ctx
