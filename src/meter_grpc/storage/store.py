@@ -231,6 +231,12 @@ class RedisStore:
         return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
 
     @storage_call
+    async def get_machines(self, license_id: str) -> dict[str, str]:
+        """The license's machines hash as stored: machine id -> machine JSON (may be empty)."""
+        h: dict[str, str] = await self.client.hgetall(keys.machines(license_id))
+        return h
+
+    @storage_call
     async def delete_license(self, license_id: str) -> bool:
         row = await self.scripts.license_delete(
             keys=[
