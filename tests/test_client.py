@@ -141,7 +141,7 @@ async def _file(running: Running, **fields: Any) -> tuple[str, bytes, Any, Any]:
 
 
 async def test_verify_license_file_accepts_a_genuine_file(running: Running) -> None:
-    cert, key, lic, resp = await _file(running)
+    cert, key, lic, _ = await _file(running)
     payload = verify_license_file(cert, key)
     assert payload["data"]["id"] == lic.id
     assert verify_license_file(cert, key.hex())["data"]["attributes"]["maxUses"] == 10
