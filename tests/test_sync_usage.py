@@ -204,11 +204,12 @@ async def test_bad_records_are_refused_before_anything_is_applied(
         (records(1, 1), 1, {"amount": -1}, "records[1].amount"),
         (records(1, 1), 1, {"amount": 2**50 + 1}, "records[1].amount"),
         (records(1), 0, {"occur_time": {"seconds": -5}}, "records[0].occur_time"),
+        (records(1), 0, {"occur_time": {"seconds": 2**62}}, "records[0].occur_time"),
     ]
     for recs, index, change, field in cases:
         for name, value in change.items():
             if name == "occur_time":
-                recs[index].occur_time.FromSeconds(value["seconds"])
+                recs[index].occur_time.seconds = value["seconds"]
             else:
                 setattr(recs[index], name, value)
         err = await expect_error(sync(usage, lic.id, recs))

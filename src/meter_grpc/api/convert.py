@@ -168,10 +168,15 @@ def usage_fields(u: Usage) -> dict[str, object]:
 
 
 def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:
+    # Plain arithmetic: Timestamp.ToMilliseconds raises on an out-of-range time, which the
+    # domain reports as a bad field instead.
+    t = pb.occur_time
     return UsageRecord(
         id=pb.id,
         amount=pb.amount,
-        occur_time_ms=ms_of(pb.occur_time) if pb.HasField("occur_time") else None,
+        occur_time_ms=t.seconds * 1000 + t.nanos // 1_000_000
+        if pb.HasField("occur_time")
+        else None,
     )
 
 

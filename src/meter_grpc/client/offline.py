@@ -167,11 +167,8 @@ class _Core:
                 metadata=meta,
             )
         expiry = attrs.get("expiry")
-        if (
-            expiry
-            and now >= ms_of_iso(expiry)
-            and attrs.get("expirationStrategy") in (_EXPIRED_REFUSES)
-        ):
+        strategy = attrs.get("expirationStrategy")
+        if expiry and now >= ms_of_iso(expiry) and strategy in _EXPIRED_REFUSES:
             raise LicenseExpired(
                 f"the license expired at {expiry}",
                 code=grpc.StatusCode.FAILED_PRECONDITION,
