@@ -30,6 +30,8 @@ from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings
 from meter_grpc.domain.licensing import Licensing
 from meter_grpc.domain.metering import Metering
+from meter_grpc.domain.offline import LicenseFiles
+from meter_grpc.domain.signing import Signer
 from meter_grpc.storage.connection import make_client, warm_up
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.store import RedisStore
@@ -142,6 +144,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
 
     Returns the service (not started yet) and the bound port.
     """
+    signer = Signer.configured(settings.signing_key_file, settings.data_dir)
     embedded = None
     url = settings.redis_url
     if not url:
@@ -170,10 +173,10 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             ],
         )
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
-            LicenseService(licensing),  # type: ignore[abstract]
+            LicenseService(licensing, LicenseFiles(licensing, signer)),  # type: ignore[abstract]
             server,
         )
-        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)  # type: ignore[abstract]
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

@@ -31,10 +31,20 @@ class _UsageRecordOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Us
     USAGE_RECORD_OUTCOME_DUPLICATE: _UsageRecordOutcome.ValueType  # 2
     """The record had been counted before; nothing was counted again."""
     USAGE_RECORD_OUTCOME_REJECTED: _UsageRecordOutcome.ValueType  # 3
-    """The record was not counted; `reason` says why (an ErrorInfo reason)."""
+    """The record was not counted; `reason` says why (an ErrorInfo reason: USAGE_LIMIT_EXCEEDED,
+    LICENSE_SUSPENDED, LICENSE_EXPIRED or REQUEST_ID_REUSED).
+    """
 
 class UsageRecordOutcome(_UsageRecordOutcome, metaclass=_UsageRecordOutcomeEnumTypeWrapper):
-    """What SyncUsage did with one record."""
+    """What SyncUsage did with one record.
+
+    The first answer for a record id is final for 30 days. Sent again with the same amount, an
+    applied record answers DUPLICATE and a rejected record answers REJECTED with its first reason
+    (it is never counted later, even if the limit was raised since: send the usage under a new id
+    to try again). Sent again with another amount, a record answers REJECTED with reason
+    REQUEST_ID_REUSED and nothing changes. An id repeated inside one request is answered the same
+    way as a resend.
+    """
 
 USAGE_RECORD_OUTCOME_UNSPECIFIED: UsageRecordOutcome.ValueType  # 0
 """Never returned."""
@@ -43,7 +53,9 @@ USAGE_RECORD_OUTCOME_APPLIED: UsageRecordOutcome.ValueType  # 1
 USAGE_RECORD_OUTCOME_DUPLICATE: UsageRecordOutcome.ValueType  # 2
 """The record had been counted before; nothing was counted again."""
 USAGE_RECORD_OUTCOME_REJECTED: UsageRecordOutcome.ValueType  # 3
-"""The record was not counted; `reason` says why (an ErrorInfo reason)."""
+"""The record was not counted; `reason` says why (an ErrorInfo reason: USAGE_LIMIT_EXCEEDED,
+LICENSE_SUSPENDED, LICENSE_EXPIRED or REQUEST_ID_REUSED).
+"""
 Global___UsageRecordOutcome: _TypeAlias = UsageRecordOutcome  # noqa: Y015
 
 class _UsageEventType:
@@ -88,14 +100,17 @@ class UsageRecord(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Client-generated unique identifier (1 to 128 printable ASCII characters); each id is
-    applied at most once per license, and remembered for at least 30 days.
+    """Client-generated unique identifier (1 to 128 printable ASCII characters, no spaces, e.g. a
+    UUIDv7); each id is answered once per license and the answer is remembered for 30 days:
+    a record sent again within that time is never counted again (see UsageRecordOutcome).
     """
     amount: _builtins.int
-    """Amount used; 0 means 1. Negative amounts are rejected."""
+    """Amount used: 0 means 1; at most 2^50. Negative amounts are refused (INVALID_ARGUMENT)."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
-        """When the usage happened on the client."""
+        """When the usage happened on the client. Informational: a record counts in the usage period
+        in which it is synced, whatever its occur_time.
+        """
 
     def __init__(
         self,

@@ -359,7 +359,12 @@ class SyncUsageRequest(_message.Message):
     """The license id."""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.UsageRecord]:
-        """Records made offline, applied in this order; at most 1000 per call."""
+        """Records made offline, applied in this order, each checked against the limit (with overage)
+        like an IncrementUsage: the records that fit are counted, the others rejected. At most 1000
+        per call (send a longer journal in several calls); every record is validated before any is
+        applied, and one bad record fails the whole call with INVALID_ARGUMENT naming it
+        (e.g. `records[3].amount`).
+        """
 
     def __init__(
         self,

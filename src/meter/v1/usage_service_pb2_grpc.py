@@ -128,7 +128,9 @@ class UsageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SyncUsage(self, request, context):
-        """Applies usage recorded offline, in order, each record exactly once by its id.
+        """Applies usage recorded offline, in order, each record exactly once by its id, atomically
+        with every other change of the counter. A retry after a lost answer is always safe: records
+        already applied answer DUPLICATE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,10 @@ class UsageServiceStub:
     GetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]
     """Returns the counter and the limit."""
     SyncUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.SyncUsageRequest, _usage_service_pb2.SyncUsageResponse]
-    """Applies usage recorded offline, in order, each record exactly once by its id."""
+    """Applies usage recorded offline, in order, each record exactly once by its id, atomically
+    with every other change of the counter. A retry after a lost answer is always safe: records
+    already applied answer DUPLICATE.
+    """
     StreamUsage: _grpc.StreamStreamMultiCallable[_usage_service_pb2.IncrementUsageRequest, _usage_service_pb2.StreamUsageResponse]
     """Increments over one bidirectional stream: one response per request, in order.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
@@ -95,7 +98,10 @@ class UsageServiceAsyncStub(UsageServiceStub):
     GetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Returns the counter and the limit."""
     SyncUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.SyncUsageRequest, _usage_service_pb2.SyncUsageResponse]  # type: ignore[assignment]
-    """Applies usage recorded offline, in order, each record exactly once by its id."""
+    """Applies usage recorded offline, in order, each record exactly once by its id, atomically
+    with every other change of the counter. A retry after a lost answer is always safe: records
+    already applied answer DUPLICATE.
+    """
     StreamUsage: _aio.StreamStreamMultiCallable[_usage_service_pb2.IncrementUsageRequest, _usage_service_pb2.StreamUsageResponse]  # type: ignore[assignment]
     """Increments over one bidirectional stream: one response per request, in order.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
@@ -160,7 +166,10 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_service_pb2.SyncUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.SyncUsageResponse, _abc.Awaitable[_usage_service_pb2.SyncUsageResponse]]:
-        """Applies usage recorded offline, in order, each record exactly once by its id."""
+        """Applies usage recorded offline, in order, each record exactly once by its id, atomically
+        with every other change of the counter. A retry after a lost answer is always safe: records
+        already applied answer DUPLICATE.
+        """
 
     @_abc_1.abstractmethod
     def StreamUsage(

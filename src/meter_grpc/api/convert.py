@@ -7,13 +7,15 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from meter.v1 import license_pb2, policy_pb2
+from meter.v1 import license_pb2, policy_pb2, usage_pb2
 from meter_grpc.domain.models import (
     ExpirationStrategy,
     License,
     OverageStrategy,
     Policy,
+    RecordResult,
     Usage,
+    UsageRecord,
     UsageResetInterval,
 )
 from meter_grpc.domain.rules import Violations
@@ -35,6 +37,12 @@ def ms_of(t: timestamp_pb2.Timestamp) -> int:
 
 def duration_ms(d: duration_pb2.Duration) -> int:
     return int(d.ToMilliseconds())
+
+
+def ttl_ms(d: duration_pb2.Duration) -> int:
+    """A duration in ms where only an exact zero is 0 (a positive sub-millisecond ttl is 1)."""
+    ns = int(d.ToNanoseconds())
+    return ns // 1_000_000 or (1 if ns > 0 else 0)
 
 
 def _enum(cls: type[E], value: int, field: str, v: Violations) -> E:
@@ -157,3 +165,24 @@ def usage_fields(u: Usage) -> dict[str, object]:
         "overage_limit": u.overage_limit,
         "period_end_time": ts(u.period_end_ms),
     }
+
+
+def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:
+    # Plain arithmetic: Timestamp.ToMilliseconds raises on an out-of-range time, which the
+    # domain reports as a bad field instead.
+    t = pb.occur_time
+    return UsageRecord(
+        id=pb.id,
+        amount=pb.amount,
+        occur_time_ms=t.seconds * 1000 + t.nanos // 1_000_000
+        if pb.HasField("occur_time")
+        else None,
+    )
+
+
+def record_result_to_proto(r: RecordResult) -> usage_pb2.UsageRecordResult:
+    return usage_pb2.UsageRecordResult(
+        id=r.id,
+        outcome=int(r.outcome),  # type: ignore[arg-type]
+        reason=r.reason,
+    )

@@ -16,6 +16,7 @@ from meter_grpc.api.convert import (
 from meter_grpc.api.machines import MachineRpcs
 from meter_grpc.api.offline import OfflineRpcs
 from meter_grpc.domain.licensing import Licensing
+from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.rules import Violations
 
 Ctx = Any
@@ -25,8 +26,9 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
     """Policies and licenses here; machines/validation in MachineRpcs, license files in
     OfflineRpcs. RPCs not implemented answer UNIMPLEMENTED (the generated base class)."""
 
-    def __init__(self, licensing: Licensing) -> None:
+    def __init__(self, licensing: Licensing, license_files: LicenseFiles) -> None:
         self.licensing = licensing
+        self.license_files = license_files
 
     def _now(self) -> int:
         return self.licensing.clock.now_ms()

@@ -9,7 +9,12 @@ from meter.v1 import usage_pb2
 from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
 from meter_grpc.api import auth
-from meter_grpc.api.convert import ts, usage_fields
+from meter_grpc.api.convert import (
+    record_result_to_proto,
+    ts,
+    usage_fields,
+    usage_record_from_proto,
+)
 from meter_grpc.api.errors import to_status_proto
 from meter_grpc.domain.errors import MeterError
 from meter_grpc.domain.metering import Metering
@@ -44,6 +49,15 @@ class UsageService(pb_grpc.UsageServiceServicer):
         auth.require_license(request.license_id)
         u = await self.metering.get(request.license_id)
         return pb.GetUsageResponse(**usage_fields(u))  # type: ignore[arg-type]
+
+    async def SyncUsage(self, request: pb.SyncUsageRequest, context: Ctx) -> pb.SyncUsageResponse:
+        auth.require_license(request.license_id)
+        result = await self.metering.sync(
+            request.license_id, [usage_record_from_proto(r) for r in request.records]
+        )
+        return pb.SyncUsageResponse(
+            results=[record_result_to_proto(r) for r in result.results], uses=result.uses
+        )
 
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.IncrementUsageRequest], context: Ctx

@@ -1,19 +1,33 @@
-"""Usage counters: increment, decrement, reset, read. The check itself runs in usage.lua."""
+"""Usage counters: increment, decrement, reset, read, sync offline records. The checks
+themselves run in usage.lua and usage_sync.lua."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 from meter_grpc.domain import periods
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import FieldViolation, MeterError, Reason, not_found
-from meter_grpc.domain.models import Usage, UsageEvent
-from meter_grpc.domain.rules import MAX_COUNTER, Violations
+from meter_grpc.domain.models import (
+    RecordOutcome,
+    RecordResult,
+    SyncResult,
+    Usage,
+    UsageEvent,
+    UsageRecord,
+)
+from meter_grpc.domain.rules import MAX_COUNTER, MAX_SYNC_RECORDS, Violations
 
 if TYPE_CHECKING:
     from meter_grpc.storage.store import RedisStore
+
+
+# SyncUsage reports at most this many bad fields (the rest are summarized in the message), so
+# that the error's details stay well inside gRPC's trailing-metadata size limit.
+MAX_REPORTED_VIOLATIONS = 20
+_OUTCOMES = {"APPLIED": RecordOutcome.APPLIED, "DUPLICATE": RecordOutcome.DUPLICATE}
 
 
 def _n(v: int | None) -> str:
@@ -63,6 +77,49 @@ class Metering:
             for event in events:
                 yield event
             after = events[-1].event_id
+
+    async def sync(self, license_id: str, records: Sequence[UsageRecord]) -> SyncResult:
+        """Applies offline records in order, each at most once by id, in one atomic script run.
+
+        Every record is validated before anything reaches Redis; the answers come back per
+        record (APPLIED, DUPLICATE, or REJECTED with a reason), never as a call failure.
+        """
+        v = Violations()
+        v.identifier("license_id", license_id)
+        if len(records) > MAX_SYNC_RECORDS:
+            v.add(
+                "records",
+                f"must have at most {MAX_SYNC_RECORDS} records per call (got {len(records)}); "
+                "send the rest in further calls",
+            )
+        else:
+            for i, r in enumerate(records):
+                v.identifier(f"records[{i}].id", r.id)
+                v.amount(f"records[{i}].amount", r.amount)
+                v.timestamp(f"records[{i}].occur_time", r.occur_time_ms)
+                if len(v.items) >= MAX_REPORTED_VIOLATIONS:
+                    break
+        v.raise_if_any()
+        now = self.clock.now_ms()
+        result = await self.store.sync_usage(
+            license_id,
+            [(r.id, r.amount or 1) for r in records],
+            now_ms=now,
+            periods=periods.all_period_bounds(now),
+            max_counter=MAX_COUNTER,
+        )
+        if result is None:
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        uses, codes = result
+        return SyncResult(
+            results=[
+                RecordResult(r.id, _OUTCOMES[code])
+                if code in _OUTCOMES
+                else RecordResult(r.id, RecordOutcome.REJECTED, code)
+                for r, code in zip(records, codes, strict=True)
+            ],
+            uses=uses,
+        )
 
     async def _run(self, op: str, license_id: str, amount: int, request_id: str) -> Usage:
         v = Violations()

@@ -190,3 +190,35 @@ class UsageEvent:
     max_uses: int | None
     request_id: str
     time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One unit of usage recorded offline by a client, sent with SyncUsage."""
+
+    id: str
+    amount: int
+    occur_time_ms: int | None = None
+
+
+class RecordOutcome(enum.IntEnum):
+    """What SyncUsage did with one record (numbers = proto UsageRecordOutcome)."""
+
+    UNSPECIFIED = 0
+    APPLIED = 1
+    DUPLICATE = 2
+    REJECTED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    id: str
+    outcome: RecordOutcome
+    # For REJECTED: the ErrorInfo reason (e.g. USAGE_LIMIT_EXCEEDED); empty otherwise.
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    results: list[RecordResult]
+    uses: int

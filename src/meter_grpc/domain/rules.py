@@ -30,6 +30,9 @@ MIN_DURATION_MS = 1000
 MAX_DURATION_MS = 100 * 366 * 86_400_000  # a century
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_SYNC_RECORDS = 1000
+# Timestamps a client may send: 1970-01-01 up to the end of year 9999 (google.protobuf.Timestamp).
+MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 _PRINTABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
 _ENTITLEMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
@@ -68,6 +71,10 @@ class Violations:
             self.add(field, "must not be negative (0 means 1)")
         elif value > MAX_AMOUNT:
             self.add(field, f"must be at most 2^50 ({MAX_AMOUNT})")
+
+    def timestamp(self, field: str, value_ms: int | None) -> None:
+        if value_ms is not None and not 0 <= value_ms <= MAX_TIMESTAMP_MS:
+            self.add(field, "must be between 1970-01-01 and 9999-12-31")
 
     def text(self, field: str, value: str, max_len: int = MAX_NAME_LEN) -> None:
         if len(value) > max_len:

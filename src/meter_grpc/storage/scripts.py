@@ -1,7 +1,8 @@
 """The Lua scripts (package data), registered once per client.
 
 Each script is `common.lua` followed by the script file; redis-py sends EVALSHA and loads the
-script on NOSCRIPT. Return codes of usage.lua are mirrored by UsageStatus.
+script on NOSCRIPT. Return codes of usage.lua are mirrored by UsageStatus, the per-record
+codes of usage_sync.lua by SyncCode.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 SCRIPT_NAMES = (
     "usage",
+    "usage_sync",
     "policy_attach",
     "policy_update",
     "policy_delete",
@@ -29,6 +31,18 @@ class UsageStatus(enum.IntEnum):
     LICENSE_NOT_FOUND = 1
     USAGE_LIMIT_EXCEEDED = 2
     USAGE_UNDERFLOW = 3
+    LICENSE_SUSPENDED = 4
+    LICENSE_EXPIRED = 5
+    REQUEST_ID_REUSED = 6
+
+
+class SyncCode(enum.IntEnum):
+    """Per-record answer codes returned by usage_sync.lua; the names of the refusals are their
+    ErrorInfo reasons."""
+
+    APPLIED = 1
+    DUPLICATE = 2
+    USAGE_LIMIT_EXCEEDED = 3
     LICENSE_SUSPENDED = 4
     LICENSE_EXPIRED = 5
     REQUEST_ID_REUSED = 6

@@ -24,12 +24,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.models import License, Policy, Usage, UsageEvent, UsageEventType
 from meter_grpc.storage import codec, keys
-from meter_grpc.storage.scripts import Scripts, UsageStatus
+from meter_grpc.storage.scripts import Scripts, SyncCode, UsageStatus
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000
+USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
 EVENTS_MAXLEN = 1000
 USAGE_OPS = ("inc", "dec", "reset", "get")
 
@@ -261,6 +262,12 @@ class RedisStore:
         return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
 
     @storage_call
+    async def get_machines(self, license_id: str) -> dict[str, str]:
+        """The license's machines hash as stored: machine id -> machine JSON (may be empty)."""
+        h: dict[str, str] = await self.client.hgetall(keys.machines(license_id))
+        return h
+
+    @storage_call
     async def delete_license(self, license_id: str) -> bool:
         row = await self.scripts.license_delete(
             keys=[
@@ -347,3 +354,28 @@ class RedisStore:
     @storage_call
     async def license_exists(self, license_id: str) -> bool:
         return bool(await self.client.exists(keys.license(license_id)))
+
+    @storage_call
+    async def sync_usage(
+        self,
+        license_id: str,
+        records: Sequence[tuple[str, int]],
+        *,
+        now_ms: int,
+        periods: Sequence[int],
+        max_counter: int,
+    ) -> tuple[int, list[str]] | None:
+        """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic.
+
+        Returns the usage after the call and one SyncCode name per record, or None when the
+        license does not exist.
+        """
+        script_keys = [keys.license(license_id), keys.license_events(license_id)]
+        args: list[object] = [now_ms, USAGE_RECORD_TTL_MS, *periods, max_counter, EVENTS_MAXLEN]
+        for record_id, amount in records:
+            script_keys.append(keys.usage_record(license_id, record_id))
+            args += [record_id, str(amount)]
+        row = await self.scripts.usage_sync(keys=script_keys, args=args)
+        if not row[0]:
+            return None
+        return int(row[1]), [SyncCode(code).name for code in row[2:]]

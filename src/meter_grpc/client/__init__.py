@@ -1,0 +1,85 @@
+"""meter_grpc.client: Python clients of meter-grpc, license file verification, and usage that
+keeps working offline.
+
+    from meter_grpc.client import MeterClient, OfflineMeter
+
+    client = MeterClient("meter.example.com:443", license_key=KEY, tls=True)
+    meter = OfflineMeter(client, LICENSE_ID, "usage-journal.sqlite3", public_key=PUBLIC_KEY)
+    meter.refresh_license_file()  # while online: the offline allowance comes from this file
+    meter.use(1)                  # online, or journaled offline within the allowance
+    meter.sync()                  # sends the journal once the service is back
+
+Every failed call raises a MeterClientError subclass (`.code`, `.reason`, `.metadata`,
+`.field_violations`, `.retry_delay`).
+"""
+
+from meter_grpc.client.aio import AsyncMeterClient
+from meter_grpc.client.errors import (
+    AlreadyExists,
+    CoreLimitExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    FingerprintTaken,
+    InternalError,
+    InvalidArgument,
+    LicenseExpired,
+    LicenseKeyTaken,
+    LicenseNotFound,
+    LicenseSuspended,
+    LimitExceeded,
+    MachineLimitExceeded,
+    MachineNotFound,
+    MeterClientError,
+    NotFound,
+    NoValidLicenseFile,
+    PermissionDenied,
+    PolicyInUse,
+    PolicyNotFound,
+    RequestIdReused,
+    Unauthenticated,
+    Unavailable,
+    UsageLimitExceeded,
+    UsageUnderflow,
+)
+from meter_grpc.client.journal import JournalRecord, UsageJournal
+from meter_grpc.client.license_file import LicenseFileError, verify_license_file
+from meter_grpc.client.offline import AsyncOfflineMeter, OfflineMeter, SyncReport, UseResult
+from meter_grpc.client.sync import MeterClient
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncMeterClient",
+    "AsyncOfflineMeter",
+    "CoreLimitExceeded",
+    "FailedPrecondition",
+    "FieldViolation",
+    "FingerprintTaken",
+    "InternalError",
+    "InvalidArgument",
+    "JournalRecord",
+    "LicenseExpired",
+    "LicenseFileError",
+    "LicenseKeyTaken",
+    "LicenseNotFound",
+    "LicenseSuspended",
+    "LimitExceeded",
+    "MachineLimitExceeded",
+    "MachineNotFound",
+    "MeterClient",
+    "MeterClientError",
+    "NoValidLicenseFile",
+    "NotFound",
+    "OfflineMeter",
+    "PermissionDenied",
+    "PolicyInUse",
+    "PolicyNotFound",
+    "RequestIdReused",
+    "SyncReport",
+    "Unauthenticated",
+    "Unavailable",
+    "UsageJournal",
+    "UsageLimitExceeded",
+    "UsageUnderflow",
+    "UseResult",
+    "verify_license_file",
+]

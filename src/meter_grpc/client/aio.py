@@ -1,0 +1,272 @@
+"""AsyncMeterClient: the asyncio client of both meter.v1 services (grpc.aio)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from meter.v1 import license_pb2, machine_pb2, policy_pb2, usage_pb2
+from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
+from meter.v1 import usage_service_pb2 as upb
+from meter.v1 import usage_service_pb2_grpc as ugrpc
+from meter_grpc.client import _common as c
+from meter_grpc.client.errors import from_rpc_error
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class AsyncMeterClient:
+    """asyncio client of LicenseService and UsageService (same methods as MeterClient).
+
+    Authenticates with an admin token or a license key (SPEC §5); plaintext unless `tls` (or
+    root certificates, or a client key for mutual TLS) is given. Every failed call raises a
+    `meter_grpc.client.MeterClientError` subclass. Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        admin_token: str | None = None,
+        license_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        timeout: float | None = c.DEFAULT_TIMEOUT_S,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.license_key = license_key
+        self.timeout = timeout
+        self._metadata = c.auth_metadata(admin_token, license_key)
+        creds = c.channel_credentials(tls, root_certificates, private_key, certificate_chain)
+        opts = c.channel_options(options)
+        self._channel = (
+            aio.insecure_channel(target, opts)
+            if creds is None
+            else aio.secure_channel(target, creds, opts)
+        )
+        self._licenses = lgrpc.LicenseServiceStub(self._channel)
+        self._usage = ugrpc.UsageServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncMeterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: aio.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
+        try:
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def _stream(self, responses: AsyncIterable[Resp]) -> AsyncIterator[Resp]:
+        try:
+            async for item in responses:
+                yield item
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    # --- policies -------------------------------------------------------------------------
+
+    async def create_policy(self, policy: policy_pb2.Policy) -> policy_pb2.Policy:
+        req = lpb.CreatePolicyRequest(policy=policy)
+        return (await self._call(self._licenses.CreatePolicy, req)).policy
+
+    async def get_policy(self, id: str) -> policy_pb2.Policy:
+        return (await self._call(self._licenses.GetPolicy, lpb.GetPolicyRequest(id=id))).policy
+
+    async def list_policies(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> lpb.ListPoliciesResponse:
+        req = lpb.ListPoliciesRequest(page_size=page_size, page_token=page_token)
+        return await self._call(self._licenses.ListPolicies, req)
+
+    async def update_policy(
+        self, policy: policy_pb2.Policy, update_mask: Iterable[str]
+    ) -> policy_pb2.Policy:
+        req = lpb.UpdatePolicyRequest(policy=policy, update_mask=c.field_mask(update_mask))
+        return (await self._call(self._licenses.UpdatePolicy, req)).policy
+
+    async def delete_policy(self, id: str) -> None:
+        await self._call(self._licenses.DeletePolicy, lpb.DeletePolicyRequest(id=id))
+
+    # --- licenses -------------------------------------------------------------------------
+
+    async def create_license(self, license: license_pb2.License) -> license_pb2.License:
+        req = lpb.CreateLicenseRequest(license=license)
+        return (await self._call(self._licenses.CreateLicense, req)).license
+
+    async def get_license(self, id: str) -> license_pb2.License:
+        return (await self._call(self._licenses.GetLicense, lpb.GetLicenseRequest(id=id))).license
+
+    async def list_licenses(
+        self, policy_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> lpb.ListLicensesResponse:
+        req = lpb.ListLicensesRequest(
+            policy_id=policy_id, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self._licenses.ListLicenses, req)
+
+    async def update_license(
+        self, license: license_pb2.License, update_mask: Iterable[str]
+    ) -> license_pb2.License:
+        req = lpb.UpdateLicenseRequest(license=license, update_mask=c.field_mask(update_mask))
+        return (await self._call(self._licenses.UpdateLicense, req)).license
+
+    async def delete_license(self, id: str) -> None:
+        await self._call(self._licenses.DeleteLicense, lpb.DeleteLicenseRequest(id=id))
+
+    async def suspend_license(self, id: str) -> license_pb2.License:
+        req = lpb.SuspendLicenseRequest(id=id)
+        return (await self._call(self._licenses.SuspendLicense, req)).license
+
+    async def reinstate_license(self, id: str) -> license_pb2.License:
+        req = lpb.ReinstateLicenseRequest(id=id)
+        return (await self._call(self._licenses.ReinstateLicense, req)).license
+
+    async def renew_license(self, id: str) -> license_pb2.License:
+        return (
+            await self._call(self._licenses.RenewLicense, lpb.RenewLicenseRequest(id=id))
+        ).license
+
+    async def validate_license(
+        self,
+        license_id: str = "",
+        *,
+        key: str = "",
+        fingerprint: str = "",
+        entitlements: Iterable[str] = (),
+    ) -> lpb.ValidateLicenseResponse:
+        req = lpb.ValidateLicenseRequest(fingerprint=fingerprint, entitlements=list(entitlements))
+        if key:
+            req.key = key
+        else:
+            req.license_id = license_id
+        return await self._call(self._licenses.ValidateLicense, req)
+
+    # --- machines -------------------------------------------------------------------------
+
+    async def activate_machine(
+        self,
+        license_id: str,
+        fingerprint: str,
+        *,
+        cores: int = 0,
+        name: str = "",
+        hostname: str = "",
+        platform: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> machine_pb2.Machine:
+        req = lpb.ActivateMachineRequest(
+            license_id=license_id,
+            fingerprint=fingerprint,
+            cores=cores,
+            name=name,
+            hostname=hostname,
+            platform=platform,
+            metadata=c.string_map(metadata),
+        )
+        return (await self._call(self._licenses.ActivateMachine, req)).machine
+
+    async def deactivate_machine(self, id: str) -> None:
+        await self._call(self._licenses.DeactivateMachine, lpb.DeactivateMachineRequest(id=id))
+
+    async def get_machine(self, id: str) -> machine_pb2.Machine:
+        return (await self._call(self._licenses.GetMachine, lpb.GetMachineRequest(id=id))).machine
+
+    async def list_machines(
+        self, license_id: str, page_size: int = 0, page_token: str = ""
+    ) -> lpb.ListMachinesResponse:
+        req = lpb.ListMachinesRequest(
+            license_id=license_id, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self._licenses.ListMachines, req)
+
+    async def update_machine(
+        self, machine: machine_pb2.Machine, update_mask: Iterable[str]
+    ) -> machine_pb2.Machine:
+        req = lpb.UpdateMachineRequest(machine=machine, update_mask=c.field_mask(update_mask))
+        return (await self._call(self._licenses.UpdateMachine, req)).machine
+
+    async def machine_heartbeat(self, id: str) -> machine_pb2.Machine:
+        req = lpb.MachineHeartbeatRequest(id=id)
+        return (await self._call(self._licenses.MachineHeartbeat, req)).machine
+
+    async def check_in_license(self, id: str) -> license_pb2.License:
+        req = lpb.CheckInLicenseRequest(id=id)
+        return (await self._call(self._licenses.CheckInLicense, req)).license
+
+    # --- license files --------------------------------------------------------------------
+
+    async def check_out_license(
+        self,
+        id: str,
+        *,
+        ttl: dt.timedelta | None = None,
+        encrypt: bool = False,
+        fingerprint: str = "",
+    ) -> lpb.CheckOutLicenseResponse:
+        """A signed license file; `ttl` None = 30 days, timedelta(0) = never expires."""
+        req = lpb.CheckOutLicenseRequest(
+            id=id, ttl=c.duration(ttl), encrypt=encrypt, fingerprint=fingerprint
+        )
+        return await self._call(self._licenses.CheckOutLicense, req)
+
+    async def get_public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 key that verifies license files."""
+        resp = await self._call(self._licenses.GetPublicKey, lpb.GetPublicKeyRequest())
+        return bytes(resp.public_key)
+
+    # --- usage ----------------------------------------------------------------------------
+
+    async def increment_usage(
+        self, license_id: str, amount: int = 1, request_id: str = ""
+    ) -> upb.IncrementUsageResponse:
+        req = upb.IncrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id)
+        return await self._call(self._usage.IncrementUsage, req)
+
+    async def decrement_usage(
+        self, license_id: str, amount: int = 1, request_id: str = ""
+    ) -> upb.DecrementUsageResponse:
+        req = upb.DecrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id)
+        return await self._call(self._usage.DecrementUsage, req)
+
+    async def reset_usage(self, license_id: str, request_id: str = "") -> upb.ResetUsageResponse:
+        req = upb.ResetUsageRequest(license_id=license_id, request_id=request_id)
+        return await self._call(self._usage.ResetUsage, req)
+
+    async def get_usage(self, license_id: str) -> upb.GetUsageResponse:
+        return await self._call(self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id))
+
+    async def sync_usage(
+        self, license_id: str, records: Sequence[usage_pb2.UsageRecord]
+    ) -> upb.SyncUsageResponse:
+        """Applies offline records (at most 1000 a call); see UsageRecordOutcome."""
+        req = upb.SyncUsageRequest(license_id=license_id, records=records)
+        return await self._call(self._usage.SyncUsage, req)
+
+    def stream_usage(
+        self,
+        requests: AsyncIterable[upb.IncrementUsageRequest] | Iterable[upb.IncrementUsageRequest],
+    ) -> AsyncIterator[upb.StreamUsageResponse]:
+        return self._stream(
+            self._usage.StreamUsage(requests, timeout=None, metadata=self._metadata)  # type: ignore[arg-type]
+        )
+
+    def watch_usage(
+        self, license_id: str, after_event_id: str = ""
+    ) -> AsyncIterator[upb.WatchUsageResponse]:
+        req = upb.WatchUsageRequest(license_id=license_id, after_event_id=after_event_id)
+        return self._stream(self._usage.WatchUsage(req, timeout=None, metadata=self._metadata))

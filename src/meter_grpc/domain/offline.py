@@ -1,0 +1,216 @@
+"""License files: signed (optionally encrypted) snapshots of a license for offline use.
+
+The payload follows Keygen's license file dataset: `data` is the license (type "licenses")
+with its effective limits, entitlements and usage at issue time as `attributes`; `included`
+holds its policy and machines; `meta` holds `issued`, `expiry` (ISO 8601, UTC) and `ttl`
+(seconds), `expiry` and `ttl` being null for a file that never expires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from meter_grpc.domain import license_file, periods
+from meter_grpc.domain.errors import MeterError, Reason
+from meter_grpc.domain.license_file import iso
+from meter_grpc.domain.models import License, Policy, overage_ceiling
+from meter_grpc.domain.rules import MAX_DURATION_MS, Violations
+from meter_grpc.domain.signing import Signer
+
+if TYPE_CHECKING:
+    from meter_grpc.domain.licensing import Licensing
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+DEFAULT_TTL_MS = 30 * 24 * HOUR_MS
+MIN_TTL_MS = HOUR_MS
+MAX_FINGERPRINT_LEN = 256
+
+# Candidate names of machine JSON fields (the machine codec is its own module's business).
+_HEARTBEAT_FIELDS = ("last_heartbeat_ms", "last_heartbeat_time_ms", "heartbeat_ms", "heartbeat")
+_CREATED_FIELDS = ("create_time_ms", "created_ms", "created")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedOut:
+    certificate: str
+    issued_ms: int
+    expiry_ms: int | None
+
+
+def _seconds(ms: int | None) -> int | None:
+    return None if ms is None else ms // 1000
+
+
+def _first_int(d: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = d.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def machine_resource(machine_id: str, raw: str, license_id: str) -> dict[str, Any] | None:
+    """A machine of the license's machines hash as a Keygen-style resource (None if unreadable)."""
+    try:
+        m = json.loads(raw)
+    except ValueError:
+        m = None
+    if not isinstance(m, dict):
+        log.warning("license %s: machine %s is not a JSON object; left out", license_id, machine_id)
+        return None
+    metadata = m.get("metadata")
+    return {
+        "type": "machines",
+        "id": str(m.get("id") or machine_id),
+        "attributes": {
+            "fingerprint": str(m.get("fingerprint", "")),
+            "cores": m.get("cores") if isinstance(m.get("cores"), int) else None,
+            "name": str(m.get("name") or ""),
+            "hostname": str(m.get("hostname") or ""),
+            "platform": str(m.get("platform") or ""),
+            "metadata": metadata if isinstance(metadata, dict) else {},
+            "lastHeartbeat": iso(_first_int(m, _HEARTBEAT_FIELDS)),
+            "created": iso(_first_int(m, _CREATED_FIELDS)),
+        },
+        "relationships": {"license": {"data": {"type": "licenses", "id": license_id}}},
+    }
+
+
+def _overage(p: Policy) -> str:
+    return p.overage_strategy.name if p.overage_strategy else "NO_OVERAGE"
+
+
+def policy_resource(p: Policy) -> dict[str, Any]:
+    return {
+        "type": "policies",
+        "id": p.id,
+        "attributes": {
+            "name": p.name,
+            "maxUses": p.max_uses,
+            "maxMachines": p.max_machines,
+            "maxCores": p.max_cores,
+            "floating": p.floating,
+            "strict": p.strict,
+            "duration": _seconds(p.duration_ms),
+            "expirationStrategy": p.expiration_strategy.effective.name,
+            "requireCheckIn": p.require_check_in,
+            "checkInInterval": _seconds(p.check_in_interval_ms),
+            "heartbeatDuration": _seconds(p.heartbeat_duration_ms),
+            "entitlements": p.entitlements,
+            "overageStrategy": _overage(p),
+            "usageResetInterval": p.usage_reset_interval.name if p.usage_reset_interval else "NONE",
+            "metadata": p.metadata,
+            "created": iso(p.create_time_ms),
+            "updated": iso(p.update_time_ms),
+        },
+    }
+
+
+def license_payload(
+    lic: License,
+    machines: list[dict[str, Any]],
+    *,
+    issued_ms: int,
+    ttl_ms: int | None,
+) -> dict[str, Any]:
+    """The JSON payload of a license file (a Keygen-style dataset)."""
+    p = lic.policy
+    bounds = periods.period_bounds(issued_ms, p.usage_reset_interval)
+    expiry_ms = None if ttl_ms is None else issued_ms + ttl_ms
+    return {
+        "meta": {"issued": iso(issued_ms), "expiry": iso(expiry_ms), "ttl": _seconds(ttl_ms)},
+        "data": {
+            "type": "licenses",
+            "id": lic.id,
+            "attributes": {
+                "name": lic.name,
+                "key": lic.key,
+                "expiry": iso(lic.expire_time_ms),
+                "status": lic.status(issued_ms).name,
+                "suspended": lic.suspended,
+                "uses": lic.uses,
+                "maxUses": lic.max_uses,
+                # The ceiling increments are checked against: maxUses with the overage.
+                "usesLimit": overage_ceiling(lic.max_uses, p.overage_strategy),
+                "usagePeriodEnd": iso(bounds[1]) if bounds else None,
+                "maxMachines": lic.max_machines,
+                "maxCores": lic.max_cores,
+                "machinesCount": lic.machines_count,
+                "coresCount": lic.cores_count,
+                "floating": p.floating,
+                "strict": p.strict,
+                "expirationStrategy": p.expiration_strategy.effective.name,
+                "overageStrategy": _overage(p),
+                "requireCheckIn": p.require_check_in,
+                "lastCheckIn": iso(lic.last_check_in_ms),
+                "entitlements": lic.all_entitlements,
+                "metadata": lic.metadata,
+                "created": iso(lic.create_time_ms),
+                "updated": iso(lic.update_time_ms),
+            },
+            "relationships": {
+                "policy": {"data": {"type": "policies", "id": p.id}},
+                "machines": {
+                    "data": [{"type": "machines", "id": m["id"]} for m in machines],
+                    "meta": {"count": len(machines)},
+                },
+            },
+        },
+        "included": [policy_resource(p), *machines],
+    }
+
+
+class LicenseFiles:
+    """CheckOutLicense and GetPublicKey."""
+
+    def __init__(self, licensing: Licensing, signer: Signer) -> None:
+        self.licensing = licensing
+        self.signer = signer
+
+    @property
+    def public_key(self) -> bytes:
+        return self.signer.public_key
+
+    @property
+    def algorithm(self) -> str:
+        return self.signer.algorithm
+
+    async def check_out(
+        self, license_id: str, ttl_ms: int | None, encrypt: bool, fingerprint: str
+    ) -> CheckedOut:
+        """Signs a snapshot of the license. `ttl_ms`: None = 30 days, 0 = never expires."""
+        v = Violations()
+        v.identifier("id", license_id)
+        if ttl_ms is None:
+            ttl_ms = DEFAULT_TTL_MS
+        elif ttl_ms != 0 and not MIN_TTL_MS <= ttl_ms <= MAX_DURATION_MS:
+            v.add("ttl", "must be at least 1 hour and at most 100 years (or zero: no expiry)")
+        v.text("fingerprint", fingerprint, MAX_FINGERPRINT_LEN)
+        v.raise_if_any()
+        lic = await self.licensing.get_license(license_id)
+        raw = await self.licensing.store.get_machines(license_id)
+        machines = [
+            m
+            for mid, text in sorted(raw.items())
+            if (m := machine_resource(mid, text, license_id)) is not None
+        ]
+        if fingerprint:
+            machines = [m for m in machines if m["attributes"]["fingerprint"] == fingerprint]
+            if not machines:
+                raise MeterError(
+                    Reason.MACHINE_NOT_FOUND,
+                    f"no machine with fingerprint {fingerprint!r} is activated on license "
+                    f"{license_id!r}: activate it before checking out its license file",
+                    metadata={"license_id": license_id, "fingerprint": fingerprint},
+                )
+        issued = self.licensing.clock.now_ms()
+        ttl = ttl_ms or None
+        payload = license_payload(lic, machines, issued_ms=issued, ttl_ms=ttl)
+        certificate = license_file.issue(payload, self.signer.sign, lic.key if encrypt else None)
+        return CheckedOut(certificate, issued, None if ttl is None else issued + ttl)

@@ -1,0 +1,100 @@
+"""The Ed25519 key that signs license files (SPEC §6).
+
+Loaded from METER_SIGNING_KEY_FILE (a PEM private key), or created once in METER_DATA_DIR with
+mode 0600 and loaded from there on every later start, so files signed before a restart still
+verify after it. Creation is atomic: a complete file appears under its name or none does, and
+when two replicas share a data dir the first one's key wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE_NAME = "signing-key.pem"
+
+
+class SigningKeyError(Exception):
+    """The configured signing key file is missing or not an Ed25519 private key."""
+
+
+class Signer:
+    algorithm = "ed25519"
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key: bytes = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    @classmethod
+    def load(cls, path: Path) -> Signer:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SigningKeyError(f"cannot read the signing key {path}: {exc}") from exc
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise SigningKeyError(f"{path} is not an unencrypted PEM private key") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SigningKeyError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("signing key %s is readable by others (mode %o); use 0600", path, mode)
+        return cls(key)
+
+    @classmethod
+    def configured(cls, key_file: Path | None, data_dir: Path) -> Signer:
+        """METER_SIGNING_KEY_FILE (must exist), else the key kept in METER_DATA_DIR."""
+        if key_file is not None:
+            return cls.load(key_file)
+        return cls.load_or_create(data_dir / DEFAULT_FILE_NAME)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Signer:
+        """Loads the key at `path`, creating it first (mode 0600) when there is none."""
+        if not path.exists():
+            _create(path)
+        return cls.load(path)
+
+
+def _create(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process created the key first: keep theirs
+        log.info("created the license file signing key %s", path.resolve())
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,98 @@
+-- usage_sync.lua: SyncUsage. Applies offline usage records in order, each checked against the
+-- limit exactly as usage.lua checks an increment, each answered once per record id.
+--
+-- KEYS[1]      license hash                    (keys.license)
+-- KEYS[2]      usage events stream             (keys.license_events)
+-- KEYS[2 + i]  record i's answer               (keys.usage_record), i = 1 .. n
+-- ARGV[1]      now (ms)
+-- ARGV[2]      record answer ttl (ms)
+-- ARGV[3..10]  start, end (ms) of the current DAILY, WEEKLY, MONTHLY, YEARLY periods
+-- ARGV[11]     counter ceiling (2^53 - 1): no counter passes it, even without a limit
+-- ARGV[12]     events stream max length (approximate)
+-- ARGV[11 + 2i], ARGV[12 + 2i]  record i's id and amount (1 .. 2^50, as a decimal string)
+--
+-- Returns {found, uses, code_1, ..., code_n}: found 0 = LICENSE_NOT_FOUND (nothing else);
+--   code: 1 APPLIED, 2 DUPLICATE, 3 USAGE_LIMIT_EXCEEDED, 4 LICENSE_SUSPENDED,
+--         5 LICENSE_EXPIRED, 6 REQUEST_ID_REUSED (mirrored by scripts.SyncCode)
+-- Each record's first answer is stored as "<amount>|<code>" for the ttl. A record whose id is
+-- stored answers DUPLICATE when it was applied, its first code when it was rejected, and
+-- REQUEST_ID_REUSED (nothing stored) when the amount differs. A period rollover (lazy) resets
+-- the counter before the first record; the counter is written once, at the end.
+
+local lic = KEYS[1]
+local now = tonumber(ARGV[1])
+local ttl = ARGV[2]
+local max_counter = tonumber(ARGV[11])
+local maxlen = tonumber(ARGV[12])
+
+local f = redis.call('HMGET', lic, 'uses', 'o_uses', 'p_uses', 'p_overage', 'suspended',
+  'expire', 'p_expiry_strategy', 'p_reset', 'period')
+if not f[1] then
+  return {0, 0}
+end
+
+local uses = tonumber(f[1])
+local max = opt(f[2]) or opt(f[3])
+local ceil = ceiling(max, opt(f[4]))
+local pstart = period_of(opt(f[8]), 3)
+
+if pstart ~= nil and pstart > (opt(f[9]) or 0) then
+  if uses ~= 0 then
+    emit(KEYS[2], maxlen, now, 'reset', 0, 0, max, '')
+  end
+  uses = 0
+  redis.call('HSET', lic, 'uses', 0, 'period', int(pstart))
+end
+local before = uses
+
+local refusal = nil
+if f[5] == '1' then
+  refusal = 4
+elseif expired_refuses_use(opt(f[6]), opt(f[7]), now) then
+  refusal = 5
+end
+
+local out = {1, 0}
+for i = 1, #KEYS - 2 do
+  local key = KEYS[2 + i]
+  local rid = ARGV[11 + 2 * i]
+  local amount_s = ARGV[12 + 2 * i]
+  local code
+  local stored = redis.call('GET', key)
+  if stored then
+    local sep = string.find(stored, '|', 1, true)
+    if string.sub(stored, 1, sep - 1) ~= amount_s then
+      code = 6
+    else
+      code = tonumber(string.sub(stored, sep + 1))
+      if code == 1 then
+        code = 2
+      end
+    end
+  else
+    if refusal ~= nil then
+      code = refusal
+    else
+      local amount = tonumber(amount_s)
+      local new = uses + amount
+      if new > max_counter or (ceil ~= nil and new > ceil) then
+        code = 3
+      else
+        emit(KEYS[2], maxlen, now, 'inc', amount, new, max, rid)
+        if max ~= nil and uses < max and new >= max then
+          emit(KEYS[2], maxlen, now, 'limit', amount, new, max, rid)
+        end
+        uses = new
+        code = 1
+      end
+    end
+    redis.call('SET', key, amount_s .. '|' .. code, 'PX', ttl)
+  end
+  out[2 + i] = code
+end
+
+if uses ~= before then
+  redis.call('HSET', lic, 'uses', int(uses))
+end
+out[2] = uses
+return out
