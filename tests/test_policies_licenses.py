@@ -410,3 +410,33 @@ async def test_delete_license_removes_every_key(
         licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
     )
     assert err.reason == "LICENSE_NOT_FOUND"
+
+
+async def test_out_of_range_times_are_bad_fields_not_internal(
+    licenses: lgrpc.LicenseServiceStub, make_policy: Any
+) -> None:
+    from google.protobuf import timestamp_pb2
+
+    p = await make_policy()
+    for seconds in (-(10**12), 10**13):
+        err = await expect_error(
+            licenses.CreateLicense(
+                lpb.CreateLicenseRequest(
+                    license=license_pb2.License(
+                        policy_id=p.id, expire_time=timestamp_pb2.Timestamp(seconds=seconds)
+                    )
+                ),
+                metadata=admin_md(),
+            )
+        )
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.bad_fields == ["license.expire_time"]
+    err = await expect_error(
+        licenses.CreatePolicy(
+            lpb.CreatePolicyRequest(
+                policy=policy_pb2.Policy(duration=duration_pb2.Duration(seconds=10**15))
+            ),
+            metadata=admin_md(),
+        )
+    )
+    assert err.bad_fields == ["policy.duration"]

@@ -73,7 +73,7 @@ class _UsageEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageE
     USAGE_EVENT_TYPE_RESET: _UsageEventType.ValueType  # 3
     """Usage was reset to 0 (ResetUsage, or a new usage period)."""
     USAGE_EVENT_TYPE_LIMIT_REACHED: _UsageEventType.ValueType  # 4
-    """An increment brought usage to the license's max_uses (or a refused increment hit it)."""
+    """An increment brought usage to (or, within overage, past) the license's max_uses."""
 
 class UsageEventType(_UsageEventType, metaclass=_UsageEventTypeEnumTypeWrapper):
     """Kind of a usage event streamed by WatchUsage."""
@@ -87,7 +87,7 @@ USAGE_EVENT_TYPE_DECREMENTED: UsageEventType.ValueType  # 2
 USAGE_EVENT_TYPE_RESET: UsageEventType.ValueType  # 3
 """Usage was reset to 0 (ResetUsage, or a new usage period)."""
 USAGE_EVENT_TYPE_LIMIT_REACHED: UsageEventType.ValueType  # 4
-"""An increment brought usage to the license's max_uses (or a refused increment hit it)."""
+"""An increment brought usage to (or, within overage, past) the license's max_uses."""
 Global___UsageEventType: _TypeAlias = UsageEventType  # noqa: Y015
 
 @_typing.final

@@ -32,11 +32,13 @@ def ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
 
 
 def ms_of(t: timestamp_pb2.Timestamp) -> int:
-    return int(t.ToMilliseconds())
+    """Milliseconds of a Timestamp, out-of-range ones included (the domain rules refuse those;
+    Timestamp.ToMilliseconds would raise and turn a client mistake into INTERNAL)."""
+    return int(t.seconds) * 1000 + int(t.nanos) // 1_000_000
 
 
 def duration_ms(d: duration_pb2.Duration) -> int:
-    return int(d.ToMilliseconds())
+    return int(d.seconds) * 1000 + int(d.nanos) // 1_000_000
 
 
 def ttl_ms(d: duration_pb2.Duration) -> int:
@@ -168,15 +170,10 @@ def usage_fields(u: Usage) -> dict[str, object]:
 
 
 def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:
-    # Plain arithmetic: Timestamp.ToMilliseconds raises on an out-of-range time, which the
-    # domain reports as a bad field instead.
-    t = pb.occur_time
     return UsageRecord(
         id=pb.id,
         amount=pb.amount,
-        occur_time_ms=t.seconds * 1000 + t.nanos // 1_000_000
-        if pb.HasField("occur_time")
-        else None,
+        occur_time_ms=ms_of(pb.occur_time) if pb.HasField("occur_time") else None,
     )
 
 

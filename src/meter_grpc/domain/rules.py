@@ -157,6 +157,7 @@ def check_policy(v: Violations, p: Policy, prefix: str = "policy") -> None:
 
 def check_license(v: Violations, lic: License, prefix: str = "license") -> None:
     v.text(f"{prefix}.name", lic.name)
+    v.timestamp(f"{prefix}.expire_time", lic.expire_time_ms)
     v.limit(f"{prefix}.max_uses", lic.max_uses_override)
     v.limit(f"{prefix}.max_machines", lic.max_machines_override)
     v.limit(f"{prefix}.max_cores", lic.max_cores_override)
