@@ -28,7 +28,9 @@ from meter_grpc.api.license_service import LicenseService
 from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings
 from meter_grpc.domain.licensing import Licensing
+from meter_grpc.domain.machines import Machines
 from meter_grpc.domain.metering import Metering
+from meter_grpc.domain.validation import Validator
 from meter_grpc.storage.connection import make_client, warm_up
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.store import RedisStore
@@ -151,7 +153,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             await warm_up(client, min(8, settings.redis_pool_size))
         licensing = Licensing(store, settings.clock)
         metering = Metering(store, settings.clock)
-        authenticator = Authenticator(admin_tokens(settings), licensing.license_id_by_key)
+        authenticator = Authenticator(admin_tokens(settings), licensing.key_holder, settings.clock)
 
         server = aio.server(
             interceptors=[MeterInterceptor(authenticator)],
@@ -161,7 +163,11 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             ],
         )
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
-            LicenseService(licensing),  # type: ignore[abstract]
+            LicenseService(  # type: ignore[abstract]
+                licensing,
+                machines=Machines(store, settings.clock),
+                validator=Validator(store, settings.clock),
+            ),
             server,
         )
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)  # type: ignore[abstract]
