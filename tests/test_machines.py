@@ -412,6 +412,10 @@ async def test_dead_floating_machines_stop_counting(
     clock.advance(29_999)  # b: 59.999 s since activation, alive
     assert await outcome(activate(licenses, lic.id, "c", cores=1)) == "MACHINE_LIMIT_EXCEEDED"
     clock.advance(1)  # b: exactly 60 s: dead
+    listed_licenses = await licenses.ListLicenses(
+        lpb.ListLicensesRequest(policy_id=lic.policy_id), metadata=admin_md()
+    )
+    assert [(x.machines_count, x.cores_count) for x in listed_licenses.licenses] == [(1, 4)]
     view = await get_license(licenses, lic.id)
     assert (view.machines_count, view.cores_count) == (1, 4)
     listed = await licenses.ListMachines(
