@@ -23,7 +23,7 @@ test: $(STAMP) proto-check
 	$(PY) -m pytest
 
 # bench/ is linted once it exists.
-LINT_DIRS := src tests $(wildcard bench)
+LINT_DIRS := $(wildcard src tests bench)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)

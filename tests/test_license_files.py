@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,9 +25,9 @@ from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
+from meter_grpc.domain.clock import ManualClock
 from meter_grpc.domain.signing import SigningKeyError
 from meter_grpc.server import build_server
-from meter_grpc.storage import keys
 from tests.conftest import Running
 from tests.support import ADMIN_TOKEN, admin_md, expect_error, license_md
 
@@ -116,7 +115,8 @@ async def test_license_file_verifies_and_carries_the_license(
     attrs = data["attributes"]
     assert attrs["key"] == lic.key and attrs["name"] == "acme"
     assert (attrs["uses"], attrs["maxUses"], attrs["usesLimit"]) == (3, 10, 12)
-    assert attrs["maxCores"] == 64 and attrs["maxMachines"] is None
+    assert attrs["maxCores"] == 64
+    assert attrs["maxMachines"] == 1  # node-locked (floating = false): exactly one machine
     assert sorted(attrs["entitlements"]) == ["batch", "export"]
     assert attrs["status"] == "ACTIVE" and attrs["suspended"] is False
     assert attrs["metadata"] == {"customer": "acme"}
@@ -181,26 +181,23 @@ async def test_ttl_rules(licenses: lgrpc.LicenseServiceStub, make_license: Any) 
 
 
 async def test_machines_in_the_file_and_fingerprint_scope(
-    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: aioredis.Redis
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, clock: ManualClock
 ) -> None:
-    lic = await make_license()
+    lic = await make_license(
+        policy_fields={"floating": True, "max_machines": 3, "heartbeat_duration": {"seconds": 60}}
+    )
     err = await expect_error(check_out(licenses, lic.id, fingerprint="fp-1"))
     assert err.code == grpc.StatusCode.NOT_FOUND
     assert err.reason == "MACHINE_NOT_FOUND"
     assert err.metadata["fingerprint"] == "fp-1"
-    # Machines as the machines module keeps them: machine id -> machine JSON.
-    await redis.hset(
-        keys.machines(lic.id),
-        mapping={
-            f"{lic.id}.aaaaaaaaaaaaaaaa": json.dumps(
-                {"id": f"{lic.id}.aaaaaaaaaaaaaaaa", "fingerprint": "fp-1", "cores": 4}
-            ),
-            f"{lic.id}.bbbbbbbbbbbbbbbb": json.dumps(
-                {"id": f"{lic.id}.bbbbbbbbbbbbbbbb", "fingerprint": "fp-2", "cores": 8}
-            ),
-            f"{lic.id}.cccccccccccccccc": "not json",
-        },
-    )
+    # fp-3 misses its heartbeat (60 s) and is dead by the time fp-1 and fp-2 are activated:
+    # a license file carries only live machines.
+    for fp, cores, later_ms in (("fp-3", 2, 61_000), ("fp-1", 4, 0), ("fp-2", 8, 0)):
+        await licenses.ActivateMachine(
+            lpb.ActivateMachineRequest(license_id=lic.id, fingerprint=fp, cores=cores),
+            metadata=admin_md(),
+        )
+        clock.advance(later_ms)
     key = await public_key(licenses)
     _, payload = open_license_file((await check_out(licenses, lic.id)).certificate, key)
     machines = [r for r in payload["included"] if r["type"] == "machines"]

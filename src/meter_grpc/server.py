@@ -29,9 +29,11 @@ from meter_grpc.api.metrics import Metrics
 from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings
 from meter_grpc.domain.licensing import Licensing
+from meter_grpc.domain.machines import Machines
 from meter_grpc.domain.metering import Metering
 from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.signing import Signer
+from meter_grpc.domain.validation import Validator
 from meter_grpc.storage.connection import make_client, warm_up
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.store import RedisStore
@@ -162,7 +164,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             await warm_up(client, min(8, settings.redis_pool_size))
         licensing = Licensing(store, settings.clock)
         metering = Metering(store, settings.clock)
-        authenticator = Authenticator(admin_tokens(settings), licensing.license_id_by_key)
+        authenticator = Authenticator(admin_tokens(settings), licensing.key_holder, settings.clock)
 
         metrics = Metrics() if settings.metrics_listen else None
         server = aio.server(
@@ -172,8 +174,14 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        machines = Machines(store, settings.clock)
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
-            LicenseService(licensing, LicenseFiles(licensing, signer)),  # type: ignore[abstract]
+            LicenseService(
+                licensing,
+                machines=machines,
+                validator=Validator(store, settings.clock),
+                license_files=LicenseFiles(licensing, machines, signer),
+            ),
             server,
         )
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)

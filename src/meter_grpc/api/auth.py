@@ -9,7 +9,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import MeterError, Reason
+from meter_grpc.domain.models import KeyHolder
 
 LICENSE = "/meter.v1.LicenseService/"
 USAGE = "/meter.v1.UsageService/"
@@ -80,22 +82,23 @@ def _unauthenticated(message: str) -> MeterError:
 
 
 class KeyCache:
-    """license key -> license id; ids are never reused and keys never change, so a hit stays
-    right until the license is deleted (then every script answers LICENSE_NOT_FOUND)."""
+    """license key -> KeyHolder; ids are never reused and keys never change, so the id of a
+    hit stays right until the license is deleted (then every script answers
+    LICENSE_NOT_FOUND). Its expiry may have changed since: a refusal is always re-read."""
 
     def __init__(self, size: int = 10_000, ttl_s: float = 60.0) -> None:
         self.size, self.ttl_s = size, ttl_s
-        self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[KeyHolder, float]] = OrderedDict()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> KeyHolder | None:
         item = self._items.get(key)
         if item is None or item[1] < time.monotonic():
             return None
         self._items.move_to_end(key)
         return item[0]
 
-    def put(self, key: str, license_id: str) -> None:
-        self._items[key] = (license_id, time.monotonic() + self.ttl_s)
+    def put(self, key: str, holder: KeyHolder) -> None:
+        self._items[key] = (holder, time.monotonic() + self.ttl_s)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -105,10 +108,12 @@ class Authenticator:
     def __init__(
         self,
         admin_tokens: Sequence[str],
-        license_id_by_key: Callable[[str], Awaitable[str | None]],
+        key_holder: Callable[[str], Awaitable[KeyHolder | None]],
+        clock: Clock,
     ) -> None:
         self._tokens = [t.encode() for t in admin_tokens]
-        self._lookup = license_id_by_key
+        self._lookup = key_holder
+        self._clock = clock
         self._cache = KeyCache()
 
     def _is_admin_token(self, token: str) -> bool:
@@ -133,13 +138,23 @@ class Authenticator:
         if scheme == "license":
             if not credential:
                 raise _unauthenticated("empty license key")
-            license_id = self._cache.get(credential)
-            if license_id is None:
-                license_id = await self._lookup(credential)
-                if license_id is None:
+            holder = self._cache.get(credential)
+            if holder is None or holder.revoked(self._clock.now_ms()):
+                holder = await self._lookup(credential)  # a refusal is never from the cache
+                if holder is None:
                     raise _unauthenticated("unknown license key")
-                self._cache.put(credential, license_id)
+                self._cache.put(credential, holder)
             if method not in LICENSE_KEY_METHODS:
                 raise _denied(method)
-            return Principal(license_id)
+            if holder.revoked(self._clock.now_ms()):
+                raise MeterError(
+                    Reason.LICENSE_EXPIRED,
+                    "the license has expired and its policy revokes access: "
+                    "its key no longer authenticates",
+                    metadata={
+                        "license_id": holder.license_id,
+                        "expiration_strategy": "REVOKE_ACCESS",
+                    },
+                )
+            return Principal(holder.license_id)
         raise _unauthenticated("authorization must be 'Bearer <admin token>' or 'License <key>'")

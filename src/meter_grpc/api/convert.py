@@ -7,10 +7,11 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from meter.v1 import license_pb2, policy_pb2, usage_pb2
+from meter.v1 import license_pb2, machine_pb2, policy_pb2, usage_pb2
 from meter_grpc.domain.models import (
     ExpirationStrategy,
     License,
+    Machine,
     OverageStrategy,
     Policy,
     RecordResult,
@@ -155,6 +156,34 @@ def license_to_proto(lic: License, now_ms: int) -> license_pb2.License:
         last_check_in_time=ts(lic.last_check_in_ms),
         create_time=ts(lic.create_time_ms),
         update_time=ts(lic.update_time_ms),
+    )
+
+
+def machine_from_proto(pb: machine_pb2.Machine) -> Machine:
+    """The caller-settable fields of a machine (output-only fields are ignored)."""
+    return Machine(
+        id=pb.id,
+        fingerprint=pb.fingerprint,
+        cores=pb.cores,
+        name=pb.name,
+        hostname=pb.hostname,
+        platform=pb.platform,
+        metadata=dict(pb.metadata),
+    )
+
+
+def machine_to_proto(m: Machine) -> machine_pb2.Machine:
+    return machine_pb2.Machine(
+        id=m.id,
+        license_id=m.license_id,
+        fingerprint=m.fingerprint,
+        cores=m.cores,
+        name=m.name,
+        hostname=m.hostname,
+        platform=m.platform,
+        metadata=m.metadata,
+        last_heartbeat_time=ts(m.last_heartbeat_ms),
+        create_time=ts(m.create_time_ms),
     )
 
 

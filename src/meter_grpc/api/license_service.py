@@ -16,8 +16,10 @@ from meter_grpc.api.convert import (
 from meter_grpc.api.machines import MachineRpcs
 from meter_grpc.api.offline import OfflineRpcs
 from meter_grpc.domain.licensing import Licensing
+from meter_grpc.domain.machines import Machines
 from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.rules import Violations
+from meter_grpc.domain.validation import Validator
 
 Ctx = Any
 
@@ -26,8 +28,17 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
     """Policies and licenses here; machines/validation in MachineRpcs, license files in
     OfflineRpcs. RPCs not implemented answer UNIMPLEMENTED (the generated base class)."""
 
-    def __init__(self, licensing: Licensing, license_files: LicenseFiles) -> None:
+    def __init__(
+        self,
+        licensing: Licensing,
+        *,
+        machines: Machines,
+        validator: Validator,
+        license_files: LicenseFiles,
+    ) -> None:
         self.licensing = licensing
+        self.machines = machines
+        self.validator = validator
         self.license_files = license_files
 
     def _now(self) -> int:

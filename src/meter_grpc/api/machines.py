@@ -2,7 +2,114 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from meter.v1 import license_service_pb2 as pb
+from meter_grpc.api import auth
+from meter_grpc.api.convert import license_to_proto, machine_from_proto, machine_to_proto
+from meter_grpc.domain.ids import license_id_of_machine
+from meter_grpc.domain.licensing import Licensing
+from meter_grpc.domain.machines import Machines
+from meter_grpc.domain.models import Machine
+from meter_grpc.domain.validation import Validator
+
+Ctx = Any
+
+
+def _require_machine_owner(machine_id: str) -> None:
+    """A license key may only act on machines of its own license (the id embeds it)."""
+    auth.require_license(license_id_of_machine(machine_id) or "")
+
 
 class MachineRpcs:
     """ActivateMachine, DeactivateMachine, GetMachine, ListMachines, UpdateMachine,
     MachineHeartbeat, ValidateLicense, CheckInLicense."""
+
+    licensing: Licensing
+    machines: Machines
+    validator: Validator
+
+    async def ValidateLicense(
+        self, request: pb.ValidateLicenseRequest, context: Ctx
+    ) -> pb.ValidateLicenseResponse:
+        license_id = await self.validator.resolve(
+            request.license_id,
+            request.key,
+            request.WhichOneof("license"),
+            request.fingerprint,
+            request.entitlements,
+        )
+        auth.require_license(license_id)  # a key of no license is no caller's own either
+        result = await self.validator.validate(
+            license_id, request.fingerprint, request.entitlements
+        )
+        lic = result.license
+        return pb.ValidateLicenseResponse(
+            valid=result.valid,
+            code=int(result.code),  # type: ignore[arg-type]
+            detail=result.detail,
+            license=license_to_proto(lic, self.licensing.clock.now_ms()) if lic else None,
+        )
+
+    async def ActivateMachine(
+        self, request: pb.ActivateMachineRequest, context: Ctx
+    ) -> pb.ActivateMachineResponse:
+        auth.require_license(request.license_id)
+        machine = await self.machines.activate(
+            Machine(
+                license_id=request.license_id,
+                fingerprint=request.fingerprint,
+                cores=request.cores,
+                name=request.name,
+                hostname=request.hostname,
+                platform=request.platform,
+                metadata=dict(request.metadata),
+            )
+        )
+        return pb.ActivateMachineResponse(machine=machine_to_proto(machine))
+
+    async def DeactivateMachine(
+        self, request: pb.DeactivateMachineRequest, context: Ctx
+    ) -> pb.DeactivateMachineResponse:
+        _require_machine_owner(request.id)
+        await self.machines.deactivate(request.id)
+        return pb.DeactivateMachineResponse()
+
+    async def GetMachine(
+        self, request: pb.GetMachineRequest, context: Ctx
+    ) -> pb.GetMachineResponse:
+        return pb.GetMachineResponse(machine=machine_to_proto(await self.machines.get(request.id)))
+
+    async def ListMachines(
+        self, request: pb.ListMachinesRequest, context: Ctx
+    ) -> pb.ListMachinesResponse:
+        machines, token = await self.machines.list(
+            request.license_id, request.page_size, request.page_token
+        )
+        return pb.ListMachinesResponse(
+            machines=[machine_to_proto(m) for m in machines], next_page_token=token
+        )
+
+    async def UpdateMachine(
+        self, request: pb.UpdateMachineRequest, context: Ctx
+    ) -> pb.UpdateMachineResponse:
+        machine = await self.machines.update(
+            machine_from_proto(request.machine), request.update_mask.paths
+        )
+        return pb.UpdateMachineResponse(machine=machine_to_proto(machine))
+
+    async def MachineHeartbeat(
+        self, request: pb.MachineHeartbeatRequest, context: Ctx
+    ) -> pb.MachineHeartbeatResponse:
+        _require_machine_owner(request.id)
+        machine = await self.machines.heartbeat(request.id)
+        return pb.MachineHeartbeatResponse(machine=machine_to_proto(machine))
+
+    async def CheckInLicense(
+        self, request: pb.CheckInLicenseRequest, context: Ctx
+    ) -> pb.CheckInLicenseResponse:
+        auth.require_license(request.id)
+        lic = await self.licensing.check_in(request.id)
+        return pb.CheckInLicenseResponse(
+            license=license_to_proto(lic, self.licensing.clock.now_ms())
+        )

@@ -32,6 +32,8 @@ class Reason(enum.StrEnum):
     # Beyond SPEC §4: states a client can act on.
     POLICY_IN_USE = "POLICY_IN_USE"
     LICENSE_KEY_TAKEN = "LICENSE_KEY_TAKEN"
+    # RenewLicense on a license whose policy has no duration.
+    LICENSE_NOT_RENEWABLE = "LICENSE_NOT_RENEWABLE"
 
 
 @dataclass(frozen=True, slots=True)

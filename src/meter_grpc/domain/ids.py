@@ -29,13 +29,18 @@ def new_license_key() -> str:
     return "-".join(chars[i : i + KEY_GROUP_LEN] for i in range(0, len(chars), KEY_GROUP_LEN))
 
 
+MACHINE_SUFFIX_LEN = 32
+_HEX = frozenset("0123456789abcdef")
+
+
 def new_machine_id(license_id: str) -> str:
-    """Machine ids carry their license id, so a machine is found in its license's keys."""
-    return f"{license_id}.{secrets.token_hex(8)}"
+    """`<license id>.<UUIDv7 as 32 hex digits>`: a machine is found in its license's keys
+    without a lookup, and a license's machine ids sort in activation order."""
+    return f"{license_id}.{uuid.UUID(new_id()).hex}"
 
 
 def license_id_of_machine(machine_id: str) -> str | None:
     license_id, sep, suffix = machine_id.rpartition(".")
-    if not sep or not license_id or len(suffix) != 16:
+    if not sep or not license_id or len(suffix) != MACHINE_SUFFIX_LEN or not set(suffix) <= _HEX:
         return None
     return license_id

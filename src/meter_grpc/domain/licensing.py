@@ -10,8 +10,14 @@ from typing import TYPE_CHECKING
 from meter_grpc.domain import ids, paging, periods
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import MeterError, Reason, invalid, not_found
-from meter_grpc.domain.models import License, Policy
-from meter_grpc.domain.rules import Violations, check_key, check_license, check_policy
+from meter_grpc.domain.models import KeyHolder, License, Policy
+from meter_grpc.domain.rules import (
+    Violations,
+    check_key,
+    check_license,
+    check_license_with_policy,
+    check_policy,
+)
 
 if TYPE_CHECKING:
     from meter_grpc.storage.store import RedisStore
@@ -156,6 +162,9 @@ class Licensing:
         if policy is None:
             raise not_found(Reason.POLICY_NOT_FOUND, "policy", lic.policy_id)
         try:
+            v = Violations()
+            check_license_with_policy(v, lic, policy)
+            v.raise_if_any()
             if lic.key:
                 if not await self.store.claim_key(lic.key, lic.id):
                     raise MeterError(
@@ -195,15 +204,34 @@ class Licensing:
         v = Violations()
         v.identifier(field, license_id)
         v.raise_if_any()
-        lic = await self.store.get_license(license_id)
-        if lic is None:
+        now = self.clock.now_ms()
+        read = await self.store.read_license(license_id, now)
+        if read is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        return self.view(lic, self.clock.now_ms())
+        return self.view(read.license, now)
+
+    async def _live(self, lic: License, now_ms: int) -> License:
+        """Re-reads a license whose counters may still include machines that have died since
+        (floating with a heartbeat): the read script removes them first."""
+        if not lic.machines_can_die or lic.machines_count == 0:
+            return lic
+        read = await self.store.read_license(lic.id, now_ms)
+        return read.license if read is not None else lic
 
     async def license_id_by_key(self, key: str) -> str | None:
         if not key or len(key) > 256:
             return None
         return await self.store.license_id_by_key(key)
+
+    async def key_holder(self, key: str) -> KeyHolder | None:
+        """The license a key authenticates as, with what decides whether it still may."""
+        license_id = await self.license_id_by_key(key)
+        if license_id is None:
+            return None
+        lic = await self.store.get_license(license_id)
+        if lic is None:
+            return None
+        return KeyHolder(lic.id, lic.expire_time_ms, lic.policy.expiration_strategy)
 
     async def list_licenses(
         self, policy_id: str, page_size: int, page_token: str
@@ -218,7 +246,9 @@ class Licensing:
         more = len(page_ids) > size
         page_ids = page_ids[:size]
         now = self.clock.now_ms()
-        licenses = [self.view(lic, now) for lic in await self.store.get_licenses(page_ids)]
+        stored = await self.store.get_licenses(page_ids)
+        live = await asyncio.gather(*(self._live(lic, now) for lic in stored))
+        licenses = [self.view(lic, now) for lic in live]
         return licenses, paging.encode(page_ids[-1], scope) if more else ""
 
     async def update_license(self, patch: License, mask: Iterable[str]) -> License:
@@ -228,6 +258,11 @@ class Licensing:
         v.raise_if_any()
         paths = _check_mask(mask, LICENSE_MASK)
         changes = {LICENSE_MASK[p]: getattr(patch, LICENSE_MASK[p]) for p in paths}
+        if "max_machines" in paths:
+            current = await self.get_license(patch.id, "license.id")
+            v = Violations()
+            check_license_with_policy(v, patch, current.policy)
+            v.raise_if_any()
         return await self._set(patch.id, changes)
 
     async def _set(self, license_id: str, changes: dict[str, object]) -> License:
@@ -236,7 +271,7 @@ class Licensing:
         lic = await self.store.update_license(license_id, changes, now)
         if lic is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        return self.view(lic, now)
+        return self.view(await self._live(lic, now), now)
 
     async def delete_license(self, license_id: str) -> None:
         v = Violations()
@@ -246,22 +281,37 @@ class Licensing:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
 
     async def suspend_license(self, license_id: str) -> License:
-        await self.get_license(license_id)
+        """Idempotent: suspending a suspended license changes nothing but update_time."""
+        self._check_id(license_id)
         return await self._set(license_id, {"suspended": True})
 
     async def reinstate_license(self, license_id: str) -> License:
-        await self.get_license(license_id)
+        self._check_id(license_id)
         return await self._set(license_id, {"suspended": False})
 
     async def renew_license(self, license_id: str) -> License:
-        lic = await self.get_license(license_id)
-        duration = lic.policy.duration_ms
-        if duration is None:
-            raise MeterError(
-                Reason.INVALID_ARGUMENT,
-                "the license's policy has no duration: a perpetual license cannot be renewed",
-                metadata={"id": license_id, "field": "id"},
-            )
+        """Extends the expiry by the policy duration, from the current expiry, or from now when
+        the license has already expired (or has no expiry), in one script."""
+        self._check_id(license_id)
         now = self.clock.now_ms()
-        base = max(lic.expire_time_ms or now, now)
-        return await self._set(license_id, {"expire_time_ms": base + duration})
+        status, lic = await self.store.renew_license(license_id, now)
+        if status == 1:
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        if lic is None:
+            raise MeterError(
+                Reason.LICENSE_NOT_RENEWABLE,
+                "the license's policy has no duration: a perpetual license cannot be renewed",
+                metadata={"id": license_id},
+            )
+        return self.view(await self._live(lic, now), now)
+
+    async def check_in(self, license_id: str) -> License:
+        """Records a check-in now (SPEC §6: OVERDUE once it is older than the interval)."""
+        self._check_id(license_id)
+        return await self._set(license_id, {"last_check_in_ms": self.clock.now_ms()})
+
+    @staticmethod
+    def _check_id(license_id: str) -> None:
+        v = Violations()
+        v.identifier("id", license_id)
+        v.raise_if_any()

@@ -124,9 +124,31 @@ class License:
 
     @property
     def max_machines(self) -> int | None:
+        """Node-locked (floating = false): always 1, whatever the override says."""
+        if not self.policy.floating:
+            return 1
         if self.max_machines_override is not None:
             return self.max_machines_override
         return self.policy.max_machines
+
+    @property
+    def machine_ceiling(self) -> int | None:
+        """Machines granted with overage; node-locked licenses get exactly one, no overage.
+
+        Mirrors `load_license()` in storage/lua/machines_common.lua.
+        """
+        if not self.policy.floating:
+            return 1
+        return overage_ceiling(self.max_machines, self.policy.overage_strategy)
+
+    @property
+    def core_ceiling(self) -> int | None:
+        return overage_ceiling(self.max_cores, self.policy.overage_strategy)
+
+    @property
+    def machines_can_die(self) -> bool:
+        """Floating machines with a heartbeat_duration die when they miss their heartbeat."""
+        return self.policy.floating and self.policy.heartbeat_duration_ms is not None
 
     @property
     def max_cores(self) -> int | None:
@@ -142,6 +164,14 @@ class License:
     def is_expired(self, now_ms: int) -> bool:
         return self.expire_time_ms is not None and now_ms >= self.expire_time_ms
 
+    def check_in_overdue(self, now_ms: int) -> bool:
+        """With require_check_in: no check-in (or creation) within check_in_interval."""
+        p = self.policy
+        if not p.require_check_in or p.check_in_interval_ms is None:
+            return False
+        last = self.last_check_in_ms if self.last_check_in_ms is not None else self.create_time_ms
+        return now_ms - last > p.check_in_interval_ms
+
     def status(self, now_ms: int) -> LicenseStatus:
         if self.suspended:
             return LicenseStatus.SUSPENDED
@@ -152,6 +182,75 @@ class License:
         if self.expire_time_ms - now_ms <= EXPIRING_WINDOW_MS:
             return LicenseStatus.EXPIRING
         return LicenseStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHolder:
+    """What license-key authentication needs to know of the license the key belongs to."""
+
+    license_id: str
+    expire_time_ms: int | None
+    expiration_strategy: ExpirationStrategy
+
+    def revoked(self, now_ms: int) -> bool:
+        """REVOKE_ACCESS: once expired, the key no longer authenticates."""
+        return (
+            self.expire_time_ms is not None
+            and now_ms >= self.expire_time_ms
+            and self.expiration_strategy.effective == ExpirationStrategy.REVOKE_ACCESS
+        )
+
+
+class ValidationCode(enum.IntEnum):
+    UNSPECIFIED = 0
+    VALID = 1
+    NOT_FOUND = 2
+    SUSPENDED = 3
+    EXPIRED = 4
+    OVERDUE = 5
+    NO_MACHINE = 6
+    NO_MACHINES = 7
+    TOO_MANY_MACHINES = 8
+    TOO_MANY_CORES = 9
+    FINGERPRINT_SCOPE_MISMATCH = 10
+    ENTITLEMENTS_MISSING = 11
+    HEARTBEAT_DEAD = 12
+
+
+class FingerprintState(enum.IntEnum):
+    """What a license knows of a fingerprint (mirrors storage/lua/license_read.lua)."""
+
+    NOT_ASKED = 0
+    ALIVE = 1
+    DEAD = 2  # the machine missed its heartbeat and was removed
+    UNKNOWN = 3
+
+
+@dataclass(slots=True)
+class Machine:
+    id: str = ""
+    license_id: str = ""
+    fingerprint: str = ""
+    cores: int = 0
+    name: str = ""
+    hostname: str = ""
+    platform: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    # Last MachineHeartbeat, or the activation.
+    last_heartbeat_ms: int = 0
+    create_time_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """A license's machine counters and limits, as a machine script saw them."""
+
+    machines: int
+    cores: int
+    max_machines: int | None
+    machine_ceiling: int | None
+    max_cores: int | None
+    core_ceiling: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,21 +8,20 @@ holds its policy and machines; `meta` holds `issued`, `expiry` (ISO 8601, UTC) a
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meter_grpc.domain import license_file, periods
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.license_file import iso
-from meter_grpc.domain.models import License, Policy, overage_ceiling
-from meter_grpc.domain.rules import MAX_DURATION_MS, Violations
+from meter_grpc.domain.models import License, Machine, Policy, overage_ceiling
+from meter_grpc.domain.rules import MAX_DURATION_MS, MAX_PAGE_SIZE, Violations
 from meter_grpc.domain.signing import Signer
 
 if TYPE_CHECKING:
     from meter_grpc.domain.licensing import Licensing
+    from meter_grpc.domain.machines import Machines
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +29,6 @@ HOUR_MS = 3_600_000
 DEFAULT_TTL_MS = 30 * 24 * HOUR_MS
 MIN_TTL_MS = HOUR_MS
 MAX_FINGERPRINT_LEN = 256
-
-# Candidate names of machine JSON fields (the machine codec is its own module's business).
-_HEARTBEAT_FIELDS = ("last_heartbeat_ms", "last_heartbeat_time_ms", "heartbeat_ms", "heartbeat")
-_CREATED_FIELDS = ("create_time_ms", "created_ms", "created")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,38 +42,22 @@ def _seconds(ms: int | None) -> int | None:
     return None if ms is None else ms // 1000
 
 
-def _first_int(d: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = d.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def machine_resource(machine_id: str, raw: str, license_id: str) -> dict[str, Any] | None:
-    """A machine of the license's machines hash as a Keygen-style resource (None if unreadable)."""
-    try:
-        m = json.loads(raw)
-    except ValueError:
-        m = None
-    if not isinstance(m, dict):
-        log.warning("license %s: machine %s is not a JSON object; left out", license_id, machine_id)
-        return None
-    metadata = m.get("metadata")
+def machine_resource(m: Machine) -> dict[str, Any]:
+    """A live machine as a Keygen-style resource."""
     return {
         "type": "machines",
-        "id": str(m.get("id") or machine_id),
+        "id": m.id,
         "attributes": {
-            "fingerprint": str(m.get("fingerprint", "")),
-            "cores": m.get("cores") if isinstance(m.get("cores"), int) else None,
-            "name": str(m.get("name") or ""),
-            "hostname": str(m.get("hostname") or ""),
-            "platform": str(m.get("platform") or ""),
-            "metadata": metadata if isinstance(metadata, dict) else {},
-            "lastHeartbeat": iso(_first_int(m, _HEARTBEAT_FIELDS)),
-            "created": iso(_first_int(m, _CREATED_FIELDS)),
+            "fingerprint": m.fingerprint,
+            "cores": m.cores,
+            "name": m.name,
+            "hostname": m.hostname,
+            "platform": m.platform,
+            "metadata": m.metadata,
+            "lastHeartbeat": iso(m.last_heartbeat_ms),
+            "created": iso(m.create_time_ms),
         },
-        "relationships": {"license": {"data": {"type": "licenses", "id": license_id}}},
+        "relationships": {"license": {"data": {"type": "licenses", "id": m.license_id}}},
     }
 
 
@@ -169,8 +148,9 @@ def license_payload(
 class LicenseFiles:
     """CheckOutLicense and GetPublicKey."""
 
-    def __init__(self, licensing: Licensing, signer: Signer) -> None:
+    def __init__(self, licensing: Licensing, machines: Machines, signer: Signer) -> None:
         self.licensing = licensing
+        self.machines = machines
         self.signer = signer
 
     @property
@@ -194,15 +174,10 @@ class LicenseFiles:
         v.text("fingerprint", fingerprint, MAX_FINGERPRINT_LEN)
         v.raise_if_any()
         lic = await self.licensing.get_license(license_id)
-        raw = await self.licensing.store.get_machines(license_id)
-        machines = [
-            m
-            for mid, text in sorted(raw.items())
-            if (m := machine_resource(mid, text, license_id)) is not None
-        ]
+        live = await self._live_machines(license_id)
         if fingerprint:
-            machines = [m for m in machines if m["attributes"]["fingerprint"] == fingerprint]
-            if not machines:
+            live = [m for m in live if m.fingerprint == fingerprint]
+            if not live:
                 raise MeterError(
                     Reason.MACHINE_NOT_FOUND,
                     f"no machine with fingerprint {fingerprint!r} is activated on license "
@@ -211,6 +186,17 @@ class LicenseFiles:
                 )
         issued = self.licensing.clock.now_ms()
         ttl = ttl_ms or None
+        machines = [machine_resource(m) for m in live]
         payload = license_payload(lic, machines, issued_ms=issued, ttl_ms=ttl)
         certificate = license_file.issue(payload, self.signer.sign, lic.key if encrypt else None)
         return CheckedOut(certificate, issued, None if ttl is None else issued + ttl)
+
+    async def _live_machines(self, license_id: str) -> list[Machine]:
+        """Every live machine of the license, in activation order (dead ones left out)."""
+        out: list[Machine] = []
+        token = ""
+        while True:
+            page, token = await self.machines.list(license_id, MAX_PAGE_SIZE, token)
+            out += page
+            if not token:
+                return out

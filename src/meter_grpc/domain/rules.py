@@ -11,13 +11,19 @@ import re
 from collections.abc import Iterable, Mapping
 
 from meter_grpc.domain.errors import FieldViolation, invalid_fields
-from meter_grpc.domain.models import License, Policy
+from meter_grpc.domain.models import License, Machine, Policy
 
 MAX_AMOUNT = 2**50
 MAX_LIMIT = 2**50
 MAX_COUNTER = 2**53 - 1
 MAX_NAME_LEN = 256
 MAX_ID_LEN = 128
+# "<license id>.<32 hex digits>" (domain.ids.new_machine_id)
+MAX_MACHINE_ID_LEN = MAX_ID_LEN + 33
+MAX_FINGERPRINT_LEN = 256
+# Cores of one machine: far above any real machine, and low enough that the summed cores of a
+# license stay exact in Lua (IEEE doubles) for any number of machines Redis could hold.
+MAX_MACHINE_CORES = 2**20
 MAX_REQUEST_ID_LEN = 128
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_LEN = 128
@@ -58,6 +64,29 @@ class Violations:
             return
         if len(value) > MAX_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value):
             self.add(field, f"must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces")
+
+    def machine_id(self, field: str, value: str) -> None:
+        if not value:
+            self.add(field, "is required")
+        elif len(value) > MAX_MACHINE_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value):
+            self.add(
+                field,
+                f"must be 1 to {MAX_MACHINE_ID_LEN} printable ASCII characters without spaces",
+            )
+
+    def fingerprint(self, field: str, value: str, *, required: bool = True) -> None:
+        if not value.strip():
+            if required or value:
+                self.add(field, "is required" if not value else "must not be blank")
+            return
+        self.text(field, value, MAX_FINGERPRINT_LEN)
+
+    def cores(self, field: str, value: int) -> None:
+        """0 is allowed here (no core limit); the machine scripts require >= 1 under a limit."""
+        if value < 0:
+            self.add(field, "must not be negative")
+        elif value > MAX_MACHINE_CORES:
+            self.add(field, f"must be at most 2^20 ({MAX_MACHINE_CORES})")
 
     def request_id(self, field: str, value: str) -> None:
         if value and (len(value) > MAX_REQUEST_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value)):
@@ -163,6 +192,28 @@ def check_license(v: Violations, lic: License, prefix: str = "license") -> None:
     v.limit(f"{prefix}.max_cores", lic.max_cores_override)
     v.entitlements(f"{prefix}.entitlements", lic.entitlements)
     v.metadata(f"{prefix}.metadata", lic.metadata)
+
+
+def check_license_with_policy(
+    v: Violations, lic: License, policy: Policy, prefix: str = "license"
+) -> None:
+    """Overrides that only make sense under the license's policy."""
+    if not policy.floating and lic.max_machines_override not in (None, 1):
+        v.add(
+            f"{prefix}.max_machines",
+            "the policy is node-locked (floating = false): a license allows exactly one machine; "
+            "leave unset or set 1",
+        )
+    elif policy.floating and lic.max_machines_override == 0:
+        v.add(f"{prefix}.max_machines", "must be at least 1 for a floating policy")
+
+
+def check_machine(v: Violations, m: Machine, prefix: str = "") -> None:
+    v.cores(f"{prefix}cores", m.cores)
+    v.text(f"{prefix}name", m.name)
+    v.text(f"{prefix}hostname", m.hostname)
+    v.text(f"{prefix}platform", m.platform)
+    v.metadata(f"{prefix}metadata", m.metadata)
 
 
 def check_key(v: Violations, field: str, key: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from meter_grpc.domain.models import (
     ExpirationStrategy,
     License,
+    Machine,
     OverageStrategy,
     Policy,
     UsageResetInterval,
@@ -118,6 +119,44 @@ def license_from_hash(h: dict[str, str]) -> License:
         create_time_ms=int(h.get("created") or 0),
         update_time_ms=int(h.get("updated") or 0),
         policy=policy_from_json(h["p_json"]),
+    )
+
+
+def machine_to_json(m: Machine) -> str:
+    """The machine as stored in the machines hash (without its heartbeat, kept in a zset).
+
+    The scripts read `fingerprint` and `cores`; they never re-encode it.
+    """
+    return json.dumps(
+        {
+            "id": m.id,
+            "license_id": m.license_id,
+            "fingerprint": m.fingerprint,
+            "cores": m.cores,
+            "name": m.name,
+            "hostname": m.hostname,
+            "platform": m.platform,
+            "metadata": m.metadata,
+            "created": m.create_time_ms,
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+
+
+def machine_from_json(text: str, last_heartbeat_ms: int) -> Machine:
+    d: dict[str, Any] = json.loads(text)
+    return Machine(
+        id=d["id"],
+        license_id=d["license_id"],
+        fingerprint=d["fingerprint"],
+        cores=int(d["cores"]),
+        name=d.get("name", ""),
+        hostname=d.get("hostname", ""),
+        platform=d.get("platform", ""),
+        metadata=d.get("metadata") or {},
+        last_heartbeat_ms=last_heartbeat_ms,
+        create_time_ms=int(d.get("created", 0)),
     )
 
 

@@ -48,8 +48,29 @@ def fingerprints(license_id: str) -> str:
 
 
 def heartbeats(license_id: str) -> str:
-    """Sorted set: machine id scored by the time its heartbeat runs out."""
+    """Sorted set: live machine id scored by its last heartbeat (or activation) time.
+
+    Scored by the last heartbeat rather than a deadline, so that a change of the policy's
+    heartbeat_duration applies to machines already activated.
+    """
     return f"{_lic(license_id)}:heartbeats"
+
+
+def dead_fingerprints(license_id: str) -> str:
+    """Sorted set: fingerprints of machines removed for missing their heartbeat, scored by
+    the time they died; capped in size. Lets validation answer HEARTBEAT_DEAD."""
+    return f"{_lic(license_id)}:dead"
+
+
+def machine_keys(license_id: str) -> list[str]:
+    """KEYS[1..5] of every machine script (storage/lua/machines_common.lua)."""
+    return [
+        license(license_id),
+        machines(license_id),
+        fingerprints(license_id),
+        heartbeats(license_id),
+        dead_fingerprints(license_id),
+    ]
 
 
 def license_by_key(key: str) -> str:

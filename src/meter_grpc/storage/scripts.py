@@ -1,8 +1,9 @@
 """The Lua scripts (package data), registered once per client.
 
-Each script is `common.lua` followed by the script file; redis-py sends EVALSHA and loads the
-script on NOSCRIPT. Return codes of usage.lua are mirrored by UsageStatus, the per-record
-codes of usage_sync.lua by SyncCode.
+Each script is `common.lua` followed by the script file (machine scripts get
+`machines_common.lua` in between); redis-py sends EVALSHA and loads the script on NOSCRIPT.
+Return codes of usage.lua are mirrored by UsageStatus, the per-record codes of usage_sync.lua
+by SyncCode, those of the machine scripts by MachineStatus.
 """
 
 from __future__ import annotations
@@ -21,6 +22,26 @@ SCRIPT_NAMES = (
     "license_follow_policy",
     "license_update",
     "license_delete",
+    "license_renew",
+    "license_read",
+    "machine_activate",
+    "machine_deactivate",
+    "machine_get",
+    "machine_heartbeat",
+    "machine_update",
+    "machine_list",
+)
+# Scripts that take the machine KEYS/ARGV and helpers of machines_common.lua.
+MACHINE_SCRIPTS = frozenset(
+    [
+        "license_read",
+        "machine_activate",
+        "machine_deactivate",
+        "machine_get",
+        "machine_heartbeat",
+        "machine_update",
+        "machine_list",
+    ]
 )
 
 
@@ -48,11 +69,28 @@ class SyncCode(enum.IntEnum):
     REQUEST_ID_REUSED = 6
 
 
+class MachineStatus(enum.IntEnum):
+    """Status codes returned by the machine scripts (storage/lua/machines_common.lua)."""
+
+    OK = 0
+    LICENSE_NOT_FOUND = 1
+    MACHINE_NOT_FOUND = 2
+    LICENSE_SUSPENDED = 3
+    LICENSE_EXPIRED = 4
+    FINGERPRINT_TAKEN = 5
+    MACHINE_LIMIT_EXCEEDED = 6
+    CORE_LIMIT_EXCEEDED = 7
+    CORES_REQUIRED = 8
+    CONFLICT = 9
+
+
 @cache
 def source(name: str) -> str:
-    """The full text sent to Redis for script `name` (common.lua + `<name>.lua`)."""
+    """The full text sent to Redis for script `name` (common.lua, machines_common.lua for
+    machine scripts, then `<name>.lua`)."""
     lua = files("meter_grpc.storage") / "lua"
-    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    parts = ["common", "machines_common", name] if name in MACHINE_SCRIPTS else ["common", name]
+    return "\n".join((lua / f"{part}.lua").read_text() for part in parts)
 
 
 class Scripts:

@@ -7,8 +7,9 @@ changed (the connection could not be made), `outcome=unknown` when a write may h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -22,9 +23,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meter_grpc.domain.errors import MeterError, Reason
-from meter_grpc.domain.models import License, Policy, Usage, UsageEvent, UsageEventType
+from meter_grpc.domain.models import (
+    FingerprintState,
+    License,
+    Machine,
+    Policy,
+    Slots,
+    Usage,
+    UsageEvent,
+    UsageEventType,
+)
 from meter_grpc.storage import codec, keys
-from meter_grpc.storage.scripts import Scripts, SyncCode, UsageStatus
+from meter_grpc.storage.scripts import MachineStatus, Scripts, SyncCode, UsageStatus
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -33,6 +43,9 @@ REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000
 USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
 EVENTS_MAXLEN = 1000
 USAGE_OPS = ("inc", "dec", "reset", "get")
+# Fingerprints of dead machines remembered per license (validation answers HEARTBEAT_DEAD).
+DEAD_FINGERPRINTS_KEPT = 1000
+_MACHINE_UPDATE_RETRIES = 20
 
 _UNAVAILABLE = (
     RedisConnectionError,
@@ -101,6 +114,40 @@ async def _close(client: Any) -> None:
         await client.aclose()
     else:
         await client.aclose(close_connection_pool=True)
+
+
+@dataclass(frozen=True, slots=True)
+class MachineResult:
+    """The answer of a machine script: its status, the license's machine counters and limits,
+    and the machine(s) it returned."""
+
+    status: MachineStatus
+    slots: Slots
+    machine: Machine | None = None
+    machines: tuple[Machine, ...] = ()
+    # FINGERPRINT_TAKEN: the id of the machine holding the fingerprint; CORE_LIMIT_EXCEEDED
+    # of an update: the cores the change would add.
+    extra: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRead:
+    """A license read after its dead machines were removed, with a fingerprint's state."""
+
+    license: License
+    fingerprint: FingerprintState
+    machine_id: str
+
+
+def _slots(row: Sequence[Any]) -> Slots:
+    return Slots(
+        machines=int(row[1]),
+        cores=int(row[2]),
+        max_machines=_opt(row[3]),
+        machine_ceiling=_opt(row[4]),
+        max_cores=_opt(row[5]),
+        core_ceiling=_opt(row[6]),
+    )
 
 
 class RedisStore:
@@ -262,21 +309,9 @@ class RedisStore:
         return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
 
     @storage_call
-    async def get_machines(self, license_id: str) -> dict[str, str]:
-        """The license's machines hash as stored: machine id -> machine JSON (may be empty)."""
-        h: dict[str, str] = await self.client.hgetall(keys.machines(license_id))
-        return h
-
-    @storage_call
     async def delete_license(self, license_id: str) -> bool:
         row = await self.scripts.license_delete(
-            keys=[
-                keys.license(license_id),
-                keys.machines(license_id),
-                keys.fingerprints(license_id),
-                keys.heartbeats(license_id),
-                keys.license_events(license_id),
-            ]
+            keys=[*keys.machine_keys(license_id), keys.license_events(license_id)]
         )
         if not row:
             return False
@@ -379,3 +414,126 @@ class RedisStore:
         if not row[0]:
             return None
         return int(row[1]), [SyncCode(code).name for code in row[2:]]
+
+    # --- machines -------------------------------------------------------------------------
+
+    async def _machine_script(
+        self, name: str, license_id: str, now_ms: int, *args: object
+    ) -> list[Any]:
+        row: list[Any] = await getattr(self.scripts, name)(
+            keys=keys.machine_keys(license_id), args=[now_ms, DEAD_FINGERPRINTS_KEPT, *args]
+        )
+        return row
+
+    @staticmethod
+    def _result(row: Sequence[Any]) -> MachineResult:
+        """answer(status, l, ...) of machines_common.lua; OK with (json, heartbeat) = a machine."""
+        status, slots, extra = MachineStatus(row[0]), _slots(row), row[7:]
+        if status == MachineStatus.OK and len(extra) == 2:
+            return MachineResult(status, slots, codec.machine_from_json(extra[0], int(extra[1])))
+        return MachineResult(status, slots, extra=str(extra[0]) if extra else "")
+
+    @storage_call
+    async def activate_machine(self, m: Machine, now_ms: int) -> MachineResult:
+        """Runs machine_activate.lua; the machine's id must embed its license id."""
+        row = await self._machine_script(
+            "machine_activate",
+            m.license_id,
+            now_ms,
+            m.id,
+            m.fingerprint,
+            m.cores,
+            codec.machine_to_json(m),
+        )
+        result = self._result(row)
+        if result.status == MachineStatus.OK:
+            m = dataclasses.replace(m, last_heartbeat_ms=now_ms)
+            return dataclasses.replace(result, machine=m)
+        return result
+
+    @storage_call
+    async def deactivate_machine(
+        self, license_id: str, machine_id: str, now_ms: int
+    ) -> MachineResult:
+        row = await self._machine_script("machine_deactivate", license_id, now_ms, machine_id)
+        return self._result(row)
+
+    @storage_call
+    async def get_machine(self, license_id: str, machine_id: str, now_ms: int) -> MachineResult:
+        row = await self._machine_script("machine_get", license_id, now_ms, machine_id)
+        return self._result(row)
+
+    @storage_call
+    async def heartbeat_machine(
+        self, license_id: str, machine_id: str, now_ms: int
+    ) -> MachineResult:
+        row = await self._machine_script("machine_heartbeat", license_id, now_ms, machine_id)
+        return self._result(row)
+
+    @storage_call
+    async def list_machines(
+        self, license_id: str, after: str, limit: int, now_ms: int
+    ) -> MachineResult:
+        """Up to `limit` live machines with ids after `after`, in activation order."""
+        row = await self._machine_script("machine_list", license_id, now_ms, after, limit)
+        status, slots, extra = MachineStatus(row[0]), _slots(row), row[7:]
+        ms = tuple(
+            codec.machine_from_json(extra[i], int(extra[i + 1])) for i in range(0, len(extra), 2)
+        )
+        return MachineResult(status, slots, machines=ms)
+
+    @storage_call
+    async def update_machine(
+        self, license_id: str, machine_id: str, changes: Mapping[str, object], now_ms: int
+    ) -> MachineResult:
+        """Sets Machine attributes (by name) atomically; a cores change is re-checked.
+
+        Optimistic: reads the machine, writes it back only if unchanged, else retries.
+        """
+        for _ in range(_MACHINE_UPDATE_RETRIES):
+            row = await self._machine_script("machine_get", license_id, now_ms, machine_id)
+            if row[0] != MachineStatus.OK:
+                return self._result(row)
+            current_json, heartbeat = row[7], int(row[8])
+            current = codec.machine_from_json(current_json, heartbeat)
+            updated = dataclasses.replace(current, **changes)  # type: ignore[arg-type]
+            row = await self._machine_script(
+                "machine_update",
+                license_id,
+                now_ms,
+                machine_id,
+                current_json,
+                codec.machine_to_json(updated),
+                updated.cores,
+            )
+            if row[0] != MachineStatus.CONFLICT:
+                return self._result(row)
+        raise MeterError(
+            Reason.STORAGE_UNAVAILABLE,
+            "the machine is being updated concurrently; retry",
+            metadata={"outcome": "not_applied", "id": machine_id},
+            retry_after_ms=100,
+        )
+
+    @storage_call
+    async def read_license(
+        self, license_id: str, now_ms: int, fingerprint: str = ""
+    ) -> LicenseRead | None:
+        """The license with only its live machines counted (dead ones are removed first)."""
+        row = await self._machine_script("license_read", license_id, now_ms, fingerprint)
+        if not row:
+            return None
+        flat, state, machine_id = row
+        return LicenseRead(
+            codec.license_from_hash(codec.flat_to_dict(flat)),
+            FingerprintState(state),
+            machine_id,
+        )
+
+    @storage_call
+    async def renew_license(self, license_id: str, now_ms: int) -> tuple[int, License | None]:
+        """(0, license) renewed; (1, None) not found; (2, None) its policy has no duration."""
+        row = await self.scripts.license_renew(keys=[keys.license(license_id)], args=[now_ms])
+        if row[0] != 0:
+            return int(row[0]), None
+        return 0, codec.license_from_hash(codec.flat_to_dict(row[1]))

@@ -1,0 +1,219 @@
+"""Machine activations: activate, deactivate, read, list, update, heartbeat.
+
+Every check of a limit (fingerprint, max_machines, max_cores, with overage) and every move of
+the license's `machines` / `cores` counters happens inside one Lua script per call
+(storage/lua/machine_*.lua); this module validates the input and turns the scripts' statuses
+into errors. Dead floating machines are removed by those same scripts, before they check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from meter_grpc.domain import ids, paging
+from meter_grpc.domain.clock import Clock
+from meter_grpc.domain.errors import FieldViolation, MeterError, Reason, not_found
+from meter_grpc.domain.models import Machine, Slots
+from meter_grpc.domain.rules import Violations, check_machine
+
+if TYPE_CHECKING:
+    from meter_grpc.storage.store import MachineResult, RedisStore
+
+# update_mask path -> Machine attribute
+MACHINE_MASK = {"cores": "cores", "name": "name", "metadata": "metadata"}
+_ID_RETRIES = 3
+
+
+def _n(v: int | None) -> str:
+    return "unlimited" if v is None else str(v)
+
+
+def _limit_meta(limit: int | None, ceiling: int | None) -> dict[str, str]:
+    return {"limit": _n(limit), "overage_limit": _n(ceiling)}
+
+
+class Machines:
+    def __init__(self, store: RedisStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def activate(self, m: Machine) -> Machine:
+        v = Violations()
+        v.identifier("license_id", m.license_id)
+        v.fingerprint("fingerprint", m.fingerprint)
+        check_machine(v, m)
+        v.raise_if_any()
+        now = self.clock.now_ms()
+        for _ in range(_ID_RETRIES):  # CONFLICT: the minted id exists (never, in practice)
+            m = dataclasses.replace(
+                m, id=ids.new_machine_id(m.license_id), create_time_ms=now, last_heartbeat_ms=now
+            )
+            result = await self.store.activate_machine(m, now)
+            if result.status.name != "CONFLICT":
+                break
+        return self._machine(result, m.license_id, "", requested_cores=m.cores, fp=m.fingerprint)
+
+    async def deactivate(self, machine_id: str) -> None:
+        license_id = self._license_of(machine_id, "id")
+        result = await self.store.deactivate_machine(license_id, machine_id, self.clock.now_ms())
+        self._check(result, license_id, machine_id)
+
+    async def get(self, machine_id: str) -> Machine:
+        license_id = self._license_of(machine_id, "id")
+        result = await self.store.get_machine(license_id, machine_id, self.clock.now_ms())
+        return self._machine(result, license_id, machine_id)
+
+    async def heartbeat(self, machine_id: str) -> Machine:
+        license_id = self._license_of(machine_id, "id")
+        result = await self.store.heartbeat_machine(license_id, machine_id, self.clock.now_ms())
+        return self._machine(result, license_id, machine_id)
+
+    async def list(
+        self, license_id: str, page_size: int, page_token: str
+    ) -> tuple[list[Machine], str]:
+        v = Violations()
+        v.identifier("license_id", license_id)
+        size = v.page("page_size", page_size)
+        v.raise_if_any()
+        scope = f"machines:{license_id}"
+        after = paging.decode(page_token, scope)
+        result = await self.store.list_machines(license_id, after, size + 1, self.clock.now_ms())
+        self._check(result, license_id, "")
+        page = list(result.machines)
+        more = len(page) > size
+        page = page[:size]
+        return page, paging.encode(page[-1].id, scope) if more else ""
+
+    async def update(self, patch: Machine, mask: Iterable[str]) -> Machine:
+        paths = list(mask)
+        v = Violations()
+        v.machine_id("machine.id", patch.id)
+        if not paths:
+            v.add("update_mask", "is required: name the fields to change")
+        for path in paths:
+            if path not in MACHINE_MASK:
+                v.add(
+                    "update_mask.paths",
+                    f"{path!r} cannot be updated (allowed: {', '.join(sorted(MACHINE_MASK))})",
+                )
+        check_machine(v, patch, prefix="machine.")
+        v.raise_if_any()
+        license_id = self._license_of(patch.id, "machine.id")
+        changes = {MACHINE_MASK[p]: getattr(patch, MACHINE_MASK[p]) for p in paths}
+        result = await self.store.update_machine(license_id, patch.id, changes, self.clock.now_ms())
+        return self._machine(
+            result, license_id, patch.id, requested_cores=patch.cores, cores_field="machine.cores"
+        )
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _license_of(machine_id: str, field: str) -> str:
+        """The license a machine id embeds; MACHINE_NOT_FOUND for an id we never issue."""
+        v = Violations()
+        v.machine_id(field, machine_id)
+        v.raise_if_any()
+        license_id = ids.license_id_of_machine(machine_id)
+        if license_id is None:
+            raise not_found(Reason.MACHINE_NOT_FOUND, "machine", machine_id)
+        return license_id
+
+    def _machine(
+        self,
+        result: MachineResult,
+        license_id: str,
+        machine_id: str,
+        *,
+        requested_cores: int = 0,
+        fp: str = "",
+        cores_field: str = "cores",
+    ) -> Machine:
+        self._check(result, license_id, machine_id, requested_cores, fp, cores_field)
+        assert result.machine is not None
+        return result.machine
+
+    @staticmethod
+    def _check(
+        result: MachineResult,
+        license_id: str,
+        machine_id: str,
+        requested_cores: int = 0,
+        fp: str = "",
+        cores_field: str = "cores",
+    ) -> None:
+        """Raises the error of a refused machine script (nothing was changed)."""
+        status, s = result.status.name, result.slots
+        if status == "OK":
+            return
+        meta = {"license_id": license_id}
+        if machine_id:
+            meta["machine_id"] = machine_id
+        if status == "LICENSE_NOT_FOUND" and machine_id:
+            # The machine's license is gone, and the machine with it.
+            raise not_found(Reason.MACHINE_NOT_FOUND, "machine", machine_id)
+        if status == "LICENSE_NOT_FOUND":
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        if status == "MACHINE_NOT_FOUND":
+            raise not_found(Reason.MACHINE_NOT_FOUND, "machine", machine_id)
+        if status == "LICENSE_SUSPENDED":
+            raise MeterError(Reason.LICENSE_SUSPENDED, "the license is suspended", metadata=meta)
+        if status == "LICENSE_EXPIRED":
+            what = "a machine cannot be activated" if not machine_id else "it may not be used"
+            raise MeterError(
+                Reason.LICENSE_EXPIRED, f"the license has expired: {what}", metadata=meta
+            )
+        if status == "FINGERPRINT_TAKEN":
+            raise MeterError(
+                Reason.FINGERPRINT_TAKEN,
+                f"fingerprint {fp!r} is already activated on this license",
+                metadata={**meta, "fingerprint": fp, "machine_id": result.extra},
+            )
+        if status == "MACHINE_LIMIT_EXCEEDED":
+            raise _machine_limit(license_id, s)
+        if status == "CORE_LIMIT_EXCEEDED":
+            added = int(result.extra) if result.extra else requested_cores
+            raise _core_limit(meta, license_id, s, added, requested_cores)
+        if status == "CORES_REQUIRED":
+            description = f"is required (>= 1): the license has a core limit of {s.max_cores}"
+            raise MeterError(
+                Reason.INVALID_ARGUMENT,
+                f"invalid {cores_field}: {description}",
+                metadata={"field": cores_field, "limit": _n(s.max_cores)},
+                violations=(FieldViolation(cores_field, description),),
+            )
+        raise AssertionError(f"unexpected machine status {status}")
+
+
+def _machine_limit(license_id: str, s: Slots) -> MeterError:
+    return MeterError(
+        Reason.MACHINE_LIMIT_EXCEEDED,
+        f"one more machine would pass the machine limit: {s.machines} active of "
+        f"{_n(s.max_machines)} (granted up to {_n(s.machine_ceiling)})",
+        metadata={
+            "license_id": license_id,
+            **_limit_meta(s.max_machines, s.machine_ceiling),
+            "machines": str(s.machines),
+            "requested": "1",
+        },
+        quota_subject=f"license:{license_id}",
+    )
+
+
+def _core_limit(
+    meta: dict[str, str], license_id: str, s: Slots, added: int, machine_cores: int
+) -> MeterError:
+    return MeterError(
+        Reason.CORE_LIMIT_EXCEEDED,
+        f"{added} more core(s) would pass the core limit: {s.cores} in use of "
+        f"{_n(s.max_cores)} (granted up to {_n(s.core_ceiling)})",
+        metadata={
+            **meta,
+            **_limit_meta(s.max_cores, s.core_ceiling),
+            "cores": str(s.cores),
+            "requested": str(added),
+            "machine_cores": str(machine_cores),
+        },
+        quota_subject=f"license:{license_id}",
+    )
