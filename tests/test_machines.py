@@ -427,7 +427,8 @@ async def test_dead_floating_machines_stop_counting(
         licenses.MachineHeartbeat(lpb.MachineHeartbeatRequest(id=b.id), metadata=admin_md()),
         licenses.DeactivateMachine(lpb.DeactivateMachineRequest(id=b.id), metadata=admin_md()),
     ):
-        assert (await expect_error(call)).reason == "MACHINE_NOT_FOUND"
+        e = await expect_error(call)
+        assert e.reason == "MACHINE_NOT_FOUND", e
     dead = await validate(licenses, lic.id, fingerprint="b")
     assert (dead.valid, dead.code) == (False, license_pb2.VALIDATION_CODE_HEARTBEAT_DEAD)
     c = await activate(licenses, lic.id, "c", cores=4)  # b's slot and cores are free

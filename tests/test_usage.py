@@ -303,3 +303,13 @@ async def test_stream_usage_answers_each_request_in_order(
     assert [a.WhichOneof("outcome") for a in answers] == ["result"] * 3 + ["error"] * 3
     assert answers[3].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert answers[5].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_scripts_are_reloaded_after_a_script_flush(
+    usage: ugrpc.UsageServiceStub, make_license: Any, redis: aioredis.Redis
+) -> None:
+    lic = await make_license(policy_fields={"max_uses": 50})
+    await inc(usage, lic.id)
+    await redis.script_flush()
+    results = await asyncio.gather(*(inc(usage, lic.id) for _ in range(20)))
+    assert sorted(r.uses for r in results) == list(range(2, 22))

@@ -1,7 +1,8 @@
 """The Lua scripts (package data), registered once per client.
 
 Each script is `common.lua` followed by the script file (machine scripts get
-`machines_common.lua` in between); redis-py sends EVALSHA and loads the script on NOSCRIPT.
+`machines_common.lua` in between). Calls go out as EVALSHA, pipelined with the other calls of
+the same event-loop iteration (storage/batching.py); a script is loaded on NOSCRIPT.
 Return codes of usage.lua are mirrored by UsageStatus, the per-record codes of usage_sync.lua
 by SyncCode, those of the machine scripts by MachineStatus.
 """
@@ -12,6 +13,8 @@ import enum
 from functools import cache
 from importlib.resources import files
 from typing import Any
+
+from meter_grpc.storage.batching import Script, ScriptBatcher
 
 SCRIPT_NAMES = (
     "usage",
@@ -94,17 +97,14 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    """One registered script object per script name, bound to one client."""
+    """One script object per script name, all calls going through one batcher."""
 
     def __init__(self, client: Any) -> None:
-        self._scripts = {name: client.register_script(source(name)) for name in SCRIPT_NAMES}
+        self.batcher = ScriptBatcher(client)
+        self._scripts = {name: Script(source(name), self.batcher) for name in SCRIPT_NAMES}
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Script:
         try:
             return self._scripts[name]
         except KeyError:
             raise AttributeError(name) from None
-
-    def register(self, name: str, client: Any) -> None:
-        """Adds a script (for modules that bring their own file in storage/lua)."""
-        self._scripts[name] = client.register_script(source(name))
