@@ -105,8 +105,7 @@ class Metering:
             license_id,
             [(r.id, r.amount or 1) for r in records],
             now_ms=now,
-            periods=periods.all_period_bounds(now),
-            max_counter=MAX_COUNTER,
+            periods=periods.period_bounds_arg(now),
         )
         if result is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
@@ -135,8 +134,7 @@ class Metering:
             amount=amount,
             request_id=request_id,
             now_ms=now,
-            periods=periods.all_period_bounds(now),
-            max_counter=MAX_COUNTER,
+            periods=periods.period_bounds_arg(now),
         )
         status, usage = result.status.name, result.usage
         if status == "OK":

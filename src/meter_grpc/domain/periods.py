@@ -47,6 +47,7 @@ RESETTING_INTERVALS = (
 _DAY_MS = 86_400_000
 _cached_day: int | None = None
 _cached_bounds: list[int] = []
+_cached_arg = ""
 
 
 def all_period_bounds(now_ms: int) -> list[int]:
@@ -56,7 +57,7 @@ def all_period_bounds(now_ms: int) -> list[int]:
     arithmetic stays in Python and the clock stays an argument. Every period starts at a
     UTC midnight, so the answer is the same all day long and is computed once per day.
     """
-    global _cached_day, _cached_bounds
+    global _cached_day, _cached_bounds, _cached_arg
     day = now_ms // _DAY_MS
     if day != _cached_day:
         out: list[int] = []
@@ -64,8 +65,14 @@ def all_period_bounds(now_ms: int) -> list[int]:
             bounds = period_bounds(now_ms, interval)
             assert bounds is not None
             out.extend(bounds)
-        _cached_day, _cached_bounds = day, out
+        _cached_day, _cached_bounds, _cached_arg = day, out, ",".join(map(str, out))
     return _cached_bounds
+
+
+def period_bounds_arg(now_ms: int) -> str:
+    """all_period_bounds as the one comma-separated ARGV the usage scripts take."""
+    all_period_bounds(now_ms)
+    return _cached_arg
 
 
 def uses_in_current_period(

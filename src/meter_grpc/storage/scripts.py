@@ -14,6 +14,7 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from meter_grpc.domain.rules import MAX_COUNTER
 from meter_grpc.storage.batching import Script, ScriptBatcher
 
 SCRIPT_NAMES = (
@@ -87,13 +88,30 @@ class MachineStatus(enum.IntEnum):
     CONFLICT = 9
 
 
+# Constants the scripts share with Python, defined once here and prepended to every script.
+REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000  # request_id answers are replayed for 24 h
+USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000  # SyncUsage record ids are remembered 30 days
+EVENTS_MAXLEN = 1000  # usage events kept per license (approximately)
+
+
+def _constants() -> str:
+    values = {
+        "MAX_COUNTER": MAX_COUNTER,
+        "REQUEST_RECORD_TTL_MS": REQUEST_RECORD_TTL_MS,
+        "USAGE_RECORD_TTL_MS": USAGE_RECORD_TTL_MS,
+        "EVENTS_MAXLEN": EVENTS_MAXLEN,
+    }
+    lines = [f"local {name} = {value}" for name, value in values.items()]
+    return "-- constants from meter_grpc/storage/scripts.py\n" + "\n".join(lines) + "\n"
+
+
 @cache
 def source(name: str) -> str:
-    """The full text sent to Redis for script `name` (common.lua, machines_common.lua for
-    machine scripts, then `<name>.lua`)."""
+    """The full text sent to Redis for script `name`: the constants, common.lua,
+    machines_common.lua for machine scripts, then `<name>.lua`."""
     lua = files("meter_grpc.storage") / "lua"
     parts = ["common", "machines_common", name] if name in MACHINE_SCRIPTS else ["common", name]
-    return "\n".join((lua / f"{part}.lua").read_text() for part in parts)
+    return _constants() + "\n".join((lua / f"{part}.lua").read_text() for part in parts)
 
 
 class Scripts:

@@ -39,9 +39,6 @@ from meter_grpc.storage.scripts import MachineStatus, Scripts, SyncCode, UsageSt
 P = ParamSpec("P")
 T = TypeVar("T")
 
-REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000
-USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000
-EVENTS_MAXLEN = 1000
 USAGE_OPS = ("inc", "dec", "reset", "get")
 # Fingerprints of dead machines remembered per license (validation answers HEARTBEAT_DEAD).
 DEAD_FINGERPRINTS_KEPT = 1000
@@ -332,8 +329,7 @@ class RedisStore:
         amount: int,
         request_id: str,
         now_ms: int,
-        periods: Sequence[int],
-        max_counter: int,
+        periods: str,
     ) -> UsageResult:
         """Runs usage.lua: one round trip, one atomic check-and-move."""
         script_keys = [keys.license(license_id), keys.license_events(license_id)]
@@ -341,17 +337,7 @@ class RedisStore:
             script_keys.append(keys.request_record(license_id, request_id))
         row = await self.scripts.usage(
             keys=script_keys,
-            args=[
-                now_ms,
-                op,
-                amount,
-                request_id,
-                f"{op}:{amount}",
-                REQUEST_RECORD_TTL_MS,
-                *periods,
-                max_counter,
-                EVENTS_MAXLEN,
-            ],
+            args=[now_ms, op, amount, request_id, periods],
         )
         status, uses, max_uses, ceiling, period_end, replayed = row
         return UsageResult(
@@ -397,8 +383,7 @@ class RedisStore:
         records: Sequence[tuple[str, int]],
         *,
         now_ms: int,
-        periods: Sequence[int],
-        max_counter: int,
+        periods: str,
     ) -> tuple[int, list[str]] | None:
         """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic.
 
@@ -406,7 +391,7 @@ class RedisStore:
         license does not exist.
         """
         script_keys = [keys.license(license_id), keys.license_events(license_id)]
-        args: list[object] = [now_ms, USAGE_RECORD_TTL_MS, *periods, max_counter, EVENTS_MAXLEN]
+        args: list[object] = [now_ms, periods]
         for record_id, amount in records:
             script_keys.append(keys.usage_record(license_id, record_id))
             args += [record_id, str(amount)]

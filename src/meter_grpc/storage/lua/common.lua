@@ -4,8 +4,11 @@
 -- opt(v)               -> number or nil for a missing / empty field
 -- ceiling(limit, ovg)  -> highest count granted under `limit` with overage strategy `ovg`
 --                         (nil = no ceiling); mirrors domain.models.overage_ceiling
--- period_of(reset, i)  -> start, end (ms) of the current period of interval `reset`, read from
---                         ARGV[i..i+7] (DAILY, WEEKLY, MONTHLY, YEARLY start/end pairs), or nil
+-- period_of(reset, p)  -> start, end (ms) of the current period of interval `reset`, read from
+--                         `p`, an ARGV of "start,end" pairs for DAILY, WEEKLY, MONTHLY, YEARLY
+--                         (domain.periods.period_bounds_arg), or nil when usage never resets
+-- Constants defined before this file (storage/scripts.py): MAX_COUNTER, EVENTS_MAXLEN,
+-- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS.
 -- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event
 -- int(n)               -> n as a decimal integer string; numbers are never handed to Redis
 --                         as Lua numbers, whose conversion may use an exponent
@@ -31,10 +34,14 @@ local function ceiling(limit, ovg)
   return limit
 end
 
-local function period_of(reset, i)
+local function period_of(reset, p)
   if reset ~= nil and reset >= 2 and reset <= 5 then
-    local j = i + (reset - 2) * 2
-    return tonumber(ARGV[j]), tonumber(ARGV[j + 1])
+    local bounds = {}
+    for n in string.gmatch(p, '%d+') do
+      bounds[#bounds + 1] = tonumber(n)
+    end
+    local j = (reset - 2) * 2 + 1
+    return bounds[j], bounds[j + 1]
   end
   return nil, nil
 end

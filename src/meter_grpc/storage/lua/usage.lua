@@ -7,11 +7,9 @@
 -- ARGV[2]  operation: "inc", "dec", "reset" or "get"
 -- ARGV[3]  amount (1 .. 2^50; ignored by reset and get)
 -- ARGV[4]  request_id ("" for none)
--- ARGV[5]  request digest ("<operation>:<amount>"), compared when a request_id repeats
--- ARGV[6]  idempotency record ttl (ms)
--- ARGV[7..14]  start, end (ms) of the current DAILY, WEEKLY, MONTHLY, YEARLY periods
--- ARGV[15] counter ceiling (2^53 - 1): no counter passes it, even without a limit
--- ARGV[16] events stream max length (approximate)
+-- ARGV[5]  current period bounds (see period_of in common.lua)
+-- No counter passes MAX_COUNTER (2^53 - 1), even without a limit; the idempotency record
+-- ("<operation>:<amount>|<answer>") lives REQUEST_RECORD_TTL_MS.
 --
 -- Returns {status, uses, max_uses, overage_limit, period_end, replayed}; -1 = none/unlimited.
 --   status: 0 OK, 1 LICENSE_NOT_FOUND, 2 USAGE_LIMIT_EXCEEDED, 3 USAGE_UNDERFLOW,
@@ -26,7 +24,8 @@ local now = tonumber(ARGV[1])
 local op = ARGV[2]
 local amount = tonumber(ARGV[3])
 local rid = ARGV[4]
-local maxlen = tonumber(ARGV[16])
+local maxlen = EVENTS_MAXLEN
+local digest = op .. ':' .. ARGV[3]
 
 local f = redis.call('HMGET', lic, 'uses', 'o_uses', 'p_uses', 'p_overage', 'suspended',
   'expire', 'p_expiry_strategy', 'p_reset', 'period')
@@ -38,7 +37,7 @@ if KEYS[3] then
   local stored = redis.call('GET', KEYS[3])
   if stored then
     local sep = string.find(stored, '|', 1, true)
-    if string.sub(stored, 1, sep - 1) ~= ARGV[5] then
+    if string.sub(stored, 1, sep - 1) ~= digest then
       return {6, 0, -1, -1, -1, 0}
     end
     local out = {}
@@ -54,7 +53,7 @@ local uses = tonumber(f[1])
 local max = opt(f[2]) or opt(f[3])
 local ceil = ceiling(max, opt(f[4]))
 local reset = opt(f[8])
-local pstart, pend = period_of(reset, 7)
+local pstart, pend = period_of(reset, ARGV[5])
 
 if pstart ~= nil and pstart > (opt(f[9]) or 0) then
   if uses ~= 0 then
@@ -73,7 +72,7 @@ if op == 'inc' then
     status = 5
   else
     local new = uses + amount
-    if new > tonumber(ARGV[15]) or (ceil ~= nil and new > ceil) then
+    if new > MAX_COUNTER or (ceil ~= nil and new > ceil) then
       status = 2
     else
       redis.call('HINCRBY', lic, 'uses', ARGV[3])
@@ -103,6 +102,6 @@ if KEYS[3] then
   for i = 1, 5 do
     parts[i] = int(out[i])
   end
-  redis.call('SET', KEYS[3], ARGV[5] .. '|' .. table.concat(parts, ','), 'PX', ARGV[6])
+  redis.call('SET', KEYS[3], digest .. '|' .. table.concat(parts, ','), 'PX', REQUEST_RECORD_TTL_MS)
 end
 return out

@@ -5,11 +5,9 @@
 -- KEYS[2]      usage events stream             (keys.license_events)
 -- KEYS[2 + i]  record i's answer               (keys.usage_record), i = 1 .. n
 -- ARGV[1]      now (ms)
--- ARGV[2]      record answer ttl (ms)
--- ARGV[3..10]  start, end (ms) of the current DAILY, WEEKLY, MONTHLY, YEARLY periods
--- ARGV[11]     counter ceiling (2^53 - 1): no counter passes it, even without a limit
--- ARGV[12]     events stream max length (approximate)
--- ARGV[11 + 2i], ARGV[12 + 2i]  record i's id and amount (1 .. 2^50, as a decimal string)
+-- ARGV[2]      current period bounds (see period_of in common.lua)
+-- ARGV[1 + 2i], ARGV[2 + 2i]  record i's id and amount (1 .. 2^50, as a decimal string)
+-- No counter passes MAX_COUNTER (2^53 - 1); answers live USAGE_RECORD_TTL_MS.
 --
 -- Returns {found, uses, code_1, ..., code_n}: found 0 = LICENSE_NOT_FOUND (nothing else);
 --   code: 1 APPLIED, 2 DUPLICATE, 3 USAGE_LIMIT_EXCEEDED, 4 LICENSE_SUSPENDED,
@@ -21,9 +19,9 @@
 
 local lic = KEYS[1]
 local now = tonumber(ARGV[1])
-local ttl = ARGV[2]
-local max_counter = tonumber(ARGV[11])
-local maxlen = tonumber(ARGV[12])
+local ttl = USAGE_RECORD_TTL_MS
+local max_counter = MAX_COUNTER
+local maxlen = EVENTS_MAXLEN
 
 local f = redis.call('HMGET', lic, 'uses', 'o_uses', 'p_uses', 'p_overage', 'suspended',
   'expire', 'p_expiry_strategy', 'p_reset', 'period')
@@ -34,7 +32,7 @@ end
 local uses = tonumber(f[1])
 local max = opt(f[2]) or opt(f[3])
 local ceil = ceiling(max, opt(f[4]))
-local pstart = period_of(opt(f[8]), 3)
+local pstart = period_of(opt(f[8]), ARGV[2])
 
 if pstart ~= nil and pstart > (opt(f[9]) or 0) then
   if uses ~= 0 then
@@ -55,8 +53,8 @@ end
 local out = {1, 0}
 for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
-  local rid = ARGV[11 + 2 * i]
-  local amount_s = ARGV[12 + 2 * i]
+  local rid = ARGV[1 + 2 * i]
+  local amount_s = ARGV[2 + 2 * i]
   local code
   local stored = redis.call('GET', key)
   if stored then
