@@ -5,7 +5,9 @@ server measured in the same run (ratios, because shared machines are noisy).
 
 Both servers run as their own processes (meter-grpc with its embedded valkey-server, appendfsync
 always); one client process drives them with --concurrency calls in flight over --channels
-channels, for --seconds per scenario after a warm-up.
+channels, for --seconds per scenario after a warm-up. The scenarios are interleaved for
+--rounds rounds; each figure is the median over the rounds, each ratio the median of the
+per-round ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -173,17 +175,31 @@ async def main(args: argparse.Namespace) -> None:
                 ("meter GetUsage", meter_target, get),
             ]
             print(
-                f"# {args.seconds:g}s per scenario, {args.concurrency} calls in flight over "
-                f"{args.channels} channels, store: {args.redis_url or 'embedded valkey (appendfsync always)'}"
+                f"# {args.rounds} rounds x {args.seconds:g}s per scenario (interleaved; medians), "
+                f"{args.concurrency} calls in flight over {args.channels} channels, store: "
+                f"{args.redis_url or 'embedded valkey (appendfsync always)'}",
+                flush=True,
             )
+            rates: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
+            ratios: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
+            latencies: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
+            for _ in range(args.rounds):
+                baseline = 0.0
+                for name, target, call in scenarios:
+                    rate, lat = await drive(
+                        target, call, args.seconds, args.concurrency, args.channels
+                    )
+                    baseline = baseline or rate
+                    rates[name].append(rate)
+                    ratios[name].append(rate / baseline)
+                    latencies[name] += lat
             print(f"{'scenario':42} {'calls/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7}")
-            baseline = 0.0
-            for name, target, call in scenarios:
-                rate, lat = await drive(target, call, args.seconds, args.concurrency, args.channels)
-                baseline = baseline or rate
+            for name, _, _ in scenarios:
+                lat = latencies[name]
                 print(
-                    f"{name:42} {rate:9.0f} {rate / baseline:7.2f} {statistics.median(lat):7.2f} {pct(lat, 0.99):7.2f}",
-                    flush=True,
+                    f"{name:42} {statistics.median(rates[name]):9.0f} "
+                    f"{statistics.median(ratios[name]):7.2f} "
+                    f"{statistics.median(lat):7.2f} {pct(lat, 0.99):7.2f}"
                 )
         finally:
             for p in procs:
@@ -199,7 +215,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument(

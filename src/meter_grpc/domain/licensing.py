@@ -161,6 +161,7 @@ class Licensing:
         policy = await self.store.attach_license(lic.policy_id, lic.id)
         if policy is None:
             raise not_found(Reason.POLICY_NOT_FOUND, "policy", lic.policy_id)
+        claimed = ""
         try:
             v = Violations()
             check_license_with_policy(v, lic, policy)
@@ -176,6 +177,7 @@ class Licensing:
                 lic.key = ids.new_license_key()
                 while not await self.store.claim_key(lic.key, lic.id):  # 150 random bits: ~never
                     lic.key = ids.new_license_key()
+            claimed = lic.key
             lic.policy = policy
             if lic.expire_time_ms is None and policy.duration_ms is not None:
                 lic.expire_time_ms = now + policy.duration_ms
@@ -184,6 +186,9 @@ class Licensing:
             lic.uses = lic.machines_count = lic.cores_count = 0
             await self.store.create_license(lic)
         except BaseException:
+            # Undo what this call did, so a refused or failed create leaves nothing behind.
+            if claimed:
+                await self.store.release_key(claimed)
             await self.store.detach_license(lic.policy_id, lic.id)
             raise
         # A policy update that ran between attach and create skipped this license: catch up.
