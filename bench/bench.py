@@ -153,7 +153,10 @@ async def main(args: argparse.Namespace) -> None:
                 ).license
 
             async def bare(stub: ugrpc.UsageServiceStub, i: int) -> object:
-                return await stub.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id))
+                # The same request and metadata as meter's, answered without looking at them.
+                return await stub.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id=lic.id), metadata=MD
+                )
 
             async def increment(stub: ugrpc.UsageServiceStub, i: int) -> object:
                 return await stub.IncrementUsage(

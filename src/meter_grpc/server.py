@@ -34,8 +34,10 @@ from meter_grpc.domain.metering import Metering
 from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.signing import Signer
 from meter_grpc.domain.validation import Validator
+from meter_grpc.storage import resp
 from meter_grpc.storage.connection import make_client, warm_up
 from meter_grpc.storage.embedded import EmbeddedServer
+from meter_grpc.storage.resp import RespConnection
 from meter_grpc.storage.store import RedisStore
 
 log = logging.getLogger("meter_grpc")
@@ -159,7 +161,8 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         # Blocking reads (WatchUsage) wait up to WATCH_BLOCK_MS: a pool of their own, with a
         # socket timeout above that.
         watchers = make_client(url, pool_size=1024, timeout_s=settings.redis_timeout_s + 10)
-        store = RedisStore(client, watchers)
+        fast = RespConnection(url, settings.redis_timeout_s) if resp.supports(url) else None
+        store = RedisStore(client, watchers, fast)
         with contextlib.suppress(Exception):
             await warm_up(client, min(8, settings.redis_pool_size))
         licensing = Licensing(store, settings.clock)

@@ -1,4 +1,5 @@
-"""Automatic pipelining of script calls.
+"""Automatic pipelining of script calls over redis-py (Redis Cluster and TLS connections;
+plain ones use storage/resp.py, which pipelines by itself).
 
 At most MAX_IN_FLIGHT batches are on their way to Redis at a time. A call made while a slot
 is free goes out at once (on the next event-loop iteration); calls made while all slots are
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol
 
 from redis.exceptions import NoScriptError
+
+from meter_grpc.storage.resp import RespConnection
 
 MAX_BATCH = 512
 MAX_IN_FLIGHT = 1
@@ -32,7 +35,7 @@ class ScriptBatcher:
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    def submit(
+    def run(
         self, script: Script, keys: Sequence[Any], args: Sequence[Any]
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -105,13 +108,31 @@ class ScriptBatcher:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
 
-class Script:
-    """A Lua script called through a batcher: `await script(keys=[...], args=[...])`."""
+class RespRunner:
+    """Script calls over a RespConnection: EVALSHA, loading the script on NOSCRIPT."""
 
-    def __init__(self, source: str, batcher: ScriptBatcher) -> None:
+    def __init__(self, conn: RespConnection) -> None:
+        self.conn = conn
+
+    async def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await self.conn.evalsha(script.sha, keys, args)
+        except NoScriptError:
+            await self.conn.execute("SCRIPT", "LOAD", script.source)
+            return await self.conn.evalsha(script.sha, keys, args)
+
+
+class Runner(Protocol):
+    def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Awaitable[Any]: ...
+
+
+class Script:
+    """A Lua script called through a runner: `await script(keys=[...], args=[...])`."""
+
+    def __init__(self, source: str, runner: Runner) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
-        self._batcher = batcher
+        self._runner = runner
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        return await self._batcher.submit(self, keys, args)
+        return await self._runner.run(self, keys, args)

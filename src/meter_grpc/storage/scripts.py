@@ -1,8 +1,8 @@
 """The Lua scripts (package data), registered once per client.
 
 Each script is `common.lua` followed by the script file (machine scripts get
-`machines_common.lua` in between). Calls go out as EVALSHA, pipelined with the other calls of
-the same event-loop iteration (storage/batching.py); a script is loaded on NOSCRIPT.
+`machines_common.lua` in between). Calls go out as EVALSHA, pipelined (storage/resp.py, or
+storage/batching.py over redis-py); a script is loaded on NOSCRIPT.
 Return codes of usage.lua are mirrored by UsageStatus, the per-record codes of usage_sync.lua
 by SyncCode, those of the machine scripts by MachineStatus.
 """
@@ -15,7 +15,8 @@ from importlib.resources import files
 from typing import Any
 
 from meter_grpc.domain.rules import MAX_COUNTER
-from meter_grpc.storage.batching import Script, ScriptBatcher
+from meter_grpc.storage.batching import RespRunner, Runner, Script, ScriptBatcher
+from meter_grpc.storage.resp import RespConnection
 
 SCRIPT_NAMES = (
     "usage",
@@ -115,11 +116,16 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    """One script object per script name, all calls going through one batcher."""
+    """One script object per script name. Calls go over `fast` (a RespConnection) when given,
+    else through redis-py `client`, pipelined by a ScriptBatcher."""
 
-    def __init__(self, client: Any) -> None:
-        self.batcher = ScriptBatcher(client)
-        self._scripts = {name: Script(source(name), self.batcher) for name in SCRIPT_NAMES}
+    def __init__(self, client: Any, fast: RespConnection | None = None) -> None:
+        runner: Runner
+        if fast is not None:
+            runner = RespRunner(fast)
+        else:
+            runner = ScriptBatcher(client)
+        self._scripts = {name: Script(source(name), runner) for name in SCRIPT_NAMES}
 
     def __getattr__(self, name: str) -> Script:
         try:

@@ -34,6 +34,7 @@ from meter_grpc.domain.models import (
     UsageEventType,
 )
 from meter_grpc.storage import codec, keys
+from meter_grpc.storage.resp import RespConnection
 from meter_grpc.storage.scripts import MachineStatus, Scripts, SyncCode, UsageStatus
 
 P = ParamSpec("P")
@@ -150,14 +151,19 @@ def _slots(row: Sequence[Any]) -> Slots:
 class RedisStore:
     """`client` serves requests; `blocking_client` (its own pool, longer socket timeout)
     serves the blocking reads of WatchUsage, so watchers never hold the request path's
-    connections."""
+    connections; `fast`, when given, carries every script call (storage/resp.py)."""
 
-    def __init__(self, client: Any, blocking_client: Any | None = None) -> None:
+    def __init__(
+        self, client: Any, blocking_client: Any | None = None, fast: RespConnection | None = None
+    ) -> None:
         self.client = client
         self.blocking_client = blocking_client or client
-        self.scripts = Scripts(client)
+        self.fast = fast
+        self.scripts = Scripts(client, fast)
 
     async def close(self) -> None:
+        if self.fast is not None:
+            await self.fast.close()
         await _close(self.client)
         if self.blocking_client is not self.client:
             await _close(self.blocking_client)
