@@ -35,9 +35,7 @@ class ScriptBatcher:
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    def run(
-        self, script: Script, keys: Sequence[Any], args: Sequence[Any]
-    ) -> asyncio.Future[Any]:
+    def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, fut))
