@@ -120,11 +120,7 @@ class Scripts:
     else through redis-py `client`, pipelined by a ScriptBatcher."""
 
     def __init__(self, client: Any, fast: RespConnection | None = None) -> None:
-        runner: Runner
-        if fast is not None:
-            runner = RespRunner(fast)
-        else:
-            runner = ScriptBatcher(client)
+        runner: Runner = RespRunner(fast) if fast is not None else ScriptBatcher(client)
         self._scripts = {name: Script(source(name), runner) for name in SCRIPT_NAMES}
 
     def __getattr__(self, name: str) -> Script:
