@@ -767,7 +767,7 @@ class ActivateMachineRequest(_message.Message):
     fingerprint: _builtins.str
     """Device fingerprint, unique among the license's live machines."""
     cores: _builtins.int
-    """CPU cores of the device; required (>= 1) when a core limit applies."""
+    """CPU cores of the device, at most 2^20; required (>= 1) when a core limit applies."""
     name: _builtins.str
     """Human-readable name."""
     hostname: _builtins.str

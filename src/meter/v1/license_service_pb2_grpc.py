@@ -31,9 +31,10 @@ class LicenseServiceStub:
     Every error is a google.rpc.Status whose details carry a google.rpc.ErrorInfo with
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
-    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE)
-    plus metadata with the numbers involved. Bad input also carries google.rpc.BadRequest,
-    limits google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
+    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    the numbers involved. Bad input also carries google.rpc.BadRequest, limits
+    google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
 
     def __init__(self, channel):
@@ -165,9 +166,10 @@ class LicenseServiceServicer:
     Every error is a google.rpc.Status whose details carry a google.rpc.ErrorInfo with
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
-    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE)
-    plus metadata with the numbers involved. Bad input also carries google.rpc.BadRequest,
-    limits google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
+    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    the numbers involved. Bad input also carries google.rpc.BadRequest, limits
+    google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
 
     def CreatePolicy(self, request, context):
@@ -256,7 +258,8 @@ class LicenseServiceServicer:
 
     def RenewLicense(self, request, context):
         """Extends the expiry by the policy duration (from the current expiry, or from now when
-        already expired).
+        already expired). A perpetual license (no policy duration) fails with
+        LICENSE_NOT_RENEWABLE (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +268,9 @@ class LicenseServiceServicer:
     def ValidateLicense(self, request, context):
         """Validates a license, optionally scoped to a machine fingerprint and entitlements.
         A license that cannot be used is not an error: the answer says `valid = false` and why.
+        `code` is the first code that makes the license invalid, in the order of precedence of
+        ValidationCode; when none does, the first warning that still leaves it valid (TOO_MANY_*
+        within overage, or EXPIRED under MAINTAIN_ACCESS / ALLOW_ACCESS), else VALID.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -467,9 +473,10 @@ class LicenseService:
     Every error is a google.rpc.Status whose details carry a google.rpc.ErrorInfo with
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
-    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE)
-    plus metadata with the numbers involved. Bad input also carries google.rpc.BadRequest,
-    limits google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
+    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    the numbers involved. Bad input also carries google.rpc.BadRequest, limits
+    google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
 
     @staticmethod

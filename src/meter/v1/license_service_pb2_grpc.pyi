@@ -32,9 +32,10 @@ class LicenseServiceStub:
     Every error is a google.rpc.Status whose details carry a google.rpc.ErrorInfo with
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
-    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE)
-    plus metadata with the numbers involved. Bad input also carries google.rpc.BadRequest,
-    limits google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
+    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    the numbers involved. Bad input also carries google.rpc.BadRequest, limits
+    google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
 
     @_typing.overload
@@ -67,11 +68,15 @@ class LicenseServiceStub:
     """Lifts a suspension."""
     RenewLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.RenewLicenseRequest, _license_service_pb2.RenewLicenseResponse]
     """Extends the expiry by the policy duration (from the current expiry, or from now when
-    already expired).
+    already expired). A perpetual license (no policy duration) fails with
+    LICENSE_NOT_RENEWABLE (FAILED_PRECONDITION).
     """
     ValidateLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.ValidateLicenseRequest, _license_service_pb2.ValidateLicenseResponse]
     """Validates a license, optionally scoped to a machine fingerprint and entitlements.
     A license that cannot be used is not an error: the answer says `valid = false` and why.
+    `code` is the first code that makes the license invalid, in the order of precedence of
+    ValidationCode; when none does, the first warning that still leaves it valid (TOO_MANY_*
+    within overage, or EXPIRED under MAINTAIN_ACCESS / ALLOW_ACCESS), else VALID.
     """
     ActivateMachine: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.ActivateMachineRequest, _license_service_pb2.ActivateMachineResponse]
     """Activates a machine on a license, atomically checking the fingerprint, max_machines and
@@ -103,9 +108,10 @@ class LicenseServiceAsyncStub(LicenseServiceStub):
     Every error is a google.rpc.Status whose details carry a google.rpc.ErrorInfo with
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
-    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE)
-    plus metadata with the numbers involved. Bad input also carries google.rpc.BadRequest,
-    limits google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
+    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    the numbers involved. Bad input also carries google.rpc.BadRequest, limits
+    google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -135,11 +141,15 @@ class LicenseServiceAsyncStub(LicenseServiceStub):
     """Lifts a suspension."""
     RenewLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.RenewLicenseRequest, _license_service_pb2.RenewLicenseResponse]  # type: ignore[assignment]
     """Extends the expiry by the policy duration (from the current expiry, or from now when
-    already expired).
+    already expired). A perpetual license (no policy duration) fails with
+    LICENSE_NOT_RENEWABLE (FAILED_PRECONDITION).
     """
     ValidateLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.ValidateLicenseRequest, _license_service_pb2.ValidateLicenseResponse]  # type: ignore[assignment]
     """Validates a license, optionally scoped to a machine fingerprint and entitlements.
     A license that cannot be used is not an error: the answer says `valid = false` and why.
+    `code` is the first code that makes the license invalid, in the order of precedence of
+    ValidationCode; when none does, the first warning that still leaves it valid (TOO_MANY_*
+    within overage, or EXPIRED under MAINTAIN_ACCESS / ALLOW_ACCESS), else VALID.
     """
     ActivateMachine: _aio.UnaryUnaryMultiCallable[_license_service_pb2.ActivateMachineRequest, _license_service_pb2.ActivateMachineResponse]  # type: ignore[assignment]
     """Activates a machine on a license, atomically checking the fingerprint, max_machines and
@@ -170,9 +180,10 @@ class LicenseServiceServicer(metaclass=_abc_1.ABCMeta):
     Every error is a google.rpc.Status whose details carry a google.rpc.ErrorInfo with
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
-    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE)
-    plus metadata with the numbers involved. Bad input also carries google.rpc.BadRequest,
-    limits google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
+    LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    the numbers involved. Bad input also carries google.rpc.BadRequest, limits
+    google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
 
     @_abc_1.abstractmethod
@@ -278,7 +289,8 @@ class LicenseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_license_service_pb2.RenewLicenseResponse, _abc.Awaitable[_license_service_pb2.RenewLicenseResponse]]:
         """Extends the expiry by the policy duration (from the current expiry, or from now when
-        already expired).
+        already expired). A perpetual license (no policy duration) fails with
+        LICENSE_NOT_RENEWABLE (FAILED_PRECONDITION).
         """
 
     @_abc_1.abstractmethod
@@ -289,6 +301,9 @@ class LicenseServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_license_service_pb2.ValidateLicenseResponse, _abc.Awaitable[_license_service_pb2.ValidateLicenseResponse]]:
         """Validates a license, optionally scoped to a machine fingerprint and entitlements.
         A license that cannot be used is not an error: the answer says `valid = false` and why.
+        `code` is the first code that makes the license invalid, in the order of precedence of
+        ValidationCode; when none does, the first warning that still leaves it valid (TOO_MANY_*
+        within overage, or EXPIRED under MAINTAIN_ACCESS / ALLOW_ACCESS), else VALID.
         """
 
     @_abc_1.abstractmethod
