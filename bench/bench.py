@@ -6,8 +6,9 @@ server measured in the same run (ratios, because shared machines are noisy).
 Both servers run as their own processes (meter-grpc with its embedded valkey-server, appendfsync
 always); one client process drives them with --concurrency calls in flight over --channels
 channels, for --seconds per scenario after a warm-up. The scenarios are interleaved for
---rounds rounds; each figure is the median over the rounds, each ratio the median of the
-per-round ratios to the baseline.
+--rounds rounds (the baseline before and after each round, the others in a rotated order);
+each figure is the median over the rounds, each ratio the median of the per-round ratios to
+the round's baseline.
 """
 
 from __future__ import annotations
@@ -186,16 +187,38 @@ async def main(args: argparse.Namespace) -> None:
             rates: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
             ratios: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
             latencies: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
-            for _ in range(args.rounds):
-                baseline = 0.0
-                for name, target, call in scenarios:
+            base_name, base_target, base_call = scenarios[0]
+            measured = scenarios[1:]
+            for r in range(args.rounds):
+                # The baseline before and after the round; the other scenarios in a rotated
+                # order, so that none always runs first.
+                before, lat = await drive(
+                    base_target, base_call, args.seconds, args.concurrency, args.channels
+                )
+                latencies[base_name] += lat
+                order = measured[r % len(measured) :] + measured[: r % len(measured)]
+                round_rates = {}
+                for name, target, call in order:
                     rate, lat = await drive(
                         target, call, args.seconds, args.concurrency, args.channels
                     )
-                    baseline = baseline or rate
+                    round_rates[name] = rate
+                    latencies[name] += lat
+                after, lat = await drive(
+                    base_target, base_call, args.seconds, args.concurrency, args.channels
+                )
+                latencies[base_name] += lat
+                baseline = (before + after) / 2
+                rates[base_name].append(baseline)
+                ratios[base_name].append(1.0)
+                print(
+                    f"  round {r + 1}: bare {baseline:.0f}",
+                    {k: round(v) for k, v in round_rates.items()},
+                    flush=True,
+                )
+                for name, rate in round_rates.items():
                     rates[name].append(rate)
                     ratios[name].append(rate / baseline)
-                    latencies[name] += lat
             print(f"{'scenario':42} {'calls/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7}")
             for name, _, _ in scenarios:
                 lat = latencies[name]
