@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -82,6 +83,9 @@ async def drive(
     target: str, call: Call, seconds: float, concurrency: int, channels: int
 ) -> tuple[float, list[float]]:
     """Calls per second and latencies (ms) with `concurrency` calls in flight."""
+    # What earlier scenarios left (their latencies) must not slow this one's garbage collections.
+    gc.collect()
+    gc.freeze()
     chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
     stubs = [ugrpc.UsageServiceStub(c) for c in chans]
     latencies: list[float] = []
