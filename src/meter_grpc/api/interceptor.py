@@ -4,6 +4,7 @@ With metrics on, it also counts calls by method and status code and times them."
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,60 +71,62 @@ class MeterInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         authenticate = self._auth.authenticate
         metrics = self._metrics
 
-        async def run(call: Callable[[], Awaitable[Any]], context: Any) -> Any:
-            """Authenticates, runs the call, and maps what it raises to a status."""
-            started = time.perf_counter() if metrics else 0.0
-            code = "OK"
-            try:
+        async def unary(inner: Any, request: Any, context: Any) -> Any:
+            async with _Guard(method, context, metrics):
                 auth.set_current(await authenticate(method, _authorization(context)))
-                return await call()
-            except aio.AbortError:
-                code = "ABORTED_BY_HANDLER"
-                raise
-            except Exception as exc:
-                status = _status(exc, method)
-                code = status.code.name
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            finally:
-                if metrics:
-                    metrics.observe(method, code, time.perf_counter() - started)
+                return await inner(request, context)
 
         def streaming(inner: Any) -> Callable[..., AsyncIterator[Any]]:
             async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-                started = time.perf_counter() if metrics else 0.0
-                code = "OK"
-                try:
+                async with _Guard(method, context, metrics):
                     auth.set_current(await authenticate(method, _authorization(context)))
                     async for item in inner(request, context):
                         yield item
-                except aio.AbortError:
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:
-                    status = _status(exc, method)
-                    code = status.code.name
-                    await context.abort(status.code, status.details, status.trailing_metadata)
-                finally:
-                    if metrics:
-                        metrics.observe(method, code, time.perf_counter() - started)
 
             return behavior
 
         des, ser = h.request_deserializer, h.response_serializer
         if h.unary_unary:
-            inner_uu = h.unary_unary
-
-            async def unary_unary(request: Any, context: Any) -> Any:
-                return await run(lambda: inner_uu(request, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+            return grpc.unary_unary_rpc_method_handler(
+                functools.partial(unary, h.unary_unary), des, ser
+            )
         if h.unary_stream:
             return grpc.unary_stream_rpc_method_handler(streaming(h.unary_stream), des, ser)
         if h.stream_stream:
             return grpc.stream_stream_rpc_method_handler(streaming(h.stream_stream), des, ser)
-        inner_su = h.stream_unary
+        return grpc.stream_unary_rpc_method_handler(
+            functools.partial(unary, h.stream_unary), des, ser
+        )
 
-        async def stream_unary(request_iterator: Any, context: Any) -> Any:
-            return await run(lambda: inner_su(request_iterator, context), context)
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
+class _Guard:
+    """Around one call: maps what the call raises to its status (aborting the call with it),
+    and records the outcome when metrics are on."""
+
+    __slots__ = ("context", "method", "metrics", "started")
+
+    def __init__(self, method: str, context: Any, metrics: Metrics | None) -> None:
+        self.method, self.context, self.metrics = method, context, metrics
+        self.started = time.perf_counter() if metrics else 0.0
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        code = "OK"
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, aio.AbortError):
+                code = "ABORTED_BY_HANDLER"
+                return False
+            if not isinstance(exc, Exception):  # cancellation, generator exit
+                code = "CANCELLED"
+                return False
+            status = _status(exc, self.method)
+            code = status.code.name
+            await self.context.abort(status.code, status.details, status.trailing_metadata)
+            return False
+        finally:
+            if self.metrics:
+                self.metrics.observe(self.method, code, time.perf_counter() - self.started)

@@ -10,6 +10,9 @@
 -- Constants defined before this file (storage/scripts.py): MAX_COUNTER, EVENTS_MAXLEN,
 -- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS.
 -- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event
+-- roll_period(lic, stream, now, uses, stored, pstart, max) -> the counter after a lazy period
+--                         reset: 0 (and the hash updated, a reset event emitted) when the
+--                         current period started after the stored one, else `uses`
 -- int(n)               -> n as a decimal integer string; numbers are never handed to Redis
 --                         as Lua numbers, whose conversion may use an exponent
 
@@ -59,4 +62,15 @@ end
 -- REVOKE_ACCESS (2); MAINTAIN_ACCESS (3) and ALLOW_ACCESS (4) keep increments going.
 local function expired_refuses_use(expire, strategy, now)
   return expire ~= nil and now >= expire and (strategy == nil or strategy <= 2)
+end
+
+local function roll_period(lic, stream, now, uses, stored, pstart, max)
+  if pstart == nil or pstart <= (stored or 0) then
+    return uses
+  end
+  if uses ~= 0 then
+    emit(stream, EVENTS_MAXLEN, now, 'reset', 0, 0, max, '')
+  end
+  redis.call('HSET', lic, 'uses', 0, 'period', int(pstart))
+  return 0
 end

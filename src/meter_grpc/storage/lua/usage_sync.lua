@@ -34,13 +34,7 @@ local max = opt(f[2]) or opt(f[3])
 local ceil = ceiling(max, opt(f[4]))
 local pstart = period_of(opt(f[8]), ARGV[2])
 
-if pstart ~= nil and pstart > (opt(f[9]) or 0) then
-  if uses ~= 0 then
-    emit(KEYS[2], maxlen, now, 'reset', 0, 0, max, '')
-  end
-  uses = 0
-  redis.call('HSET', lic, 'uses', 0, 'period', int(pstart))
-end
+uses = roll_period(lic, KEYS[2], now, uses, opt(f[9]), pstart, max)
 local before = uses
 
 local refusal = nil
