@@ -135,6 +135,7 @@ class Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.metering.close()  # WatchUsage streams still blocked in the store
         await self.store.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -154,6 +155,8 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     if not url:
         embedded = EmbeddedServer(Path(settings.data_dir))
         url = await embedded.start()
+    store: RedisStore | None = None
+    metrics: Metrics | None = None
     try:
         client = make_client(
             url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s
@@ -216,6 +219,11 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         if port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen}")
     except BaseException:
+        # Close what was opened, so a failed start leaks no connection, port or process.
+        if metrics is not None:
+            metrics.close()
+        if store is not None:
+            await store.close()
         if embedded is not None:
             await embedded.stop()
         raise

@@ -3,9 +3,10 @@ themselves run in usage.lua and usage_sync.lua."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meter_grpc.domain import periods
 from meter_grpc.domain.clock import Clock
@@ -42,6 +43,16 @@ class Metering:
     def __init__(self, store: RedisStore, clock: Clock) -> None:
         self.store = store
         self.clock = clock
+        # Tasks blocked in watch(): stopped by close() before the store closes under them.
+        self._watchers: set[asyncio.Task[Any]] = set()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Ends every watch() still running (a shutdown) and waits for them to end."""
+        watchers = [t for t in self._watchers if not t.done()]
+        for task in watchers:
+            task.cancel()
+        if watchers:
+            await asyncio.wait(watchers, timeout=timeout_s)
 
     async def increment(self, license_id: str, amount: int, request_id: str = "") -> Usage:
         return await self._run("inc", license_id, amount, request_id)
@@ -65,18 +76,24 @@ class Metering:
         if after_event_id and not _EVENT_ID.fullmatch(after_event_id):
             v.add("after_event_id", "must be an event_id of an earlier UsageEvent")
         v.raise_if_any()
-        if not await self.store.license_exists(license_id):
-            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        after = after_event_id or await self.store.last_event_id(license_id)
-        while True:
-            events = await self.store.read_events(license_id, after, WATCH_BLOCK_MS)
-            if not events:
-                if not await self.store.license_exists(license_id):
-                    raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-                continue
-            for event in events:
-                yield event
-            after = events[-1].event_id
+        task = asyncio.current_task()
+        if task is not None:
+            self._watchers.add(task)
+        try:
+            if not await self.store.license_exists(license_id):
+                raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+            after = after_event_id or await self.store.last_event_id(license_id)
+            while True:
+                events = await self.store.read_events(license_id, after, WATCH_BLOCK_MS)
+                if not events:
+                    if not await self.store.license_exists(license_id):
+                        raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+                    continue
+                for event in events:
+                    yield event
+                after = events[-1].event_id
+        finally:
+            self._watchers.discard(task)
 
     async def sync(self, license_id: str, records: Sequence[UsageRecord]) -> SyncResult:
         """Applies offline records in order, each at most once by id, in one atomic script run.

@@ -57,5 +57,10 @@ def make_client(url: str, *, pool_size: int = 64, timeout_s: float = 5.0) -> Any
 
 
 async def warm_up(client: Any, connections: int) -> None:
-    """Opens `connections` pooled connections now rather than on the first requests."""
-    await asyncio.gather(*(client.ping() for _ in range(connections)))
+    """Opens `connections` pooled connections now rather than on the first requests.
+
+    One call first: a cluster client discovers its nodes on its first command, and concurrent
+    first commands would each build (and leak) a set of node connections.
+    """
+    await client.ping()
+    await asyncio.gather(*(client.ping() for _ in range(connections - 1)))
