@@ -20,7 +20,7 @@ from meter_grpc.domain.rules import (
 )
 
 if TYPE_CHECKING:
-    from meter_grpc.storage.store import RedisStore
+    from meter_grpc.domain.ports import Store
 
 POLICY_MASK = frozenset(
     f.name
@@ -60,7 +60,7 @@ def _check_mask(
 
 
 class Licensing:
-    def __init__(self, store: RedisStore, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
         self.clock = clock
 

@@ -19,7 +19,7 @@ from meter_grpc.domain.models import Machine, Slots
 from meter_grpc.domain.rules import Violations, check_machine
 
 if TYPE_CHECKING:
-    from meter_grpc.storage.store import MachineResult, RedisStore
+    from meter_grpc.domain.ports import MachineResult, Store
 
 # update_mask path -> Machine attribute
 MACHINE_MASK = {"cores": "cores", "name": "name", "metadata": "metadata"}
@@ -35,7 +35,7 @@ def _limit_meta(limit: int | None, ceiling: int | None) -> dict[str, str]:
 
 
 class Machines:
-    def __init__(self, store: RedisStore, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
         self.clock = clock
 

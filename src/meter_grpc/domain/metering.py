@@ -22,7 +22,7 @@ from meter_grpc.domain.models import (
 from meter_grpc.domain.rules import MAX_COUNTER, MAX_SYNC_RECORDS, Violations
 
 if TYPE_CHECKING:
-    from meter_grpc.storage.store import RedisStore
+    from meter_grpc.domain.ports import Store
 
 
 # SyncUsage reports at most this many bad fields (the rest are summarized in the message), so
@@ -40,7 +40,7 @@ WATCH_BLOCK_MS = 5000
 
 
 class Metering:
-    def __init__(self, store: RedisStore, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
         self.clock = clock
         # Tasks blocked in watch(): stopped by close() before the store closes under them.

@@ -34,7 +34,7 @@ from meter_grpc.domain.models import (
 from meter_grpc.domain.rules import Violations, check_key
 
 if TYPE_CHECKING:
-    from meter_grpc.storage.store import RedisStore
+    from meter_grpc.domain.ports import Store
 
 Code = ValidationCode
 
@@ -114,7 +114,7 @@ def evaluate(
 
 
 class Validator:
-    def __init__(self, store: RedisStore, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
         self.clock = clock
 

@@ -4,16 +4,16 @@ Each script is `common.lua` followed by the script file (machine scripts get
 `machines_common.lua` in between). Calls go out as EVALSHA, pipelined (storage/resp.py, or
 storage/batching.py over redis-py); a script is loaded on NOSCRIPT.
 Return codes of usage.lua are mirrored by UsageStatus, the per-record codes of usage_sync.lua
-by SyncCode, those of the machine scripts by MachineStatus.
+by SyncCode, those of the machine scripts by MachineStatus (all in domain/ports.py).
 """
 
 from __future__ import annotations
 
-import enum
 from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from meter_grpc.domain.ports import MachineStatus, SyncCode, UsageStatus
 from meter_grpc.domain.rules import MAX_COUNTER
 from meter_grpc.storage.batching import RespRunner, Runner, Script, ScriptBatcher
 from meter_grpc.storage.resp import RespConnection
@@ -48,45 +48,6 @@ MACHINE_SCRIPTS = frozenset(
         "machine_list",
     ]
 )
-
-
-class UsageStatus(enum.IntEnum):
-    """Status codes returned by usage.lua."""
-
-    OK = 0
-    LICENSE_NOT_FOUND = 1
-    USAGE_LIMIT_EXCEEDED = 2
-    USAGE_UNDERFLOW = 3
-    LICENSE_SUSPENDED = 4
-    LICENSE_EXPIRED = 5
-    REQUEST_ID_REUSED = 6
-
-
-class SyncCode(enum.IntEnum):
-    """Per-record answer codes returned by usage_sync.lua; the names of the refusals are their
-    ErrorInfo reasons."""
-
-    APPLIED = 1
-    DUPLICATE = 2
-    USAGE_LIMIT_EXCEEDED = 3
-    LICENSE_SUSPENDED = 4
-    LICENSE_EXPIRED = 5
-    REQUEST_ID_REUSED = 6
-
-
-class MachineStatus(enum.IntEnum):
-    """Status codes returned by the machine scripts (storage/lua/machines_common.lua)."""
-
-    OK = 0
-    LICENSE_NOT_FOUND = 1
-    MACHINE_NOT_FOUND = 2
-    LICENSE_SUSPENDED = 3
-    LICENSE_EXPIRED = 4
-    FINGERPRINT_TAKEN = 5
-    MACHINE_LIMIT_EXCEEDED = 6
-    CORE_LIMIT_EXCEEDED = 7
-    CORES_REQUIRED = 8
-    CONFLICT = 9
 
 
 # Constants the scripts share with Python, defined once here and prepended to every script.
@@ -128,3 +89,6 @@ class Scripts:
             return self._scripts[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+__all__ = ["MachineStatus", "Script", "Scripts", "SyncCode", "UsageStatus", "source"]

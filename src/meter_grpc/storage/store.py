@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from redis.exceptions import (
@@ -33,6 +32,7 @@ from meter_grpc.domain.models import (
     UsageEvent,
     UsageEventType,
 )
+from meter_grpc.domain.ports import LicenseRead, MachineResult, UsageResult
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.resp import RespConnection
 from meter_grpc.storage.scripts import MachineStatus, Scripts, SyncCode, UsageStatus
@@ -55,7 +55,7 @@ _UNAVAILABLE = (
 )
 
 
-def storage_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def storage_call(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turns Redis being unreachable into STORAGE_UNAVAILABLE (with a retry delay)."""
 
     @functools.wraps(fn)
@@ -75,12 +75,6 @@ def storage_call(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             ) from exc
 
     return wrapper
-
-
-@dataclass(frozen=True, slots=True)
-class UsageResult:
-    status: UsageStatus
-    usage: Usage
 
 
 def _opt(v: int) -> int | None:
@@ -112,29 +106,6 @@ async def _close(client: Any) -> None:
         await client.aclose()
     else:
         await client.aclose(close_connection_pool=True)
-
-
-@dataclass(frozen=True, slots=True)
-class MachineResult:
-    """The answer of a machine script: its status, the license's machine counters and limits,
-    and the machine(s) it returned."""
-
-    status: MachineStatus
-    slots: Slots
-    machine: Machine | None = None
-    machines: tuple[Machine, ...] = ()
-    # FINGERPRINT_TAKEN: the id of the machine holding the fingerprint; CORE_LIMIT_EXCEEDED
-    # of an update: the cores the change would add.
-    extra: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class LicenseRead:
-    """A license read after its dead machines were removed, with a fingerprint's state."""
-
-    license: License
-    fingerprint: FingerprintState
-    machine_id: str
 
 
 def _slots(row: Sequence[Any]) -> Slots:

@@ -1,0 +1,202 @@
+"""What the domain needs from storage: the Store protocol and the answers of its scripts.
+
+storage.store.RedisStore implements Store; the domain knows only this module, so its rules
+can be read (and type-checked) without Redis. The status enums mirror the return codes of the
+Lua scripts (storage/lua), whose headers list them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from meter_grpc.domain.models import (
+    FingerprintState,
+    License,
+    Machine,
+    Policy,
+    Slots,
+    Usage,
+    UsageEvent,
+)
+
+
+class UsageStatus(enum.IntEnum):
+    """Status codes returned by usage.lua."""
+
+    OK = 0
+    LICENSE_NOT_FOUND = 1
+    USAGE_LIMIT_EXCEEDED = 2
+    USAGE_UNDERFLOW = 3
+    LICENSE_SUSPENDED = 4
+    LICENSE_EXPIRED = 5
+    REQUEST_ID_REUSED = 6
+
+
+class SyncCode(enum.IntEnum):
+    """Per-record answer codes returned by usage_sync.lua; the names of the refusals are their
+    ErrorInfo reasons."""
+
+    APPLIED = 1
+    DUPLICATE = 2
+    USAGE_LIMIT_EXCEEDED = 3
+    LICENSE_SUSPENDED = 4
+    LICENSE_EXPIRED = 5
+    REQUEST_ID_REUSED = 6
+
+
+class MachineStatus(enum.IntEnum):
+    """Status codes returned by the machine scripts (storage/lua/machines_common.lua)."""
+
+    OK = 0
+    LICENSE_NOT_FOUND = 1
+    MACHINE_NOT_FOUND = 2
+    LICENSE_SUSPENDED = 3
+    LICENSE_EXPIRED = 4
+    FINGERPRINT_TAKEN = 5
+    MACHINE_LIMIT_EXCEEDED = 6
+    CORE_LIMIT_EXCEEDED = 7
+    CORES_REQUIRED = 8
+    CONFLICT = 9
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    status: UsageStatus
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class MachineResult:
+    """The answer of a machine script: its status, the license's machine counters and limits,
+    and the machine(s) it returned."""
+
+    status: MachineStatus
+    slots: Slots
+    machine: Machine | None = None
+    machines: tuple[Machine, ...] = ()
+    # FINGERPRINT_TAKEN: the id of the machine holding the fingerprint; CORE_LIMIT_EXCEEDED
+    # of an update: the cores the change would add.
+    extra: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRead:
+    """A license read after its dead machines were removed, with a fingerprint's state."""
+
+    license: License
+    fingerprint: FingerprintState
+    machine_id: str
+
+
+class Store(Protocol):
+    """Every read and write the domain makes."""
+
+    async def create_policy(self, p: Policy) -> None: ...
+
+    async def get_policy(self, policy_id: str) -> Policy | None: ...
+
+    async def list_policy_ids(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` policy ids after `after`, in creation (id) order."""
+
+    async def list_license_ids(self, policy_id: str, after: str, limit: int) -> list[str]:
+        """License ids after `after` in creation order: all, or those of one policy."""
+
+    async def get_policies(self, ids: Sequence[str]) -> list[Policy]: ...
+
+    async def update_policy(self, p: Policy, expected_revision: int) -> int:
+        """New revision; 0 on a revision conflict; -1 when the policy is gone."""
+
+    async def delete_policy(self, policy_id: str) -> int:
+        """0 deleted, -1 not found, n > 0: licenses still use it."""
+
+    async def attach_license(self, policy_id: str, license_id: str) -> Policy | None: ...
+
+    async def detach_license(self, policy_id: str, license_id: str) -> None: ...
+
+    async def follow_policy(self, license_id: str, p: Policy) -> bool: ...
+
+    async def claim_key(self, key: str, license_id: str) -> bool:
+        """Reserves a license key for a license; False when another license has it."""
+
+    async def release_key(self, key: str) -> None: ...
+
+    async def create_license(self, lic: License) -> None: ...
+
+    async def license_id_by_key(self, key: str) -> str | None: ...
+
+    async def get_license(self, license_id: str) -> License | None: ...
+
+    async def get_licenses(self, ids: Sequence[str]) -> list[License]: ...
+
+    async def update_license(
+        self, license_id: str, changes: dict[str, object], now_ms: int
+    ) -> License | None:
+        """Sets License attributes (by attribute name) and `update_time`; None if gone."""
+
+    async def delete_license(self, license_id: str) -> bool: ...
+
+    async def usage(
+        self,
+        license_id: str,
+        op: str,
+        *,
+        amount: int,
+        request_id: str,
+        now_ms: int,
+        periods: str,
+    ) -> UsageResult:
+        """Runs usage.lua: one round trip, one atomic check-and-move."""
+
+    async def last_event_id(self, license_id: str) -> str:
+        """Id of the newest usage event of the license ("0-0" when there is none)."""
+
+    async def read_events(
+        self, license_id: str, after: str, block_ms: int, count: int = 100
+    ) -> list[UsageEvent]:
+        """Usage events after `after`, waiting up to `block_ms` for the first one."""
+
+    async def license_exists(self, license_id: str) -> bool: ...
+
+    async def sync_usage(
+        self,
+        license_id: str,
+        records: Sequence[tuple[str, int]],
+        *,
+        now_ms: int,
+        periods: str,
+    ) -> tuple[int, list[str]] | None:
+        """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic."""
+
+    async def activate_machine(self, m: Machine, now_ms: int) -> MachineResult:
+        """Runs machine_activate.lua; the machine's id must embed its license id."""
+
+    async def deactivate_machine(
+        self, license_id: str, machine_id: str, now_ms: int
+    ) -> MachineResult: ...
+
+    async def get_machine(self, license_id: str, machine_id: str, now_ms: int) -> MachineResult: ...
+
+    async def heartbeat_machine(
+        self, license_id: str, machine_id: str, now_ms: int
+    ) -> MachineResult: ...
+
+    async def list_machines(
+        self, license_id: str, after: str, limit: int, now_ms: int
+    ) -> MachineResult:
+        """Up to `limit` live machines with ids after `after`, in activation order."""
+
+    async def update_machine(
+        self, license_id: str, machine_id: str, changes: Mapping[str, object], now_ms: int
+    ) -> MachineResult:
+        """Sets Machine attributes (by name) atomically; a cores change is re-checked."""
+
+    async def read_license(
+        self, license_id: str, now_ms: int, fingerprint: str = ""
+    ) -> LicenseRead | None:
+        """The license with only its live machines counted (dead ones are removed first)."""
+
+    async def renew_license(self, license_id: str, now_ms: int) -> tuple[int, License | None]:
+        """(0, license) renewed; (1, None) not found; (2, None) its policy has no duration."""
