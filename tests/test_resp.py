@@ -112,3 +112,40 @@ async def test_server_gone_mid_call_and_before_a_call(server: EmbeddedServer) ->
         assert await conn.execute("PING") == "PONG"
     finally:
         await conn.close()
+
+
+async def _fake_server(*replies: bytes) -> tuple[asyncio.Server, str]:
+    """A TCP server that sends replies[0] as soon as a client connects (if not empty), then
+    replies[1], replies[2], ... (the last one over and over) to what it reads."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(replies[0])
+        n = 1
+        while await reader.read(1024):
+            writer.write(replies[min(n, len(replies) - 1)])
+            n += 1
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"redis://127.0.0.1:{port}/0"
+
+
+async def test_replies_nobody_asked_for_or_not_resp_drop_the_connection() -> None:
+    cases = [
+        ((b"+HELLO\r\n", b"+PONG\r\n"), "Error connecting"),  # a reply before any call
+        ((b"this is not RESP\r\n",), "Error connecting"),
+        ((b"", b"+PONG\r\n", b"this is not RESP\r\n"), "Error while reading"),
+    ]
+    for replies, error in cases:
+        server, url = await _fake_server(*replies)
+        conn = RespConnection(url, timeout_s=2)
+        try:
+            if replies[0] == b"":
+                assert await conn.execute("PING") == "PONG"
+            with pytest.raises(RedisConnectionError, match=error):
+                await conn.execute("PING")
+        finally:
+            await conn.close()
+            server.close()
+            await server.wait_closed()

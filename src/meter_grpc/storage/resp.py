@@ -39,14 +39,23 @@ def supports(url: str) -> bool:
 
 
 class _Protocol(asyncio.Protocol):
+    """One socket of a RespConnection; events of a socket it has replaced are ignored."""
+
     def __init__(self, conn: RespConnection) -> None:
         self.conn = conn
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.conn._made(self.transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        self.conn._received(data)
+        if self.transport is self.conn._transport:
+            self.conn._received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn._lost(exc)
+        if self.transport is self.conn._transport:
+            self.conn._lost(exc)
 
 
 class RespConnection:
@@ -86,10 +95,11 @@ class RespConnection:
                 )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"Error connecting to {where}: {exc}") from exc
-        self._transport = transport
-        self._reader = hiredis.Reader(
-            encoding="utf-8", notEnoughData=_NOT_ENOUGH, replyError=ResponseError
-        )
+        if self._transport is not transport:  # dropped at once (e.g. a reply before any call)
+            transport.abort()
+            raise RedisConnectionError(
+                f"Error connecting to {where}: the connection failed as it opened"
+            )
         hello: list[tuple[Any, ...]] = []
         if self._password is not None:
             hello.append(("AUTH", self._username or "default", self._password))
@@ -115,6 +125,12 @@ class RespConnection:
         finally:
             if task.done() and self._connecting is task:
                 self._connecting = None
+
+    def _made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._reader = hiredis.Reader(
+            encoding="utf-8", notEnoughData=_NOT_ENOUGH, replyError=ResponseError
+        )
 
     def _lost(self, exc: Exception | None) -> None:
         self._drop(RedisConnectionError(f"Error while reading from the server: {exc or 'closed'}"))
@@ -158,8 +174,15 @@ class RespConnection:
         reader.feed(data)
         waiters = self._waiters
         while True:
-            reply = reader.gets()
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:  # not RESP: nothing more can be trusted
+                self._drop(RedisConnectionError(f"Error while reading from the server: {exc}"))
+                return
             if reply is _NOT_ENOUGH:
+                return
+            if not waiters:  # a reply nobody asked for: the stream is out of step
+                self._drop(RedisConnectionError("Error while reading from the server: stray reply"))
                 return
             fut = waiters.popleft()[0]
             if not fut.done():
@@ -174,6 +197,9 @@ class RespConnection:
     def _send(self, command: Sequence[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        if self._transport is None:  # dropped while connecting: nothing will be sent
+            fut.set_exception(RedisConnectionError("Error connecting: the connection dropped"))
+            return fut
         self._waiters.append((fut, time.monotonic()))
         self._out.append(hiredis.pack_command(tuple(command)))
         if not self._flush_scheduled:
