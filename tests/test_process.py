@@ -187,3 +187,65 @@ async def test_unreachable_store_gives_unavailable_and_not_serving(tmp_path: Pat
             assert err.retry_delay_ms is not None and err.retry_delay_ms > 0
     finally:
         await service.stop(0)
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_in_flight_increments(proc: ServiceProcess) -> None:
+    """Increments keep arriving while SIGTERM lands: every call that was counted was answered
+    OK (in-flight calls finish), and every OK is counted (read back after a restart)."""
+    await proc.start()
+    token = proc.token()
+    async with grpc.aio.insecure_channel(proc.target) as ch:
+        licenses = lgrpc.LicenseServiceStub(ch)
+        policy = (
+            await licenses.CreatePolicy(
+                lpb.CreatePolicyRequest(policy=policy_pb2.Policy()), metadata=token
+            )
+        ).policy
+        lic = (
+            await licenses.CreateLicense(
+                lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=token
+            )
+        ).license
+    ok = 0
+    refused: list[grpc.StatusCode] = []
+    stop = asyncio.Event()
+
+    async def caller(usage: ugrpc.UsageServiceStub) -> None:
+        nonlocal ok
+        while not stop.is_set():
+            try:
+                await usage.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id=lic.id), metadata=token, timeout=5
+                )
+            except grpc.aio.AioRpcError as exc:
+                refused.append(exc.code())
+                return
+            ok += 1
+
+    channels = [grpc.aio.insecure_channel(proc.target) for _ in range(4)]
+    try:
+        callers = [
+            asyncio.ensure_future(caller(ugrpc.UsageServiceStub(channels[i % 4])))
+            for i in range(32)
+        ]
+        await asyncio.sleep(0.5)
+        assert ok > 0
+        code, log = await proc.terminate()
+        stop.set()
+        await asyncio.gather(*callers)
+    finally:
+        for c in channels:
+            await c.close()
+    assert code == 0, log
+    assert "draining" in log
+    # Calls that reach a stopping server are refused (gRPC answers CANCELLED or UNAVAILABLE);
+    # the counts below show that none of them was counted.
+    assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, refused
+    await proc.start()
+    async with grpc.aio.insecure_channel(proc.target) as ch:
+        got = await ugrpc.UsageServiceStub(ch).GetUsage(
+            upb.GetUsageRequest(license_id=lic.id), metadata=token
+        )
+    assert got.uses == ok
+    await proc.terminate()
