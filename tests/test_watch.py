@@ -29,10 +29,11 @@ async def test_watch_sees_increments_limit_decrements_and_resets(
 ) -> None:
     lic = await make_license(policy_fields={"max_uses": 3})
     stream = usage.WatchUsage(
-        upb.WatchUsageRequest(license_id=lic.id), metadata=license_md(lic.key)
+        # From the start of the (new) license's stream: no race with the first increments.
+        upb.WatchUsageRequest(license_id=lic.id, after_event_id="0-0"),
+        metadata=license_md(lic.key),
     )
     collecting = asyncio.create_task(_collect(stream, 5))
-    await asyncio.sleep(0.2)  # the watcher is subscribed; it only sees events from now on
     md = admin_md()
     await usage.IncrementUsage(
         upb.IncrementUsageRequest(license_id=lic.id, amount=2, request_id="r1"), metadata=md
@@ -63,9 +64,10 @@ async def test_watch_resumes_after_an_event_id(
 ) -> None:
     lic = await make_license()
     md = admin_md()
-    stream = usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=md)
+    stream = usage.WatchUsage(
+        upb.WatchUsageRequest(license_id=lic.id, after_event_id="0-0"), metadata=md
+    )
     first = asyncio.create_task(_collect(stream, 1))
-    await asyncio.sleep(0.2)
     for amount in (1, 2, 3):
         await usage.IncrementUsage(
             upb.IncrementUsageRequest(license_id=lic.id, amount=amount), metadata=md
@@ -114,3 +116,22 @@ async def test_watch_errors(
     await licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
     err = await asyncio.wait_for(watching, 15)
     assert err.reason == "LICENSE_NOT_FOUND", err
+
+
+async def test_watch_without_an_event_id_sees_only_new_events(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
+    lic = await make_license()
+    md = admin_md()
+    await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=7), metadata=md)
+    stream = usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=md)
+    first = asyncio.create_task(_collect(stream, 1))
+    for _ in range(200):  # until the watcher, subscribed at some point, sees one
+        await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=md)
+        await asyncio.wait({first}, timeout=0.05)
+        if first.done():
+            break
+    (event,) = await asyncio.wait_for(first, 10)
+    stream.cancel()
+    assert (event.type, event.amount) == (usage_pb2.USAGE_EVENT_TYPE_INCREMENTED, 1)
+    assert event.uses >= 8  # the increment of 7 made before the watch is never delivered
