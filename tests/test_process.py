@@ -229,7 +229,10 @@ async def test_sigterm_drains_in_flight_increments(proc: ServiceProcess) -> None
             asyncio.ensure_future(caller(ugrpc.UsageServiceStub(channels[i % 4])))
             for i in range(32)
         ]
-        await asyncio.sleep(0.5)
+        for _ in range(400):  # SIGTERM once calls are flowing
+            if ok >= 50:
+                break
+            await asyncio.sleep(0.05)
         assert ok > 0
         code, log = await proc.terminate()
         stop.set()
