@@ -41,10 +41,6 @@ class Principal:
 
     license_id: str = ""
 
-    @property
-    def is_admin(self) -> bool:
-        return not self.license_id
-
 
 ADMIN = Principal()
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal", default=ADMIN)

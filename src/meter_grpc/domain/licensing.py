@@ -196,14 +196,7 @@ class Licensing:
         if latest is not None and latest.revision > policy.revision:
             await self.store.follow_policy(lic.id, latest)
             lic.policy = latest
-        return self.view(lic, now)
-
-    def view(self, lic: License, now_ms: int) -> License:
-        """The license as a reader sees it now (usage of the current period)."""
-        lic.uses = periods.uses_in_current_period(
-            lic.uses, lic.period_start_ms, now_ms, lic.policy.usage_reset_interval
-        )
-        return lic
+        return periods.as_read_now(lic, now)
 
     async def get_license(self, license_id: str, field: str = "id") -> License:
         v = Violations()
@@ -213,7 +206,7 @@ class Licensing:
         read = await self.store.read_license(license_id, now)
         if read is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        return self.view(read.license, now)
+        return periods.as_read_now(read.license, now)
 
     async def _live(self, lic: License, now_ms: int) -> License:
         """Re-reads a license whose counters may still include machines that have died since
@@ -253,7 +246,7 @@ class Licensing:
         now = self.clock.now_ms()
         stored = await self.store.get_licenses(page_ids)
         live = await asyncio.gather(*(self._live(lic, now) for lic in stored))
-        licenses = [self.view(lic, now) for lic in live]
+        licenses = [periods.as_read_now(lic, now) for lic in live]
         return licenses, paging.encode(page_ids[-1], scope) if more else ""
 
     async def update_license(self, patch: License, mask: Iterable[str]) -> License:
@@ -276,7 +269,7 @@ class Licensing:
         lic = await self.store.update_license(license_id, changes, now)
         if lic is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        return self.view(await self._live(lic, now), now)
+        return periods.as_read_now(await self._live(lic, now), now)
 
     async def delete_license(self, license_id: str) -> None:
         v = Violations()
@@ -308,7 +301,7 @@ class Licensing:
                 "the license's policy has no duration: a perpetual license cannot be renewed",
                 metadata={"id": license_id},
             )
-        return self.view(await self._live(lic, now), now)
+        return periods.as_read_now(await self._live(lic, now), now)
 
     async def check_in(self, license_id: str) -> License:
         """Records a check-in now (SPEC §6: OVERDUE once it is older than the interval)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from meter_grpc.domain.models import UsageResetInterval
+from meter_grpc.domain.models import License, UsageResetInterval
 
 _UTC = dt.UTC
 
@@ -83,3 +83,12 @@ def uses_in_current_period(
     if bounds is None:
         return uses
     return 0 if bounds[0] > period_start_ms else uses
+
+
+def as_read_now(lic: License, now_ms: int) -> License:
+    """The license as a reader sees it at `now_ms`: usage of the current period (the scripts
+    reset the stored counter lazily, on the next write)."""
+    lic.uses = uses_in_current_period(
+        lic.uses, lic.period_start_ms, now_ms, lic.policy.usage_reset_interval
+    )
+    return lic

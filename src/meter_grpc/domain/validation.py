@@ -159,8 +159,4 @@ class Validator:
         read = await self.store.read_license(license_id, now, fingerprint)
         if read is None:
             return Validation(False, Code.NOT_FOUND, "does not exist")
-        lic = read.license
-        lic.uses = periods.uses_in_current_period(
-            lic.uses, lic.period_start_ms, now, lic.policy.usage_reset_interval
-        )
-        return evaluate(lic, now, read.fingerprint, entitlements)
+        return evaluate(periods.as_read_now(read.license, now), now, read.fingerprint, entitlements)

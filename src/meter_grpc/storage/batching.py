@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from meter_grpc.storage.resp import RespConnection
@@ -30,7 +31,7 @@ class ScriptBatcher:
         self.client = client
         # redis-py's cluster pipelines refuse EVALSHA: on a cluster each call goes out by itself
         # (to the node of its license), concurrently with the rest of its batch.
-        self._pipelines = client.__class__.__name__ != "RedisCluster"
+        self._pipelines = not isinstance(client, RedisCluster)
         self._pending: list[tuple[Script, Sequence[Any], Sequence[Any], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()

@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
@@ -102,7 +103,7 @@ def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
 
 
 async def _close(client: Any) -> None:
-    if client.__class__.__name__ == "RedisCluster":
+    if isinstance(client, RedisCluster):
         await client.aclose()
     else:
         await client.aclose(close_connection_pool=True)
