@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from meter_grpc.storage.embedded import valkey_binary
 
@@ -29,6 +30,13 @@ def _free_ports(n: int) -> list[int]:
             continue
         ports.append(port)
     return ports
+
+
+def redis_py_cluster(url: str) -> RedisCluster:
+    """A redis-py client on a `redis+cluster://host:port,...` URL, for tests to read back."""
+    hosts = url.split("://", 1)[1]
+    nodes = [ClusterNode(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in hosts.split(",")]
+    return RedisCluster(startup_nodes=nodes, decode_responses=True)
 
 
 class LocalCluster:

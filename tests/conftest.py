@@ -26,9 +26,9 @@ from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
 from meter_grpc.domain.clock import ManualClock
 from meter_grpc.server import Service, build_server
-from meter_grpc.storage.connection import is_cluster_url, make_client
 from meter_grpc.storage.embedded import EmbeddedServer
-from tests.cluster import LocalCluster
+from meter_grpc.storage.transport import is_cluster_url
+from tests.cluster import LocalCluster, redis_py_cluster
 from tests.support import ADMIN_TOKEN, admin_md
 
 BACKENDS = [
@@ -109,7 +109,7 @@ async def redis(running: Running) -> AsyncIterator[aioredis.Redis]:
     """A direct client on the service's store, to read counters back."""
     client: Any
     if is_cluster_url(running.redis_url):
-        client = make_client(running.redis_url)
+        client = redis_py_cluster(running.redis_url)
     else:
         client = aioredis.Redis.from_url(running.redis_url, decode_responses=True)
     yield client

@@ -34,10 +34,8 @@ from meter_grpc.domain.metering import Metering
 from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.signing import Signer
 from meter_grpc.domain.validation import Validator
-from meter_grpc.storage import resp
-from meter_grpc.storage.connection import make_client, warm_up
+from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.embedded import EmbeddedServer
-from meter_grpc.storage.resp import RespConnection
 from meter_grpc.storage.store import RedisStore
 
 log = logging.getLogger("meter_grpc")
@@ -158,16 +156,11 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     store: RedisStore | None = None
     metrics: Metrics | None = None
     try:
-        client = make_client(
-            url, pool_size=settings.redis_pool_size, timeout_s=settings.redis_timeout_s
-        )
-        # Blocking reads (WatchUsage) wait up to WATCH_BLOCK_MS: a pool of their own, with a
-        # socket timeout above that.
-        watchers = make_client(url, pool_size=1024, timeout_s=settings.redis_timeout_s + 10)
-        fast = RespConnection(url, settings.redis_timeout_s) if resp.supports(url) else None
-        store = RedisStore(client, watchers, fast)
+        # One pipelined connection per node for every command; blocking reads (WatchUsage)
+        # take dedicated connections from the transport's bounded pool.
+        store = RedisStore(RedisClient(url, timeout_s=settings.redis_timeout_s))
         with contextlib.suppress(Exception):
-            await warm_up(client, min(8, settings.redis_pool_size))
+            await store.client.ping()  # connect (and load the slot map) now, not on a request
         licensing = Licensing(store, settings.clock)
         metering = Metering(store, settings.clock)
         authenticator = Authenticator(admin_tokens(settings), licensing.key_holder, settings.clock)

@@ -1,22 +1,23 @@
 """The Lua scripts (package data), registered once per client.
 
 Each script is `common.lua` followed by the script file (machine scripts get
-`machines_common.lua` in between). Calls go out as EVALSHA, pipelined (storage/resp.py, or
-storage/batching.py over redis-py); a script is loaded on NOSCRIPT.
+`machines_common.lua` in between). Calls go out as EVALSHA on the pipelined connection of the
+node of their first key (storage/transport.py), which loads the script on NOSCRIPT.
 Return codes of usage.lua are mirrored by UsageStatus, the per-record codes of usage_sync.lua
 by SyncCode, those of the machine scripts by MachineStatus (all in domain/ports.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from functools import cache
 from importlib.resources import files
 from typing import Any
 
 from meter_grpc.domain.ports import MachineStatus, SyncCode, UsageStatus
 from meter_grpc.domain.rules import MAX_COUNTER
-from meter_grpc.storage.batching import RespRunner, Runner, Script, ScriptBatcher
-from meter_grpc.storage.resp import RespConnection
+from meter_grpc.storage.commands import RedisClient
 
 SCRIPT_NAMES = (
     "usage",
@@ -76,13 +77,23 @@ def source(name: str) -> str:
     return _constants() + "\n".join((lua / f"{part}.lua").read_text() for part in parts)
 
 
-class Scripts:
-    """One script object per script name. Calls go over `fast` (a RespConnection) when given,
-    else through redis-py `client`, pipelined by a ScriptBatcher."""
+class Script:
+    """A Lua script run by EVALSHA: `await script(keys=[...], args=[...])`."""
 
-    def __init__(self, client: Any, fast: RespConnection | None = None) -> None:
-        runner: Runner = RespRunner(fast) if fast is not None else ScriptBatcher(client)
-        self._scripts = {name: Script(source(name), runner) for name in SCRIPT_NAMES}
+    def __init__(self, source: str, client: RedisClient) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._client = client
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        return await self._client.run_script(self.sha, self.source, keys, args)
+
+
+class Scripts:
+    """One Script per script name, all on one client."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self._scripts = {name: Script(source(name), client) for name in SCRIPT_NAMES}
 
     def __getattr__(self, name: str) -> Script:
         try:

@@ -1,26 +1,22 @@
-"""RedisStore: every read and write of meter-grpc's data, on one redis.asyncio client.
+"""RedisStore: every read and write of meter-grpc's data, on one RedisClient
+(storage/commands.py: redis-py-style commands over storage/transport.py).
 
 State changes that check a rule are Lua scripts on the keys of one license or one policy.
-Connection failures become STORAGE_UNAVAILABLE: `outcome=not_applied` when nothing can have
-changed (the connection could not be made), `outcome=unknown` when a write may have landed.
+Failures of the store become STORAGE_UNAVAILABLE (UNAVAILABLE with RetryInfo) whose
+`outcome` says where the failure happened, as the transport reports it:
+- `not_applied`: the command provably never ran (never written: NotSent; or refused by the
+  server: Unavailable, e.g. LOADING, READONLY, CLUSTERDOWN). Retrying is safe.
+- `unknown`: the command was written and no reply came (MaybeSent, StoreTimeout): it may
+  have run. Retry only with a `request_id`, which makes the retry count at most once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
-
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.models import (
@@ -35,8 +31,9 @@ from meter_grpc.domain.models import (
 )
 from meter_grpc.domain.ports import LicenseRead, MachineResult, UsageResult
 from meter_grpc.storage import codec, keys
-from meter_grpc.storage.resp import RespConnection
+from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.scripts import MachineStatus, Scripts, SyncCode, UsageStatus
+from meter_grpc.storage.transport import MaybeSent, NotSent, Unavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,34 +43,26 @@ USAGE_OPS = ("inc", "dec", "reset", "get")
 DEAD_FINGERPRINTS_KEPT = 1000
 _MACHINE_UPDATE_RETRIES = 20
 
-_UNAVAILABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    TryAgainError,
-)
+RETRY_AFTER_MS = 500
 
 
 def storage_call(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turns Redis being unreachable into STORAGE_UNAVAILABLE (with a retry delay)."""
+    """Turns a store failure into STORAGE_UNAVAILABLE with RetryInfo and the outcome the
+    transport established: not_applied (NotSent, Unavailable) or unknown (MaybeSent)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
-        except _UNAVAILABLE as exc:
-            sent = isinstance(exc, RedisTimeoutError) or "Error while reading" in str(exc)
+        except (NotSent, Unavailable, MaybeSent) as exc:
+            outcome = "unknown" if isinstance(exc, MaybeSent) else "not_applied"
+            error = exc.code if isinstance(exc, Unavailable) else type(exc).__name__
             raise MeterError(
                 Reason.STORAGE_UNAVAILABLE,
-                "the counter store is unreachable; retry later",
-                metadata={
-                    "outcome": "unknown" if sent else "not_applied",
-                    "error": type(exc).__name__,
-                },
-                retry_after_ms=500,
-            ) from exc
+                "the counter store is unavailable; retry later",
+                metadata={"outcome": outcome, "error": error},
+                retry_after_ms=RETRY_AFTER_MS,
+            ) from None
 
     return wrapper
 
@@ -102,13 +91,6 @@ def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
     )
 
 
-async def _close(client: Any) -> None:
-    if isinstance(client, RedisCluster):
-        await client.aclose()
-    else:
-        await client.aclose(close_connection_pool=True)
-
-
 def _slots(row: Sequence[Any]) -> Slots:
     return Slots(
         machines=int(row[1]),
@@ -121,24 +103,15 @@ def _slots(row: Sequence[Any]) -> Slots:
 
 
 class RedisStore:
-    """`client` serves requests; `blocking_client` (its own pool, longer socket timeout)
-    serves the blocking reads of WatchUsage, so watchers never hold the request path's
-    connections; `fast`, when given, carries every script call (storage/resp.py)."""
+    """Every command goes through `client`; blocking reads (WatchUsage) take dedicated
+    connections of the transport's blocking pool, never the request path's."""
 
-    def __init__(
-        self, client: Any, blocking_client: Any | None = None, fast: RespConnection | None = None
-    ) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self.blocking_client = blocking_client or client
-        self.fast = fast
-        self.scripts = Scripts(client, fast)
+        self.scripts = Scripts(client)
 
     async def close(self) -> None:
-        if self.fast is not None:
-            await self.fast.close()
-        await _close(self.client)
-        if self.blocking_client is not self.client:
-            await _close(self.blocking_client)
+        await self.client.close()
 
     @storage_call
     async def ping(self) -> bool:
@@ -159,7 +132,7 @@ class RedisStore:
         if json_text is None:
             return None
         p = codec.policy_from_json(json_text)
-        p.revision = int(rev)
+        p.revision = int(rev or 0)
         return p
 
     @storage_call
@@ -181,15 +154,15 @@ class RedisStore:
     async def get_policies(self, ids: Sequence[str]) -> list[Policy]:
         if not ids:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for pid in ids:
-                pipe.hmget(keys.policy(pid), ["json", "rev"])
-            rows = await pipe.execute()
+        # Concurrent calls share the pipelined connection(s): one round trip per node.
+        rows = await asyncio.gather(
+            *(self.client.hmget(keys.policy(pid), ["json", "rev"]) for pid in ids)
+        )
         out = []
         for json_text, rev in rows:
             if json_text is not None:
                 p = codec.policy_from_json(json_text)
-                p.revision = int(rev)
+                p.revision = int(rev or 0)
                 out.append(p)
         return out
 
@@ -266,10 +239,7 @@ class RedisStore:
     async def get_licenses(self, ids: Sequence[str]) -> list[License]:
         if not ids:
             return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for lid in ids:
-                pipe.hgetall(keys.license(lid))
-            rows = await pipe.execute()
+        rows = await asyncio.gather(*(self.client.hgetall(keys.license(lid)) for lid in ids))
         return [codec.license_from_hash(h) for h in rows if h]
 
     @storage_call
@@ -343,11 +313,10 @@ class RedisStore:
     ) -> list[UsageEvent]:
         """Usage events after `after`, waiting up to `block_ms` for the first one."""
         stream = keys.license_events(license_id)
-        reply = await self.blocking_client.xread({stream: after}, count=count, block=block_ms)
+        reply = await self.client.xread({stream: after}, count=count, block=block_ms)
         if not reply:
             return []
-        # RESP2 answers [[stream, [(id, fields), ...]]]; RESP3 {stream: [[(id, fields), ...]]}
-        entries = reply[0][1] if isinstance(reply, list) else reply[stream][0]
+        entries = reply[0][1]
         return [_event(str(eid), fields) for eid, fields in entries]
 
     @storage_call
