@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -103,12 +103,12 @@ class RedisClient:
         return all(r == "PONG" for r in replies)
 
     # scripts
-    async def run_script(
+    def run_script(
         self, sha: str, source: str, keys: Sequence[Any], args: Sequence[Any]
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """EVALSHA, loading the script on NOSCRIPT (on the node that said it)."""
         command = ("EVALSHA", sha, len(keys), *keys, *args)
-        return await self.router.call(command, str(keys[0]) if keys else None, source=source)
+        return self.router.call(command, str(keys[0]) if keys else None, source=source)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         key = str(keys_and_args[0]) if numkeys > 0 else None
@@ -347,7 +347,7 @@ class RedisClient:
         args += ["STREAMS", *streams.keys(), *streams.values()]
         key = next(iter(streams))
         block_s = -1.0 if block is None else block / 1000
-        reply = await self.router.call(args, key, block_s=block_s)
+        reply = await self.router.call(tuple(args), key, block_s=block_s)
         return [[name, _entries(rows)] for name, rows in reply or ()]
 
 

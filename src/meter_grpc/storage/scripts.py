@@ -10,7 +10,7 @@ by SyncCode, those of the machine scripts by MachineStatus (all in domain/ports.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -85,8 +85,8 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._client = client
 
-    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        return await self._client.run_script(self.sha, self.source, keys, args)
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Awaitable[Any]:
+        return self._client.run_script(self.sha, self.source, keys, args)
 
 
 class Scripts:

@@ -336,8 +336,8 @@ class _Link(asyncio.Protocol):
         while True:
             try:
                 reply = reader.gets()
-            except hiredis.ProtocolError as exc:  # not RESP: nothing more can be trusted
-                self.fail(MaybeSent, f"{self.node} sent something that is not RESP: {exc}")
+            except Exception as exc:  # not RESP (or not UTF-8): nothing more can be trusted
+                self.fail(MaybeSent, f"{self.node} sent a reply that cannot be read: {exc!r}")
                 return
             if reply is _NOT_ENOUGH:
                 return
@@ -552,30 +552,13 @@ class BlockingPool:
 
 
 class Node:
-    """One server (or one Cluster primary): its pipelined connection and its blocking pool."""
+    """One server (or one Cluster primary): its pipelined connection, and its pool of
+    dedicated connections for blocking commands."""
 
     def __init__(self, endpoint: Endpoint, options: Options) -> None:
         self.name = str(endpoint)
         self.conn = Connection(endpoint, options)
         self.blocking = BlockingPool(endpoint, options, BLOCKING_POOL_SIZE)
-
-    async def run(
-        self, args: Sequence[Any], *, source: str = "", asking: bool = False, block_s: float = -1
-    ) -> Any:
-        """One command; `source`: the script of an EVALSHA, loaded on NOSCRIPT; `block_s` >= 0:
-        a blocking command waiting up to that long (0: for ever) on a dedicated connection."""
-        packed = pack(args)
-        if block_s >= 0:
-            timeout = None if block_s == 0 else block_s + self.conn.options.timeout_s
-            return await self.blocking.request(packed, timeout)
-        prefix = (_ASKING,) if asking else ()
-        try:
-            return await self.conn.request(*prefix, packed)
-        except NoScript:
-            if not source:
-                raise
-            # NOSCRIPT: nothing ran. Load the script and run it, in one round trip.
-            return await self.conn.request(pack(("SCRIPT", "LOAD", source)), *prefix, packed)
 
     def close(self) -> None:
         self.conn.close()
@@ -602,7 +585,10 @@ class Router:
         self.options = options
         self.node = Node(endpoint, options)
 
-    async def _node_for(self, key: str | None) -> Node:
+    def _route(self, key: str | None) -> Node | None:
+        return self.node
+
+    async def _located(self, key: str | None) -> Node:
         return self.node
 
     async def primaries(self) -> list[Node]:
@@ -614,26 +600,47 @@ class Router:
     async def _after_failure(self, node: Node, key: str | None) -> Node:
         return node
 
+    def _refused(self, exc: Unavailable) -> None:
+        """An error reply that may mean the topology changed (a Cluster reloads its map)."""
+
     async def call(
         self,
-        args: Sequence[Any],
+        args: tuple[Any, ...],
         key: str | None = None,
         *,
         node: Node | None = None,
         source: str = "",
         block_s: float = -1,
     ) -> Any:
-        """Runs one command on the node of `key` (or on `node`). A NotSent failure is retried
-        once, on a fresh connection; MOVED / ASK are followed up to MAX_REDIRECTS times."""
+        """Runs one command on the node of `key` (or on `node`) and returns its reply.
+
+        `source`: the script of an EVALSHA, loaded on NOSCRIPT (nothing ran; load and re-send in
+        one round trip). `block_s` >= 0: a blocking command waiting up to that long (0: for
+        ever), on a dedicated connection. A NotSent failure is retried once, on a fresh
+        connection; MOVED / ASK are followed up to MAX_REDIRECTS times; nothing else is retried.
+        """
+        packed: bytes = hiredis.pack_command(args)
         pinned = node is not None
         if node is None:
-            node = await self._node_for(key)
-        asking, retried, redirects = False, False, 0
+            node = self._route(key) or await self._located(key)
+        prefix: tuple[bytes, ...] = ()  # ASKING and/or SCRIPT LOAD, written just before
+        retried, loaded, redirects = False, False, 0
         while True:
             try:
-                return await node.run(args, source=source, asking=asking, block_s=block_s)
+                if block_s >= 0:
+                    timeout = None if block_s == 0 else block_s + self.options.timeout_s
+                    return await node.blocking.request(packed, timeout)
+                if not prefix:
+                    return await node.conn.request(packed)
+                return await node.conn.request(*prefix, packed)
+            except NoScript:
+                if not source or loaded:
+                    raise
+                loaded, prefix = True, (pack(("SCRIPT", "LOAD", source)), *prefix)
             except _Redirect as r:
                 redirects += 1
+                if pinned:
+                    raise
                 if redirects > MAX_REDIRECTS:
                     burst.note("redirect storm", node.name, str(r))
                     raise Unavailable(
@@ -641,11 +648,15 @@ class Router:
                         node.name,
                         r.code,
                     ) from None
-                node, asking = self._redirected(r), r.code == "ASK"
+                node = self._redirected(r)
+                loaded, prefix = False, (_ASKING,) if r.code == "ASK" else ()
+            except Unavailable as exc:
+                self._refused(exc)
+                raise
             except NotSent as exc:
                 if retried or not exc.retry:
                     raise
-                retried, asking = True, False
+                retried, loaded, prefix = True, False, ()
                 if not pinned:
                     node = await self._after_failure(node, key)
 
@@ -672,13 +683,14 @@ class ClusterRouter(Router):
             node = self._nodes[name] = Node(Endpoint(host, int(port)), self.options)
         return node
 
-    async def _node_for(self, key: str | None) -> Node:
-        node = self._slots[slot_of(key) if key is not None else 0]
+    def _route(self, key: str | None) -> Node | None:
+        return self._slots[0 if key is None else slot_of(key)]
+
+    async def _located(self, key: str | None) -> Node:
+        await self.refresh()
+        node = self._route(key)
         if node is None:
-            await self.refresh()
-            node = self._slots[slot_of(key) if key is not None else 0]
-            if node is None:
-                raise Unavailable("no node serves this slot", "cluster", "CLUSTERDOWN")
+            raise Unavailable("no node serves this slot", "cluster", "CLUSTERDOWN")
         return node
 
     async def primaries(self) -> list[Node]:
@@ -694,8 +706,11 @@ class ClusterRouter(Router):
         return node
 
     async def _after_failure(self, node: Node, key: str | None) -> Node:
-        await self.refresh()  # a failover may have moved the slot
-        return await self._node_for(key)
+        return await self._located(key)  # reloads the map: a failover may have moved the slot
+
+    def _refused(self, exc: Unavailable) -> None:
+        if exc.code in ("READONLY", "MASTERDOWN", "CLUSTERDOWN"):  # e.g. after a failover
+            self._refresh_soon()
 
     def _refresh_soon(self) -> None:
         if self._refreshing is None:
