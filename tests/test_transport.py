@@ -14,11 +14,14 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
+from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
 from meter_grpc.server import build_server
-from meter_grpc.storage.commands import RedisClient
+from meter_grpc.storage.commands import RedisClient, key_of
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.transport import (
     MAX_REDIRECTS,
@@ -85,6 +88,15 @@ def test_urls() -> None:
         parse_url("http://h:1")
     with pytest.raises(ValueError, match="database 0"):
         parse_url("redis+cluster://h:1/2")
+
+
+def test_keys_that_route_generic_commands() -> None:
+    assert key_of(("GET", "k")) == "k"
+    assert key_of(("EVALSHA", "abc", 2, "k1", "k2", "a")) == "k1"
+    assert key_of(("EVALSHA", "abc", 0, "a")) is None
+    assert key_of(("XREAD", "COUNT", 5, "BLOCK", 0, "STREAMS", "s", "$")) == "s"
+    assert key_of(("PING",)) is None and key_of(("SCRIPT", "LOAD", "return 1")) is None
+    assert slot_of("meter:{lic:1}:a") == slot_of("meter:{lic:1}:b")
 
 
 # --- a single server ------------------------------------------------------------------------
@@ -668,3 +680,36 @@ async def test_service_says_unknown_once_the_script_was_written(tmp_path: Path) 
     # None was re-sent: no license's script arrived twice.
     licenses = [c[3] for c in fake.received if c[0] == "EVALSHA"]
     assert licenses and len(licenses) == len(set(licenses))
+
+
+async def test_the_service_over_tls(tls_server: tuple[int, Path], tmp_path: Path) -> None:
+    port, ca = tls_server
+    settings = Settings(
+        listen="127.0.0.1:0",
+        redis_url=f"rediss://:tlspw@127.0.0.1:{port}/2?ssl_ca_certs={ca}",
+        data_dir=tmp_path,
+        admin_tokens=["t"],
+    )
+    service, bound = await build_server(settings)
+    await service.start()
+    md = (("authorization", "Bearer t"),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{bound}") as ch:
+            licenses = lgrpc.LicenseServiceStub(ch)
+            policy = await licenses.CreatePolicy(
+                lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="tls", max_uses=5)),
+                metadata=md,
+            )
+            lic = await licenses.CreateLicense(
+                lpb.CreateLicenseRequest(license={"policy_id": policy.policy.id}), metadata=md
+            )
+            usage = ugrpc.UsageServiceStub(ch)
+            inc = upb.IncrementUsageRequest(license_id=lic.license.id)
+            results = await asyncio.gather(
+                *(usage.IncrementUsage(inc, metadata=md) for _ in range(5))
+            )
+            assert sorted(r.uses for r in results) == [1, 2, 3, 4, 5]
+            err = await expect_error(usage.IncrementUsage(inc, metadata=md))
+            assert err.reason == "USAGE_LIMIT_EXCEEDED"
+    finally:
+        await service.stop(0)

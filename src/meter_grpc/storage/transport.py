@@ -386,7 +386,7 @@ class _Link(asyncio.Protocol):
         elif deadline != _INF:
             self.watchdog = self.loop.call_at(deadline, self._check_timeout)
 
-    def fail(self, kind: type[MaybeSent], message: str) -> None:
+    def fail(self, kind: type[MaybeSent], message: str, *, log: bool = True) -> None:
         """Ends the socket: written calls fail with `kind`, unwritten ones with NotSent."""
         if self.dead:
             return
@@ -397,7 +397,7 @@ class _Link(asyncio.Protocol):
         waiters, self.waiters = self.waiters, collections.deque()
         written = len(waiters) - self.unwritten
         self.out.clear()
-        if waiters and kind is not StoreTimeout:
+        if waiters and log and kind is not StoreTimeout:
             burst.note("connection lost", self.node, message)
         for i, (fut, _) in enumerate(waiters):
             if not fut.done():
@@ -494,12 +494,12 @@ class Connection:
                         retry = False
                         raise ConnectionRefusedError(f"{command[0]} refused: {reply}")
         except (OSError, TimeoutError, StoreError) as exc:
-            link.fail(MaybeSent, "handshake failed")
+            link.fail(MaybeSent, "handshake failed", log=False)
             what = "handshake refused" if not retry else "cannot connect"
             burst.note(what, self.node, str(exc) or type(exc).__name__)
             raise NotSent(f"{what} to {self.node}: {exc}", self.node, retry=retry) from None
         if self._closed:
-            link.fail(MaybeSent, "closed")
+            link.fail(MaybeSent, "closed", log=False)
             raise NotSent(f"connection to {self.node} closed", self.node, retry=False)
         self._link = link
         return link
@@ -509,7 +509,7 @@ class Connection:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._link is not None:
-            self._link.fail(MaybeSent, f"connection to {self.node} closed")
+            self._link.fail(MaybeSent, f"connection to {self.node} closed", log=False)
             self._link = None
 
 
