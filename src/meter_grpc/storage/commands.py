@@ -17,8 +17,6 @@ from typing import Any
 
 from meter_grpc.storage.transport import router_for, slot_of
 
-# -------------------------------------------------------------
-
 
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
     it = iter(flat)
@@ -37,7 +35,8 @@ def _s(t: int | timedelta) -> int:
     return int(t.total_seconds()) if isinstance(t, timedelta) else int(t)
 
 
-# Commands routed without a key (to any node; PING and SCRIPT LOAD go to every primary).
+# Commands execute_command() sends without a key: to one node (on a Cluster, that of slot 0).
+# ping() and script_load() go to every primary.
 _KEYLESS = frozenset(
     (
         *("PING", "ECHO", "INFO", "TIME", "DBSIZE", "SCRIPT", "CLUSTER", "CONFIG", "CLIENT"),
@@ -65,15 +64,15 @@ class RedisClient:
 
     def __init__(self, url: str, timeout_s: float = 5.0) -> None:
         self.router = router_for(url, timeout_s)
-        self.timeout_s = timeout_s
 
     async def close(self) -> None:
         self.router.close()
 
     aclose = close
 
-    async def _call(self, *args: Any, key: str | None = None) -> Any:
-        return await self.router.call(args, args[1] if key is None and len(args) > 1 else key)
+    async def _call(self, *args: Any) -> Any:
+        """A command whose key is its first argument."""
+        return await self.router.call(args, args[1])
 
     async def _per_slot(self, command: str, names: Sequence[str]) -> list[tuple[list[str], Any]]:
         """Runs `command` once per slot group of `names` (once in all on a single server)."""
