@@ -15,12 +15,28 @@ KEY_GROUP_LEN = 6  # 30 characters of 5 bits = 150 bits of randomness
 
 def new_id() -> str:
     """A UUIDv7 (RFC 9562): time-ordered, so ids sort in creation order."""
-    ms = time.time_ns() // 1_000_000
+    ms = wall_ms()
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80 | rand
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant 10
     return str(uuid.UUID(int=value))
+
+
+def wall_ms() -> int:
+    """Now on the clock ids are minted with (milliseconds since the epoch)."""
+    return time.time_ns() // 1_000_000
+
+
+def minted_ms(id_: str) -> int | None:
+    """When an id of new_id() was minted (ms), or None for a string that is not one."""
+    try:
+        value = uuid.UUID(id_)
+    except ValueError:
+        return None
+    if value.version != 7:
+        return None
+    return value.int >> 80
 
 
 def new_license_key() -> str:

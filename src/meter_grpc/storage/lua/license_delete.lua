@@ -1,7 +1,8 @@
 -- license_delete.lua: deletes a license with its machines and usage events.
 --
 -- KEYS[1]  license hash               (keys.license)
--- KEYS[2..] the license's other keys: machines, fingerprints, heartbeats, events
+-- KEYS[2..] the license's other keys: machines, fingerprints, heartbeats, dead fingerprints,
+--           events, policy mailbox
 --
 -- Returns {key, policy_id} of the deleted license (for the caller to drop it from the key
 -- lookup and the indexes), or false when it does not exist.
