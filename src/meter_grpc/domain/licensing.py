@@ -165,7 +165,7 @@ class Licensing:
         page_ids = page_ids[:size]
         policies = await self.store.get_policies(page_ids)
         found = {p.id for p in policies}
-        ghosts = [i for i in page_ids if is_ghost(i, i in found)]
+        ghosts = [i for i in page_ids if is_ghost(i, int(i in found))]
         if ghosts:
             await self.store.unindex(ghosts, [])
         return policies, paging.encode(page_ids[-1], "policies") if more else ""
@@ -251,17 +251,17 @@ class Licensing:
             page = await self.store.list_license_ids(policy_id, after, 500)
             if not page:
                 return True
-            exist = await self.store.licenses_exist(page)
-            await self._repair(page, exist, policy_id)
-            if not all(is_ghost(i, e) for i, e in zip(page, exist, strict=True)):
+            states = await self.store.license_states(page)
+            await self._repair(page, states, policy_id)
+            if not all(is_ghost(i, st) for i, st in zip(page, states, strict=True)):
                 return False
             after = page[-1]
 
     async def _repair(
-        self, license_ids: Sequence[str], exist: Sequence[bool], policy_id: str
+        self, license_ids: Sequence[str], states: Sequence[int], policy_id: str
     ) -> None:
-        """Drops ghost license ids from the index (and from their policy's list)."""
-        ghosts = [i for i, e in zip(license_ids, exist, strict=True) if is_ghost(i, e)]
+        """Drops ghost license ids (see license_states) from the index and their policy's list."""
+        ghosts = [i for i, st in zip(license_ids, states, strict=True) if is_ghost(i, st)]
         if not ghosts:
             return
         if policy_id:
@@ -322,12 +322,18 @@ class Licensing:
         bounds = periods.period_bounds(now, policy.usage_reset_interval)
         lic.period_start_ms = bounds[0] if bounds else 0
         lic.uses = lic.machines_count = lic.cores_count = 0
-        _, created = await self.store.create_license(
+        status, created = await self.store.create_license(
             lic,
             now_ms=ids.wall_ms(),
             minted_ms=ids.minted_ms(license_id) or 0,
             window_ms=propagation.CREATE_WINDOW_MS,
         )
+        if status == 3:
+            raise MeterError(
+                Reason.LICENSE_NOT_FOUND,
+                f"the license this request created ({license_id}) has been deleted since",
+                metadata={"id": license_id},
+            )
         if created is None:  # never written, and never will be: drop what points at it
             await self.store.release_key(lic.key, license_id)
             await self.store.detach_license(lic.policy_id, license_id)
@@ -338,7 +344,7 @@ class Licensing:
         """Points the key at the license; takes it over from a ghost (a license that will
         never exist), else LICENSE_KEY_TAKEN (and the license leaves its policy's list)."""
         holder = await self.store.claim_key(lic.key, lic.id)
-        if holder and is_ghost(holder, (await self.store.licenses_exist([holder]))[0]):
+        if holder and is_ghost(holder, (await self.store.license_states([holder]))[0]):
             holder = await self.store.claim_key(lic.key, lic.id, ghost=holder)
         if holder:
             await self.store.detach_license(lic.policy_id, lic.id)
@@ -396,7 +402,9 @@ class Licensing:
         now = self.clock.now_ms()
         stored = await self.store.get_licenses(page_ids)
         found = {lic.id for lic in stored}
-        await self._repair(page_ids, [i in found for i in page_ids], policy_id)
+        missing = [i for i in page_ids if i not in found]
+        if missing:
+            await self._repair(missing, await self.store.license_states(missing), policy_id)
         live = await asyncio.gather(*(self._live(lic, now) for lic in stored))
         licenses = [periods.as_read_now(lic, now) for lic in live]
         return licenses, paging.encode(page_ids[-1], scope) if more else ""
@@ -429,7 +437,7 @@ class Licensing:
         v = Violations()
         v.identifier("id", license_id)
         v.raise_if_any()
-        deleted = await self.store.delete_license(license_id)
+        deleted = await self.store.delete_license(license_id, propagation.GHOST_AFTER_MS)
         if deleted is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
         key, policy_id = deleted

@@ -168,7 +168,8 @@ class Store(Protocol):
     async def create_license(
         self, lic: License, *, now_ms: int, minted_ms: int, window_ms: int
     ) -> tuple[int, License | None]:
-        """(1, license) created, (2, license) it existed, (0, None) the create window passed."""
+        """(1, license) created, (2, license) it existed, (0, None) the create window passed,
+        (3, None) it was created and deleted since."""
 
     async def license_id_by_key(self, key: str) -> str | None: ...
 
@@ -176,14 +177,15 @@ class Store(Protocol):
 
     async def get_licenses(self, ids: Sequence[str]) -> list[License]: ...
 
-    async def licenses_exist(self, ids: Sequence[str]) -> list[bool]: ...
+    async def license_states(self, ids: Sequence[str]) -> list[int]:
+        """Per id: 1 the license exists, -1 it was deleted recently, 0 neither."""
 
     async def update_license(
         self, license_id: str, changes: dict[str, object], now_ms: int
     ) -> License | None:
         """Sets License attributes (by attribute name) and `update_time`; None if gone."""
 
-    async def delete_license(self, license_id: str) -> tuple[str, str] | None:
+    async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
         """Deletes the license and its keys: its (key, policy id); None if it is gone."""
 
     async def usage(

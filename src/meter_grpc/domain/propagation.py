@@ -25,7 +25,7 @@ import secrets
 import socket
 from typing import TYPE_CHECKING
 
-from meter_grpc.domain import ids
+from meter_grpc.domain import failpoints, ids
 from meter_grpc.domain.errors import MeterError
 from meter_grpc.domain.models import Policy
 
@@ -47,10 +47,11 @@ CREATE_WINDOW_MS = 30_000
 GHOST_AFTER_MS = 120_000
 
 
-def is_ghost(id_: str, exists: bool) -> bool:
-    """Whether an index entry is a ghost: its record is missing and will never be written."""
-    if exists:
-        return False
+def is_ghost(id_: str, state: int) -> bool:
+    """Whether an index entry is a ghost: its record is missing and will never be written.
+    `state`: 1 the record exists, -1 it was deleted (a tombstone), 0 neither."""
+    if state != 0:
+        return state < 0
     minted = ids.minted_ms(id_)
     return minted is None or ids.wall_ms() - minted > GHOST_AFTER_MS
 
@@ -113,6 +114,7 @@ class Propagator:
             if not page:
                 return
             await asyncio.gather(*(self._follow(lid, p) for lid in page))
+            await failpoints.hit("propagate.page")
             after = page[-1]
             if ids.wall_ms() - renewed > LEASE_MS // 3:
                 await self.store.lease(p.id, self.owner, LEASE_MS, renew=True)

@@ -38,6 +38,12 @@ def policy_mailbox(license_id: str) -> str:
     return f"{_lic(license_id)}:policy"
 
 
+def license_tombstone(license_id: str) -> str:
+    """String: left by a delete for a while, so that what still points at the license is
+    known to be stale at once and a late create of the same id does not bring it back."""
+    return f"{_lic(license_id)}:gone"
+
+
 def usage_record(license_id: str, record_id: str) -> str:
     """String: a SyncUsage record id that was applied (expires after 30 days)."""
     return f"{_lic(license_id)}:rec:{record_id}"

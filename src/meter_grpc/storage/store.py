@@ -363,11 +363,15 @@ class RedisStore:
         create), (0, None) the window had passed."""
         flat = [x for kv in codec.license_to_hash(lic).items() for x in kv]
         row = await self.scripts.license_create(
-            keys=[keys.license(lic.id), keys.policy_mailbox(lic.id)],
+            keys=[
+                keys.license(lic.id),
+                keys.policy_mailbox(lic.id),
+                keys.license_tombstone(lic.id),
+            ],
             args=[now_ms, minted_ms, window_ms, *flat],
         )
-        if row[0] == 0:
-            return 0, None
+        if row[0] in (0, 3):
+            return int(row[0]), None
         return int(row[0]), codec.license_from_hash(codec.flat_to_dict(row[1]))
 
     @storage_call
@@ -386,9 +390,16 @@ class RedisStore:
         return [codec.license_from_hash(h) for h in rows if h]
 
     @storage_call
-    async def licenses_exist(self, ids: Sequence[str]) -> list[bool]:
-        found = await asyncio.gather(*(self.client.exists(keys.license(lid)) for lid in ids))
-        return [bool(n) for n in found]
+    async def license_states(self, ids: Sequence[str]) -> list[int]:
+        """Per id: 1 the license exists, -1 it was deleted recently, 0 neither."""
+        found = await asyncio.gather(
+            *(self.client.exists(keys.license(lid)) for lid in ids),
+            *(self.client.exists(keys.license_tombstone(lid)) for lid in ids),
+        )
+        return [
+            1 if live else -1 if gone else 0
+            for live, gone in zip(found[: len(ids)], found[len(ids) :], strict=True)
+        ]
 
     @storage_call
     async def update_license(
@@ -402,15 +413,18 @@ class RedisStore:
         return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
 
     @storage_call
-    async def delete_license(self, license_id: str) -> tuple[str, str] | None:
-        """Deletes the license with all its keys (license_delete.lua): its (key, policy id),
-        for the caller to drop it from the key lookup and the indexes; None if it is gone."""
+    async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
+        """Deletes the license with all its keys (license_delete.lua) and leaves a tombstone:
+        its (key, policy id), for the caller to drop it from the key lookup and the indexes;
+        None if it is gone."""
         row = await self.scripts.license_delete(
             keys=[
                 *keys.machine_keys(license_id),
                 keys.license_events(license_id),
                 keys.policy_mailbox(license_id),
-            ]
+                keys.license_tombstone(license_id),
+            ],
+            args=[tombstone_ms],
         )
         return (str(row[0]), str(row[1])) if row else None
 
