@@ -133,12 +133,14 @@ async def test_client_deadline_does_not_stop_the_change(
     completes anyway and every license enforces the new limit."""
     policy = await make_policy(max_uses=100)
     ids = await create_licenses(licenses, policy.id, 2000)
+    code = grpc.StatusCode.OK
     try:
         await licenses.UpdatePolicy(
             update(policy.id, max_uses=7), metadata=admin_md(), timeout=0.05
         )
     except grpc.aio.AioRpcError as exc:
-        assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        code = exc.code()
+    assert code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OK)
     p = await wait_propagated(licenses, policy.id)
     assert (p.revision, p.max_uses) == (2, 7)
     await assert_all_follow(redis, ids, 2, 7)

@@ -99,7 +99,7 @@ class Licensing:
             return None
         record = await self.store.begin_create(kind, request_id, fingerprint, ids.new_id(), secret)
         if record is None:
-            raise request_id_reused(request_id, kind=kind)
+            raise request_id_reused(request_id.rpartition("/")[2], kind=kind)
         return record
 
     async def _rebind(self, kind: str, request_id: str, old_id: str) -> str:
@@ -279,8 +279,10 @@ class Licensing:
         v.request_id("request_id", request_id)
         v.raise_if_any()
         fields = {a: getattr(lic, a) for a in (*LICENSE_MASK.values(), "policy_id", "key")}
+        # A license's request_id is scoped to its policy (the parent, as in AIP-155).
+        scoped = f"{lic.policy_id}/{request_id}" if request_id else ""
         record = await self._bind(
-            "license", request_id, _fingerprint(fields), lic.key or ids.new_license_key()
+            "license", scoped, _fingerprint(fields), lic.key or ids.new_license_key()
         )
         now = self.clock.now_ms()
         if record is not None and isinstance(record.answer, License):
@@ -291,9 +293,9 @@ class Licensing:
         for _ in range(2):
             created = await self._create_license(lic, license_id, now)
             if created is not None:
-                created = await self._finish("license", request_id, created)
+                created = await self._finish("license", scoped, created)
                 return periods.as_read_now(created, now)
-            license_id = await self._rebind("license", request_id, license_id)
+            license_id = await self._rebind("license", scoped, license_id)
         raise _unavailable("the create took too long; retry", "not_applied")
 
     async def _create_license(self, lic: License, license_id: str, now: int) -> License | None:
@@ -437,7 +439,7 @@ class Licensing:
         v = Violations()
         v.identifier("id", license_id)
         v.raise_if_any()
-        deleted = await self.store.delete_license(license_id, propagation.GHOST_AFTER_MS)
+        deleted = await self.store.delete_license(license_id, max(propagation.GHOST_AFTER_MS, 1))
         if deleted is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
         key, policy_id = deleted
