@@ -34,7 +34,11 @@ def failpoint() -> Iterator[Any]:
 
 
 async def create_licenses(
-    licenses: lgrpc.LicenseServiceStub, policy_id: str, n: int, in_flight: int = 64
+    licenses: lgrpc.LicenseServiceStub,
+    policy_id: str,
+    n: int,
+    in_flight: int = 64,
+    md: tuple[tuple[str, str], ...] | None = None,
 ) -> list[str]:
     ids: list[str] = []
     todo = iter(range(n))
@@ -42,7 +46,8 @@ async def create_licenses(
     async def worker() -> None:
         for _ in todo:
             r = await licenses.CreateLicense(
-                lpb.CreateLicenseRequest(license={"policy_id": policy_id}), metadata=admin_md()
+                lpb.CreateLicenseRequest(license={"policy_id": policy_id}),
+                metadata=md or admin_md(),
             )
             ids.append(r.license.id)
 
@@ -71,13 +76,16 @@ async def policy_copies(redis: Any, license_ids: list[str]) -> list[tuple[str, s
 
 
 async def wait_propagated(
-    licenses: lgrpc.LicenseServiceStub, policy_id: str, timeout_s: float = FOLLOW_WITHIN_S
+    licenses: lgrpc.LicenseServiceStub,
+    policy_id: str,
+    timeout_s: float = FOLLOW_WITHIN_S,
+    md: tuple[tuple[str, str], ...] | None = None,
 ) -> policy_pb2.Policy:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         p = (
-            await licenses.GetPolicy(lpb.GetPolicyRequest(id=policy_id), metadata=admin_md())
+            await licenses.GetPolicy(lpb.GetPolicyRequest(id=policy_id), metadata=md or admin_md())
         ).policy
         if p.propagated_revision == p.revision:
             return p
