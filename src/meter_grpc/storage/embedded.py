@@ -149,6 +149,7 @@ class EmbeddedServer:
         self.data_dir = data_dir.resolve()
         self.process: asyncio.subprocess.Process | None = None
         self.url = ""
+        self._ping_url = ""
         self.restarts = 0  # restarts by the supervisor since start()
         self._args: list[str] = []
         self._lock = DataDirLock(self.data_dir)
@@ -187,7 +188,7 @@ class EmbeddedServer:
         return self.url
 
     def _choose_address(self) -> list[str]:
-        sock = self.data_dir / "valkey.sock"
+        sock, staging = self._socket_paths
         args = [
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
@@ -198,17 +199,34 @@ class EmbeddedServer:
             "--logfile", str(self.data_dir / "valkey.log"),
             "--protected-mode", "yes",
         ]  # fmt: skip
-        if len(str(sock)) <= _MAX_SOCKET_PATH:
-            args += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
-            self.url = f"unix://{sock}"
+        if len(str(staging)) <= _MAX_SOCKET_PATH:
+            args += ["--port", "0", "--unixsocket", str(staging), "--unixsocketperm", "700"]
+            self.url, self._ping_url = f"unix://{sock}", f"unix://{staging}"
         else:
             port, password = _free_port(), secrets.token_hex(16)
             args += ["--bind", "127.0.0.1", "--port", str(port), "--requirepass", password]
-            self.url = f"redis://:{password}@127.0.0.1:{port}/0"
+            self.url = self._ping_url = f"redis://:{password}@127.0.0.1:{port}/0"
         return args
 
+    @property
+    def _socket_paths(self) -> tuple[Path, Path]:
+        """The socket clients use, and the one valkey listens on until it has loaded its data.
+
+        valkey accepts connections while it loads the append-only file and answers them
+        LOADING; listening on a staging path that is renamed into place once valkey answers
+        keeps clients out until then (they fail to connect: nothing applied, retry). With a
+        loopback port (a data dir too deep for a socket path) clients may see LOADING."""
+        return self.data_dir / "valkey.sock", self.data_dir / "valkey.sock.loading"
+
+    def _publish(self) -> None:
+        """Once valkey answers: its socket where clients look for it."""
+        sock, staging = self._socket_paths
+        if self.url.startswith("unix://"):
+            os.replace(staging, sock)
+
     async def _spawn(self) -> None:
-        (self.data_dir / "valkey.sock").unlink(missing_ok=True)
+        for path in self._socket_paths:  # a dead server's socket
+            path.unlink(missing_ok=True)
         self.process = await asyncio.create_subprocess_exec(
             str(valkey_binary()),
             *self._args,
@@ -225,7 +243,7 @@ class EmbeddedServer:
         )
 
     async def _ping(self) -> None:
-        client = aioredis.Redis.from_url(self.url)
+        client = aioredis.Redis.from_url(self._ping_url)
         try:
             await client.ping()
         finally:
@@ -241,9 +259,11 @@ class EmbeddedServer:
                 break
             try:
                 await self._ping()
-                return
             except Exception as exc:
                 last = exc
+            else:
+                self._publish()
+                return
             await asyncio.sleep(_READY_POLL_S)
         log_tail = self._log_tail(2000)
         await self.stop()
@@ -310,6 +330,7 @@ class EmbeddedServer:
         while proc.returncode is None:
             with contextlib.suppress(Exception):
                 await self._ping()
+                self._publish()
                 return True
             await asyncio.sleep(_READY_POLL_S)
         return False
