@@ -376,5 +376,8 @@ class EmbeddedServer:
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
+            if proc is not None:
+                for path in self._socket_paths:  # valkey removes only the one it was given
+                    path.unlink(missing_ok=True)
         finally:
             self._lock.release()
