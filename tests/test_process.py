@@ -433,6 +433,7 @@ async def test_a_second_instance_on_the_same_data_dir_exits_and_touches_nothing(
     valkey_pid = proc.valkey_pid()
     files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in proc.data_dir.iterdir()}
 
+    began = asyncio.get_running_loop().time()
     second = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -443,6 +444,7 @@ async def test_a_second_instance_on_the_same_data_dir_exits_and_touches_nothing(
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(second.communicate(), 30)
+    assert asyncio.get_running_loop().time() - began < 10  # no waiting for the lock
     assert second.returncode == 1
     assert out == b""
     lines = err.decode().splitlines()
