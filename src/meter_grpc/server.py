@@ -154,12 +154,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
 
     Returns the service (not started yet) and the bound port.
     """
+    embedded = None if settings.redis_url else EmbeddedServer(Path(settings.data_dir))
+    if embedded is not None:
+        embedded.lock()  # first: a second instance on the data dir stops here, touching nothing
     failpoints.arm(settings.failpoints)
     signer = Signer.configured(settings.signing_key_file, settings.data_dir)
-    embedded = None
     url = settings.redis_url
-    if not url:
-        embedded = EmbeddedServer(Path(settings.data_dir))
+    if embedded is not None:
         url = await embedded.start()
     store: RedisStore | None = None
     metrics: Metrics | None = None
