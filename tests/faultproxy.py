@@ -119,9 +119,7 @@ class Connection:
     log: list[tuple[str, ...]] = field(default_factory=list)
     commands: int = 0
     # commands forwarded whose reply has not been relayed yet: (words, drop its reply)
-    pending: collections.deque[tuple[list[str], bool]] = field(
-        default_factory=collections.deque
-    )
+    pending: collections.deque[tuple[list[str], bool]] = field(default_factory=collections.deque)
     # (relay at, reply, words of its command if logged / None for a push) in order
     replies: asyncio.Queue[tuple[float, bytes, list[str] | None] | None] = field(
         default_factory=asyncio.Queue
