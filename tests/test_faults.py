@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import socket
 import statistics
@@ -43,7 +44,7 @@ from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
-from meter_grpc.server import Service, build_server
+from meter_grpc.server import build_server
 from meter_grpc.storage import keys
 from meter_grpc.storage.embedded import valkey_binary
 from tests.cluster import SLOTS, LocalCluster
@@ -58,6 +59,15 @@ WAIT_S = 10.0  # bound on waiting for a condition (the fault fired, calls failed
 MAX_CALLS_PER_CALLER = 2000  # a bound on the load, should a condition never come
 PASSWORD = "fault-test-pw"
 DB = 3
+
+pytestmark = [
+    # The current service's redis-py cluster client leaves connections unclosed when it is
+    # closed under calls in flight (transport rewrite).
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in.*AbstractConnection\.__del__"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 # Marks tests that fail on the current transport because of a bug listed in issue 7; the
 # lead removes them once the transport rewrite is merged.
@@ -324,7 +334,6 @@ def handshake_problem(conn: Connection) -> str | None:
 class Rig:
     valkey: Valkey
     proxy: FaultProxy
-    service: Service
     usage: ugrpc.UsageServiceStub
     licenses: lgrpc.LicenseServiceStub
     store: aioredis.Redis  # db DB, directly (not through the proxy)
@@ -371,14 +380,28 @@ def _service_settings(url: str, data_dir: Path) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def serving(url: str, data_dir: Path) -> AsyncIterator[tuple[Service, grpc.aio.Channel]]:
+async def serving(url: str, data_dir: Path) -> AsyncIterator[grpc.aio.Channel]:
+    """An in-process meter-grpc server on `url` and a channel to it.
+
+    Once it is stopped, tasks it left behind (the current cluster batcher's calls, orphaned
+    by calls that timed out) are given time to end, then cancelled: left to the end of the
+    session, they would be destroyed with their sockets open, a ResourceWarning that the
+    suite turns into an error outside any test."""
+    before = asyncio.all_tasks()
     service, port = await build_server(_service_settings(url, data_dir))
     await service.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield service, channel
+            yield channel
     finally:
         await service.stop(0)
+        del service
+        leftovers = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
+        if leftovers:
+            _, pending = await asyncio.wait(leftovers, timeout=10)
+            for task in pending:
+                task.cancel()
+        gc.collect()  # what they leaked is reported now, under this module's filters
 
 
 @pytest.fixture
@@ -389,11 +412,10 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     store, db0 = valkey.client(DB), valkey.client(0)
     try:
         url = f"redis://:{PASSWORD}@127.0.0.1:{proxy.port}/{DB}"
-        async with serving(url, tmp_path / "data") as (service, channel):
+        async with serving(url, tmp_path / "data") as channel:
             yield Rig(
                 valkey,
                 proxy,
-                service,
                 ugrpc.UsageServiceStub(channel),
                 lgrpc.LicenseServiceStub(channel),
                 store,
@@ -490,9 +512,9 @@ async def test_reset_in_the_middle_of_a_pipeline(rig: Rig) -> None:
     strict=False,
 )  # transport rewrite
 async def test_replies_delayed_past_the_timeout(rig: Rig) -> None:
-    """Replies 4x slower than the service's Redis timeout: calls fail `unknown` after about
-    the timeout (not at the gRPC deadline), whatever ran is counted once, and calls succeed
-    again as soon as replies are prompt."""
+    """Replies 4x slower than the service's Redis timeout: calls fail `unknown` (well before
+    the gRPC deadline), whatever ran is counted once, and calls succeed again as soon as
+    replies are prompt."""
     ids, counts, tally = await _prepared(rig)
     async with load(rig.usage, tally, ids):
         rig.proxy.delay_s = 4 * REDIS_TIMEOUT_S
@@ -507,6 +529,11 @@ async def test_replies_delayed_past_the_timeout(rig: Rig) -> None:
     await rig.check_store()
 
 
+@pytest.mark.xfail(
+    reason=TRANSPORT_REWRITE + "on reconnect, resp.py sends queued EVALSHAs before AUTH/SELECT "
+    "(NOAUTH -> INTERNAL, or run on db 0 -> LICENSE_NOT_FOUND)",
+    strict=False,
+)  # transport rewrite
 async def test_connections_refused(rig: Rig) -> None:
     """Redis unreachable (connections refused): calls fail `not_applied` (they never left the
     process); only those in flight when the connection was cut may be `unknown`."""
@@ -573,9 +600,11 @@ async def test_auth_and_select_come_first_on_every_new_connection(rig: Rig) -> N
             succeeded += answer == "ok"
 
     callers = asyncio.gather(*(caller(i) for i in range(20)))
-    await tally.until("calls to fail while down", lambda: tally.failed >= 20)
-    await rig.proxy.accept()
-    await callers
+    try:
+        await tally.until("calls to fail while down", lambda: tally.failed >= 20)
+    finally:
+        await rig.proxy.accept()
+        await callers
     rig.proxy.passing()
     await recovered(rig.usage, tally, ids)
     new = rig.proxy.connections[before:]
@@ -652,7 +681,7 @@ async def cluster_rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     try:
         await cluster.start(announce_ports=[p.port for p in proxies])
         url = "redis+cluster://" + ",".join(f"127.0.0.1:{p.port}" for p in proxies)
-        async with serving(url, base / "data") as (_, channel):
+        async with serving(url, base / "data") as channel:
             yield ClusterRig(
                 cluster,
                 proxies,
@@ -673,6 +702,9 @@ async def crig(cluster_rig: ClusterRig) -> AsyncIterator[ClusterRig]:
     yield cluster_rig
     for proxy in cluster_rig.proxies:
         proxy.passing()
+    for i, proc in enumerate(cluster_rig.cluster.procs):
+        if proc.returncode is not None:  # a test failed with the node stopped
+            await cluster_rig.cluster.start_node(i)
 
 
 @pytest.mark.cluster
@@ -730,9 +762,11 @@ async def test_cluster_node_restarts(crig: ClusterRig) -> None:
     ids = [lid for node in by_node for lid in node]
     async with load(crig.usage, tally, ids):
         await crig.cluster.stop_node(2)
-        failed = tally.failed
-        await tally.until("calls to fail", lambda: tally.failed >= failed + CALLERS)
-        await crig.cluster.start_node(2)
+        try:
+            failed = tally.failed
+            await tally.until("calls to fail", lambda: tally.failed >= failed + CALLERS)
+        finally:
+            await crig.cluster.start_node(2)
         ok = tally.ok
         await tally.until("calls to succeed again", lambda: tally.ok >= ok + 2 * CALLERS)
     await recovered(crig.usage, tally, ids)
