@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GLIDE_STAMP := $(VENV)/.installed-glide
 PROTOS := $(wildcard protos/meter/v1/*.proto)
 GEN_DIR := src
 
-.PHONY: run test lint proto proto-check bench install clean
+.PHONY: run test lint proto proto-check bench bench-transports install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,15 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+
+# The optional extra `glide` (valkey-glide) is installed for this target only.
+$(GLIDE_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,glide]'
+	touch $(GLIDE_STAMP)
+
+# Our RESP transport against valkey-glide: throughput, CPU per call, failure semantics.
+bench-transports: $(GLIDE_STAMP)
+	$(PY) bench/transports.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,9 @@ import hiredis
 # the connection without replying (after the command was read: a "maybe sent" failure).
 Handler = Callable[[list[str]], bytes | None]
 
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+
 
 def _commands(reader: hiredis.Reader) -> list[list[str]]:
     out = []
@@ -22,6 +25,9 @@ def _commands(reader: hiredis.Reader) -> list[list[str]]:
 
 
 class FakeRedis:
+    """Answers PING with PONG (the transport's handshake) and every other command with what
+    `handler` returns."""
+
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.received: list[list[str]] = []
@@ -45,7 +51,7 @@ class FakeRedis:
                 commands = _commands(reader)
                 self.received.extend(commands)  # all that arrived, answered or not
                 for cmd in commands:
-                    reply = self.handler(cmd)
+                    reply = PONG if cmd == ["PING"] else self.handler(cmd)
                     if reply is None:
                         return
                     w.write(reply)
@@ -120,7 +126,3 @@ class RecordingProxy:
 
 def error(text: str) -> bytes:
     return f"-{text}\r\n".encode()
-
-
-OK = b"+OK\r\n"
-PONG = b"+PONG\r\n"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2
@@ -65,3 +68,24 @@ async def expect_error(call: object) -> RichError:
     except grpc.aio.AioRpcError as exc:
         return rich_error(exc)
     raise AssertionError("the call succeeded but an error was expected")
+
+
+async def until(
+    condition: Callable[[], bool], timeout_s: float = 30, what: str = "the condition"
+) -> None:
+    """Waits until condition() holds, checking every 20 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """The process runs (it is neither gone nor a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -33,7 +33,7 @@ from meter_grpc.storage.transport import (
     parse_url,
     slot_of,
 )
-from tests.fake_redis import PONG, FakeRedis, RecordingProxy, error
+from tests.fake_redis import FakeRedis, RecordingProxy, error
 from tests.support import RichError, expect_error
 
 
@@ -76,7 +76,7 @@ def test_urls() -> None:
     [ep], o = parse_url("unix://:secret@/tmp/v.sock?db=3")
     assert (ep.path, o.password, o.db) == ("/tmp/v.sock", "secret", 3)
     assert o.handshake() == [("AUTH", "secret"), ("SELECT", 3)]
-    assert parse_url("unix:///tmp/v.sock")[1].handshake() == []
+    assert parse_url("unix:///tmp/v.sock")[1].handshake() == [("PING",)]
     eps, o = parse_url("redis+cluster://:pw@a:7000,b:7001")
     assert [(e.host, e.port) for e in eps] == [("a", 7000), ("b", 7001)]
     assert o.handshake() == [("AUTH", "pw")]  # no SELECT on a cluster
@@ -269,7 +269,7 @@ async def test_a_call_dropped_before_its_write_is_retried_once_on_a_fresh_connec
 
 async def test_a_written_call_is_never_resent() -> None:
     """The server reads the command, then closes: MaybeSent, and it arrived exactly once."""
-    fake = await FakeRedis(lambda cmd: PONG if cmd[0] == "PING" else None).start()
+    fake = await FakeRedis(lambda cmd: None).start()
     c = RedisClient(fake.url, timeout_s=2)
     try:
         assert await c.ping()
@@ -296,17 +296,18 @@ async def test_timeout_fails_the_calls_and_the_next_call_reconnects(server: Embe
 
 
 async def test_replies_nobody_asked_for_or_not_resp_drop_the_connection() -> None:
-    replies = iter([PONG, PONG + PONG, b"this is not RESP\r\n", PONG])
+    replies = iter([b"$1\r\na\r\n", b"$1\r\nb\r\n$1\r\nc\r\n", b"not RESP\r\n", b"$1\r\nd\r\n"])
     fake = await FakeRedis(lambda cmd: next(replies)).start()
     c = RedisClient(fake.url, timeout_s=2)
     try:
-        assert await c.ping()
+        assert await c.execute_command("ECHO", "a") == "a"
         first = c.router.node.conn._link  # type: ignore[attr-defined]
-        assert await c.ping()  # answered, then a reply nobody asked for: the socket is dropped
+        # Answered, then a reply nobody asked for: the socket is dropped.
+        assert await c.execute_command("ECHO", "b") == "b"
         assert first is not None and first.dead
         with pytest.raises(MaybeSent):
-            await c.ping()  # on a new socket, answered with garbage
-        assert await c.ping()
+            await c.execute_command("ECHO", "x")  # on a new socket, answered with garbage
+        assert await c.execute_command("ECHO", "d") == "d"
     finally:
         await c.close()
         await fake.stop()
@@ -672,7 +673,7 @@ async def test_service_maps_a_refusal_to_unavailable_not_applied_logged_once(
 
 
 async def test_service_says_unknown_once_the_script_was_written(tmp_path: Path) -> None:
-    fake = await FakeRedis(lambda cmd: None if cmd[0] == "EVALSHA" else PONG).start()
+    fake = await FakeRedis(lambda cmd: None).start()
     try:
         errors = await _increment_errors(fake, tmp_path, 5)
     finally:
@@ -717,3 +718,27 @@ async def test_the_service_over_tls(tls_server: tuple[int, Path], tmp_path: Path
             assert err.reason == "USAGE_LIMIT_EXCEEDED"
     finally:
         await service.stop(0)
+
+
+async def test_a_socket_closed_before_the_handshake_answers_fails_calls_as_not_sent() -> None:
+    """A proxy (or a dying server) that accepts and then closes: the calls were never written,
+    since the handshake had not been answered."""
+
+    async def accept_and_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(100)
+        w.close()
+
+    server = await asyncio.start_server(accept_and_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    c = RedisClient(f"redis+cluster://127.0.0.1:{port}", timeout_s=2)
+    plain = RedisClient(f"redis://127.0.0.1:{port}/0", timeout_s=2)
+    try:
+        for client in (c, plain):
+            results = await asyncio.gather(
+                *(client.incr(f"k{i}") for i in range(10)), return_exceptions=True
+            )
+            assert all(isinstance(r, NotSent) for r in results), results
+    finally:
+        await c.close()
+        await plain.close()
+        server.close()

@@ -1,6 +1,25 @@
-"""`python -m meter_grpc`: serve until SIGTERM or SIGINT, then drain and stop."""
+"""`python -m meter_grpc`: serve until SIGTERM, SIGINT or SIGHUP, then drain and stop.
+
+The three signals mean the same thing (a terminal's Ctrl-C and hang-up, a supervisor's
+stop): stop taking calls, let the calls in flight finish within METER_SHUTDOWN_GRACE, then
+close the store and stop the embedded valkey (which runs in its own session, so a signal to
+the service's process group never reaches it directly). A second signal during the drain
+cuts it short: the calls still in flight are cancelled (their clients see CANCELLED and
+must treat the outcome as unknown; what was acknowledged is on disk), then the store is
+stopped as usual. Further signals are ignored while that completes.
+
+Exit status: 0 after a signal-initiated stop; 1 when another instance owns the data dir
+(one line on stderr naming its pid, nothing touched); 2 for a bad configuration.
+"""
 
 from __future__ import annotations
+
+import os
+
+# The service forks only to exec valkey (the embedded store, restarted when it dies): gRPC's
+# fork handlers, meant for children that go on using gRPC, would only log about being
+# skipped at each restart. Read when gRPC initializes, so before it is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio
 import logging
@@ -9,18 +28,49 @@ import sys
 
 from meter_grpc.config import ConfigError, Settings
 from meter_grpc.server import build_server
+from meter_grpc.storage.embedded import DataDirLocked
+
+log = logging.getLogger("meter_grpc")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def serve(settings: Settings) -> None:
-    service, _ = await build_server(settings)
-    await service.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger("meter_grpc").info("shutting down: draining in-flight calls")
-    await service.stop()
+    received: list[signal.Signals] = []
+    stop = asyncio.Event()
+    cut_short = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if len(received) == 1:
+            stop.set()
+        elif len(received) == 2:
+            cut_short.set()
+        else:
+            log.warning("%s: already stopping", sig.name)
+
+    # Before anything starts, so that a signal during start-up still stops everything that
+    # start-up began (the embedded valkey included) instead of killing the process.
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    service, _ = await build_server(settings)
+    if not stop.is_set():
+        await service.start()
+        await stop.wait()
+    log.info(
+        "%s: shutting down: draining in-flight calls (up to %g s; a second signal cuts it short)",
+        received[0].name,
+        settings.shutdown_grace_s,
+    )
+    stopping = asyncio.ensure_future(service.stop())
+    cut = asyncio.ensure_future(cut_short.wait())
+    await asyncio.wait((stopping, cut), return_when=asyncio.FIRST_COMPLETED)
+    if cut.done() and not stopping.done():
+        log.warning("%s again: cancelling the calls still in flight", received[1].name)
+        await service.server.stop(0)  # the most restrictive grace wins: service.stop() ends
+    cut.cancel()
+    await stopping
 
 
 def main() -> None:
@@ -36,9 +86,14 @@ def main() -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        asyncio.run(serve(settings))
+        run = asyncio.run
     else:
-        uvloop.run(serve(settings))
+        run = uvloop.run
+    try:
+        run(serve(settings))
+    except DataDirLocked as exc:
+        print(f"meter-grpc: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

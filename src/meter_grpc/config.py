@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import Clock, SystemClock
 
 
@@ -29,6 +30,8 @@ class Settings:
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
+    failpoints: dict[str, str] = field(default_factory=dict)
     clock: Clock = field(default_factory=SystemClock)
 
     @classmethod
@@ -67,6 +70,10 @@ class Settings:
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=(get("METER_LOG_LEVEL") or "INFO").upper(),
         )
+        try:
+            settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))
+        except ValueError as exc:
+            raise ConfigError(f"METER_FAILPOINTS: {exc}") from None
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ConfigError("METER_TLS_CERT and METER_TLS_KEY must be set together")
         if settings.tls_client_ca and not settings.tls_cert:

@@ -28,6 +28,7 @@ from meter_grpc.api.license_service import LicenseService
 from meter_grpc.api.metrics import Metrics
 from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings
+from meter_grpc.domain import failpoints
 from meter_grpc.domain.licensing import Licensing
 from meter_grpc.domain.machines import Machines
 from meter_grpc.domain.metering import Metering
@@ -94,6 +95,9 @@ class Service:
     async def start(self) -> None:
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_storage(), name="meter-health"))
+        self._tasks.append(
+            asyncio.create_task(self.licensing.propagator.run(), name="meter-propagation")
+        )
         log.info("meter-grpc serving on port %d", self.port)
 
     async def _set_health(
@@ -133,6 +137,7 @@ class Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.licensing.propagator.close()  # pending marks let the next start resume
         await self.metering.close()  # WatchUsage streams still blocked in the store
         await self.store.close()
         if self.metrics is not None:
@@ -147,11 +152,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
 
     Returns the service (not started yet) and the bound port.
     """
+    embedded = None if settings.redis_url else EmbeddedServer(Path(settings.data_dir))
+    if embedded is not None:
+        embedded.lock()  # first: a second instance on the data dir stops here, touching nothing
+    failpoints.arm(settings.failpoints)
     signer = Signer.configured(settings.signing_key_file, settings.data_dir)
-    embedded = None
     url = settings.redis_url
-    if not url:
-        embedded = EmbeddedServer(Path(settings.data_dir))
+    if embedded is not None:
         url = await embedded.start()
     store: RedisStore | None = None
     metrics: Metrics | None = None

@@ -31,6 +31,13 @@ class CreatePolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POLICY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), at most 128 printable characters: a retry with the same
+    `request_id` and the same policy within 24 hours returns the first answer and creates
+    nothing; with a different policy it fails with REQUEST_ID_REUSED. A create cut short
+    (crash, deadline, store outage) is completed by its retry.
+    """
     @_builtins.property
     def policy(self) -> _policy_pb2.Policy:
         """The policy to create; `id`, `create_time` and `update_time` are ignored."""
@@ -39,10 +46,11 @@ class CreatePolicyRequest(_message.Message):
         self,
         *,
         policy: _policy_pb2.Policy | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,6 +282,12 @@ class CreateLicenseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LICENSE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), as in CreatePolicyRequest: a retry with the same `request_id`
+    and the same license within 24 hours returns the first answer (with the same key) and
+    creates nothing.
+    """
     @_builtins.property
     def license(self) -> _license_pb2.License:
         """The license to create. `policy_id` is required; `key` may be given (16 to 256 printable
@@ -284,10 +298,11 @@ class CreateLicenseRequest(_message.Message):
         self,
         *,
         license: _license_pb2.License | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["license", b"license"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["license", b"license"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license", b"license", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +777,7 @@ class ActivateMachineRequest(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license to activate on."""
     fingerprint: _builtins.str
@@ -774,6 +790,12 @@ class ActivateMachineRequest(_message.Message):
     """Host name of the device."""
     platform: _builtins.str
     """Platform of the device."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), scoped to the license like the usage calls' `request_id`: a
+    retry with the same arguments within 24 hours returns the first answer (the same machine,
+    or the same refusal) and activates nothing again; other arguments fail with
+    REQUEST_ID_REUSED.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form key/value pairs."""
@@ -788,10 +810,11 @@ class ActivateMachineRequest(_message.Message):
         hostname: _builtins.str = ...,
         platform: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "fingerprint", b"fingerprint", "hostname", b"hostname", "license_id", b"license_id", "metadata", b"metadata", "name", b"name", "platform", b"platform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "fingerprint", b"fingerprint", "hostname", b"hostname", "license_id", b"license_id", "metadata", b"metadata", "name", b"name", "platform", b"platform", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -175,6 +175,8 @@ class Policy(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    PROPAGATED_REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUIDv7 string). Output only."""
     name: _builtins.str
@@ -201,6 +203,14 @@ class Policy(_message.Message):
     """How far the limits may be passed."""
     usage_reset_interval: Global___UsageResetInterval.ValueType
     """Calendar period after which usage starts again at 0."""
+    revision: _builtins.int
+    """Incremented by every change of the policy (starts at 1). Output only."""
+    propagated_revision: _builtins.int
+    """The newest revision that every license of the policy enforces. Equal to `revision` once
+    a change has reached all its licenses; lower while the change is still being copied into
+    them (it always completes: any replica resumes it after a crash, a cancelled call or a
+    store outage). Output only.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Lifetime of a license: expire_time = creation (or renewal) + duration. Unset: perpetual."""
@@ -252,10 +262,12 @@ class Policy(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        revision: _builtins.int = ...,
+        propagated_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "check_in_interval", b"check_in_interval", "create_time", b"create_time", "duration", b"duration", "heartbeat_duration", b"heartbeat_duration", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "check_in_interval", b"check_in_interval", "create_time", b"create_time", "duration", b"duration", "entitlements", b"entitlements", "expiration_strategy", b"expiration_strategy", "floating", b"floating", "heartbeat_duration", b"heartbeat_duration", "id", b"id", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "metadata", b"metadata", "name", b"name", "overage_strategy", b"overage_strategy", "require_check_in", b"require_check_in", "strict", b"strict", "update_time", b"update_time", "usage_reset_interval", b"usage_reset_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "check_in_interval", b"check_in_interval", "create_time", b"create_time", "duration", b"duration", "entitlements", b"entitlements", "expiration_strategy", b"expiration_strategy", "floating", b"floating", "heartbeat_duration", b"heartbeat_duration", "id", b"id", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "metadata", b"metadata", "name", b"name", "overage_strategy", b"overage_strategy", "propagated_revision", b"propagated_revision", "require_check_in", b"require_check_in", "revision", b"revision", "strict", b"strict", "update_time", b"update_time", "usage_reset_interval", b"usage_reset_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_cores: _TypeAlias = _typing.Literal["max_cores"]  # noqa: Y015
     _WhichOneofArgType__max_cores: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores"]  # noqa: Y015

@@ -119,6 +119,8 @@ def policy_to_proto(p: Policy) -> policy_pb2.Policy:
         metadata=p.metadata,
         create_time=ts(p.create_time_ms),
         update_time=ts(p.update_time_ms),
+        revision=p.revision,
+        propagated_revision=p.propagated_revision,
     )
 
 

@@ -53,7 +53,7 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
         policy = policy_from_proto(request.policy, v)
         v.raise_if_any()
         return pb.CreatePolicyResponse(
-            policy=policy_to_proto(await self.licensing.create_policy(policy))
+            policy=policy_to_proto(await self.licensing.create_policy(policy, request.request_id))
         )
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: Ctx) -> pb.GetPolicyResponse:
@@ -89,7 +89,9 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
     async def CreateLicense(
         self, request: pb.CreateLicenseRequest, context: Ctx
     ) -> pb.CreateLicenseResponse:
-        lic = await self.licensing.create_license(license_from_proto(request.license))
+        lic = await self.licensing.create_license(
+            license_from_proto(request.license), request.request_id
+        )
         return pb.CreateLicenseResponse(license=license_to_proto(lic, self._now()))
 
     async def GetLicense(

@@ -64,7 +64,8 @@ class MachineRpcs:
                 hostname=request.hostname,
                 platform=request.platform,
                 metadata=dict(request.metadata),
-            )
+            ),
+            request.request_id,
         )
         return pb.ActivateMachineResponse(machine=machine_to_proto(machine))
 

@@ -82,3 +82,13 @@ def invalid_fields(violations: Sequence[FieldViolation]) -> MeterError:
 
 def not_found(reason: Reason, kind: str, ident: str) -> MeterError:
     return MeterError(reason, f"{kind} {ident!r} not found", metadata={"id": ident})
+
+
+def request_id_reused(request_id: str, **metadata: str) -> MeterError:
+    """AIP-155: the same request_id with other arguments (INVALID_ARGUMENT, REQUEST_ID_REUSED)."""
+    return MeterError(
+        Reason.REQUEST_ID_REUSED,
+        f"request_id {request_id!r} was used with other arguments",
+        metadata={**metadata, "request_id": request_id, "field": "request_id"},
+        violations=(FieldViolation("request_id", "was used before with other arguments"),),
+    )

@@ -13,14 +13,43 @@ KEY_GROUPS = 5
 KEY_GROUP_LEN = 6  # 30 characters of 5 bits = 150 bits of randomness
 
 
+_RAND_BITS = 74  # rand_a (12 bits) and rand_b (62 bits) of a UUIDv7
+_last = (0, 0)  # (ms, random bits) of the last id minted by this process
+
+
 def new_id() -> str:
-    """A UUIDv7 (RFC 9562): time-ordered, so ids sort in creation order."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | rand
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant 10
+    """A UUIDv7 (RFC 9562): time-ordered, so ids sort in creation order. Within one
+    millisecond this process's ids still increase (RFC 9562 method 2: the random bits of the
+    next id are those of the last plus a random step), so ids minted by one replica never
+    sort out of the order they were made in."""
+    global _last
+    ms = wall_ms()
+    rand = int.from_bytes(os.urandom(10), "big") >> (80 - _RAND_BITS)
+    last_ms, last_rand = _last
+    if ms <= last_ms:
+        ms, rand = last_ms, last_rand + 1 + (rand >> 50)  # a step below 2^24
+        if rand >> _RAND_BITS:  # the millisecond is full: borrow the next one
+            ms, rand = ms + 1, rand & ((1 << _RAND_BITS) - 1)
+    _last = (ms, rand)
+    rand_a, rand_b = rand >> 62, rand & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0x2 << 62 | rand_b
     return str(uuid.UUID(int=value))
+
+
+def wall_ms() -> int:
+    """Now on the clock ids are minted with (milliseconds since the epoch)."""
+    return time.time_ns() // 1_000_000
+
+
+def minted_ms(id_: str) -> int | None:
+    """When an id of new_id() was minted (ms), or None for a string that is not one."""
+    try:
+        value = uuid.UUID(id_)
+    except ValueError:
+        return None
+    if value.version != 7:
+        return None
+    return value.int >> 80
 
 
 def new_license_key() -> str:

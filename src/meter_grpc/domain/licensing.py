@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
-from meter_grpc.domain import ids, paging, periods
+from meter_grpc.domain import failpoints, ids, paging, periods, propagation
 from meter_grpc.domain.clock import Clock
-from meter_grpc.domain.errors import MeterError, Reason, invalid, not_found
+from meter_grpc.domain.errors import MeterError, Reason, invalid, not_found, request_id_reused
 from meter_grpc.domain.models import KeyHolder, License, Policy
+from meter_grpc.domain.propagation import Propagator, is_ghost, new_token
 from meter_grpc.domain.rules import (
     Violations,
     check_key,
@@ -20,13 +23,12 @@ from meter_grpc.domain.rules import (
 )
 
 if TYPE_CHECKING:
-    from meter_grpc.domain.ports import Store
+    from meter_grpc.domain.ports import CreateRecord, Store
 
-POLICY_MASK = frozenset(
-    f.name
-    for f in dataclasses.fields(Policy)
-    if f.name not in ("id", "create_time_ms", "update_time_ms", "revision")
-)
+R = TypeVar("R", Policy, License)
+
+_POLICY_OUTPUT = ("id", "create_time_ms", "update_time_ms", "revision", "propagated_revision")
+POLICY_MASK = frozenset(f.name for f in dataclasses.fields(Policy) if f.name not in _POLICY_OUTPUT)
 # update_mask path -> License attribute
 LICENSE_MASK = {
     "name": "name",
@@ -37,8 +39,22 @@ LICENSE_MASK = {
     "entitlements": "entitlements",
     "metadata": "metadata",
 }
-_PROPAGATE_BATCH = 200
 _UPDATE_RETRIES = 20
+
+
+def _fingerprint(fields: dict[str, object]) -> str:
+    """What identifies a create request (its idempotency key's arguments)."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _unavailable(message: str, outcome: str, **meta: str) -> MeterError:
+    return MeterError(
+        Reason.STORAGE_UNAVAILABLE,
+        message,
+        metadata={"outcome": outcome, **meta},
+        retry_after_ms=100,
+    )
 
 
 def _check_mask(
@@ -60,22 +76,75 @@ def _check_mask(
 
 
 class Licensing:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    """Policies and licenses. Creates and deletes take several steps over several cluster slots
+    (the policy, the license, its key entry, the indexes); they are ordered so that the state a
+    user sees is right after a crash between any two of them: every index entry is written
+    before the record it points at and removed after it, readers skip entries that point
+    nowhere and remove them once they are ghosts (propagation.is_ghost), and a create with a
+    request_id is completed by its retry."""
+
+    def __init__(self, store: Store, clock: Clock, propagator: Propagator | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.propagator = propagator or Propagator(store)
+
+    # --- idempotent creates ---------------------------------------------------------------
+
+    async def _bind(
+        self, kind: str, request_id: str, fingerprint: str, secret: str = ""
+    ) -> CreateRecord | None:
+        """The id (and secret) a create uses: fresh, or, with a request_id, those of the first
+        attempt, with its answer when it completed. None without a request_id."""
+        if not request_id:
+            return None
+        record = await self.store.begin_create(kind, request_id, fingerprint, ids.new_id(), secret)
+        if record is None:
+            raise request_id_reused(request_id.rpartition("/")[2], kind=kind)
+        return record
+
+    async def _rebind(self, kind: str, request_id: str, old_id: str) -> str:
+        """A fresh id for a create whose id can no longer be written (its window passed)."""
+        fresh = ids.new_id()
+        if request_id and not await self.store.rebind_create(kind, request_id, old_id, fresh):
+            raise _unavailable("a retry of this create is running; retry later", "not_applied")
+        return fresh
+
+    async def _finish(self, kind: str, request_id: str, answer: R) -> R:
+        await failpoints.hit(f"create_{kind}.created")
+        if request_id:
+            await self.store.finish_create(kind, request_id, answer)
+        return answer
 
     # --- policies -------------------------------------------------------------------------
 
-    async def create_policy(self, p: Policy) -> Policy:
+    async def create_policy(self, p: Policy, request_id: str = "") -> Policy:
         v = Violations()
         check_policy(v, p)
+        v.request_id("request_id", request_id)
         v.raise_if_any()
+        fields = {f: getattr(p, f) for f in POLICY_MASK}
+        record = await self._bind("policy", request_id, _fingerprint(fields))
+        if record is not None and isinstance(record.answer, Policy):
+            return record.answer
+        policy_id = record.id if record is not None else ids.new_id()
         now = self.clock.now_ms()
-        p = dataclasses.replace(
-            p, id=ids.new_id(), create_time_ms=now, update_time_ms=now, revision=1
-        )
-        await self.store.create_policy(p)
-        return p
+        for _ in range(2):
+            p = dataclasses.replace(
+                p, id=policy_id, create_time_ms=now, update_time_ms=now, revision=1
+            )
+            await self.store.index(policy_id=policy_id)
+            await failpoints.hit("create_policy.indexed")
+            _, created = await self.store.create_policy(
+                p,
+                now_ms=ids.wall_ms(),
+                minted_ms=ids.minted_ms(policy_id) or 0,
+                window_ms=propagation.CREATE_WINDOW_MS,
+            )
+            if created is not None:
+                return await self._finish("policy", request_id, created)
+            await self.store.unindex([policy_id], [])
+            policy_id = await self._rebind("policy", request_id, policy_id)
+        raise _unavailable("the create took too long; retry", "not_applied")
 
     async def get_policy(self, policy_id: str) -> Policy:
         v = Violations()
@@ -95,13 +164,23 @@ class Licensing:
         more = len(page_ids) > size
         page_ids = page_ids[:size]
         policies = await self.store.get_policies(page_ids)
+        found = {p.id for p in policies}
+        ghosts = [i for i in page_ids if is_ghost(i, int(i in found))]
+        if ghosts:
+            await self.store.unindex(ghosts, [])
         return policies, paging.encode(page_ids[-1], "policies") if more else ""
 
     async def update_policy(self, patch: Policy, mask: Iterable[str]) -> Policy:
+        """Changes the policy, then copies it into every license; answers once all follow.
+
+        The change is marked pending before it is made, so that if this call stops anywhere
+        after it (cancelled, timed out, killed, store unreachable), the propagation loop of
+        any replica completes it (domain/propagation.py)."""
         v = Violations()
         v.identifier("policy.id", patch.id)
         v.raise_if_any()
         paths = _check_mask(mask, POLICY_MASK)
+        token = ""
         for _ in range(_UPDATE_RETRIES):
             current = await self.get_policy(patch.id)
             updated = dataclasses.replace(
@@ -110,34 +189,51 @@ class Licensing:
             v = Violations()
             check_policy(v, updated)
             v.raise_if_any()
+            if not token:
+                token = new_token()
+                await self.store.mark_pending(patch.id, token)
+                await failpoints.hit("update_policy.marked")
             rev = await self.store.update_policy(updated, current.revision)
             if rev < 0:
                 raise not_found(Reason.POLICY_NOT_FOUND, "policy", patch.id)
             if rev > 0:
-                updated.revision = rev
-                await self._propagate(updated)
-                return updated
+                await failpoints.hit("update_policy.updated")
+                return await self._propagate(updated, rev, token)
         raise MeterError(
             Reason.STORAGE_UNAVAILABLE,
             "policy is being updated concurrently; retry",
+            metadata={"outcome": "not_applied"},
             retry_after_ms=100,
         )
 
-    async def _propagate(self, p: Policy) -> None:
-        """Copies the policy into each of its licenses (their scripts read only their own keys)."""
-        after = ""
-        while True:
-            batch = await self.store.list_license_ids(p.id, after, _PROPAGATE_BATCH)
-            if not batch:
-                return
-            await asyncio.gather(*(self.store.follow_policy(lid, p) for lid in batch))
-            after = batch[-1]
+    async def _propagate(self, updated: Policy, rev: int, token: str) -> Policy:
+        try:
+            followed = await self.propagator.changed(updated.id)
+            if followed >= rev:
+                await self.store.clear_pending(updated.id, token)
+        except MeterError as exc:
+            if exc.reason != Reason.STORAGE_UNAVAILABLE:
+                raise
+            raise MeterError(
+                Reason.STORAGE_UNAVAILABLE,
+                f"the policy changed (revision {rev}) but not every license follows it yet; "
+                "the change reaches them by itself once the store answers (GetPolicy: "
+                "propagated_revision)",
+                metadata={"outcome": "applied", "revision": str(rev), "propagation": "pending"},
+                retry_after_ms=exc.retry_after_ms or 500,
+            ) from exc
+        current = await self.store.get_policy(updated.id)
+        if current is None:
+            raise not_found(Reason.POLICY_NOT_FOUND, "policy", updated.id)
+        return current
 
     async def delete_policy(self, policy_id: str) -> None:
         v = Violations()
         v.identifier("id", policy_id)
         v.raise_if_any()
         n = await self.store.delete_policy(policy_id)
+        if n > 0 and await self._drop_ghost_licenses(policy_id):
+            n = await self.store.delete_policy(policy_id)
         if n < 0:
             raise not_found(Reason.POLICY_NOT_FOUND, "policy", policy_id)
         if n > 0:
@@ -147,56 +243,118 @@ class Licensing:
                 metadata={"id": policy_id, "licenses": str(n)},
             )
 
+    async def _drop_ghost_licenses(self, policy_id: str) -> bool:
+        """Removes the ids registered with a policy whose license will never exist (a create
+        or delete cut short). True when every registered id was one."""
+        after = ""
+        while True:
+            page = await self.store.list_license_ids(policy_id, after, 500)
+            if not page:
+                return True
+            states = await self.store.license_states(page)
+            await self._repair(page, states, policy_id)
+            if not all(is_ghost(i, st) for i, st in zip(page, states, strict=True)):
+                return False
+            after = page[-1]
+
+    async def _repair(
+        self, license_ids: Sequence[str], states: Sequence[int], policy_id: str
+    ) -> None:
+        """Drops ghost license ids (see license_states) from the index and their policy's list."""
+        ghosts = [i for i, st in zip(license_ids, states, strict=True) if is_ghost(i, st)]
+        if not ghosts:
+            return
+        if policy_id:
+            await asyncio.gather(*(self.store.detach_license(policy_id, g) for g in ghosts))
+        await self.store.unindex([], ghosts)
+
     # --- licenses -------------------------------------------------------------------------
 
-    async def create_license(self, lic: License) -> License:
+    async def create_license(self, lic: License, request_id: str = "") -> License:
         v = Violations()
         v.identifier("license.policy_id", lic.policy_id)
         check_license(v, lic)
         if lic.key:
             check_key(v, "license.key", lic.key)
+        v.request_id("request_id", request_id)
         v.raise_if_any()
+        fields = {a: getattr(lic, a) for a in (*LICENSE_MASK.values(), "policy_id", "key")}
+        # A license's request_id is scoped to its policy (the parent, as in AIP-155).
+        scoped = f"{lic.policy_id}/{request_id}" if request_id else ""
+        record = await self._bind(
+            "license", scoped, _fingerprint(fields), lic.key or ids.new_license_key()
+        )
         now = self.clock.now_ms()
-        lic = dataclasses.replace(lic, id=ids.new_id(), create_time_ms=now, update_time_ms=now)
-        policy = await self.store.attach_license(lic.policy_id, lic.id)
+        if record is not None and isinstance(record.answer, License):
+            return periods.as_read_now(record.answer, now)
+        license_id = record.id if record is not None else ids.new_id()
+        if record is not None:
+            lic = dataclasses.replace(lic, key=record.secret)
+        for _ in range(2):
+            created = await self._create_license(lic, license_id, now)
+            if created is not None:
+                created = await self._finish("license", scoped, created)
+                return periods.as_read_now(created, now)
+            license_id = await self._rebind("license", scoped, license_id)
+        raise _unavailable("the create took too long; retry", "not_applied")
+
+    async def _create_license(self, lic: License, license_id: str, now: int) -> License | None:
+        """Registers the id with its policy, claims its key, indexes it, then writes it: every
+        entry that can point at a license exists before the license. None when the create
+        window passed first (its entries are dropped again)."""
+        policy = await self.store.attach_license(lic.policy_id, license_id)
         if policy is None:
             raise not_found(Reason.POLICY_NOT_FOUND, "policy", lic.policy_id)
-        claimed = ""
-        try:
-            v = Violations()
-            check_license_with_policy(v, lic, policy)
+        await failpoints.hit("create_license.attached")
+        v = Violations()
+        check_license_with_policy(v, lic, policy)
+        if v.items:
+            await self.store.detach_license(lic.policy_id, license_id)
             v.raise_if_any()
-            if lic.key:
-                if not await self.store.claim_key(lic.key, lic.id):
-                    raise MeterError(
-                        Reason.LICENSE_KEY_TAKEN,
-                        "another license has this key",
-                        metadata={"field": "license.key"},
-                    )
-            else:
-                lic.key = ids.new_license_key()
-                while not await self.store.claim_key(lic.key, lic.id):  # 150 random bits: ~never
-                    lic.key = ids.new_license_key()
-            claimed = lic.key
-            lic.policy = policy
-            if lic.expire_time_ms is None and policy.duration_ms is not None:
-                lic.expire_time_ms = now + policy.duration_ms
-            bounds = periods.period_bounds(now, policy.usage_reset_interval)
-            lic.period_start_ms = bounds[0] if bounds else 0
-            lic.uses = lic.machines_count = lic.cores_count = 0
-            await self.store.create_license(lic)
-        except BaseException:
-            # Undo what this call did, so a refused or failed create leaves nothing behind.
-            if claimed:
-                await self.store.release_key(claimed)
+        lic = dataclasses.replace(
+            lic, id=license_id, create_time_ms=now, update_time_ms=now, policy=policy
+        )
+        lic.key = lic.key or ids.new_license_key()
+        await self._claim_key(lic)
+        await failpoints.hit("create_license.key_claimed")
+        await self.store.index(license_id=license_id)
+        await failpoints.hit("create_license.indexed")
+        if lic.expire_time_ms is None and policy.duration_ms is not None:
+            lic.expire_time_ms = now + policy.duration_ms
+        bounds = periods.period_bounds(now, policy.usage_reset_interval)
+        lic.period_start_ms = bounds[0] if bounds else 0
+        lic.uses = lic.machines_count = lic.cores_count = 0
+        status, created = await self.store.create_license(
+            lic,
+            now_ms=ids.wall_ms(),
+            minted_ms=ids.minted_ms(license_id) or 0,
+            window_ms=propagation.CREATE_WINDOW_MS,
+        )
+        if status == 3:
+            raise MeterError(
+                Reason.LICENSE_NOT_FOUND,
+                f"the license this request created ({license_id}) has been deleted since",
+                metadata={"id": license_id},
+            )
+        if created is None:  # never written, and never will be: drop what points at it
+            await self.store.release_key(lic.key, license_id)
+            await self.store.detach_license(lic.policy_id, license_id)
+            await self.store.unindex([], [license_id])
+        return created
+
+    async def _claim_key(self, lic: License) -> None:
+        """Points the key at the license; takes it over from a ghost (a license that will
+        never exist), else LICENSE_KEY_TAKEN (and the license leaves its policy's list)."""
+        holder = await self.store.claim_key(lic.key, lic.id)
+        if holder and is_ghost(holder, (await self.store.license_states([holder]))[0]):
+            holder = await self.store.claim_key(lic.key, lic.id, ghost=holder)
+        if holder:
             await self.store.detach_license(lic.policy_id, lic.id)
-            raise
-        # A policy update that ran between attach and create skipped this license: catch up.
-        latest = await self.store.get_policy(lic.policy_id)
-        if latest is not None and latest.revision > policy.revision:
-            await self.store.follow_policy(lic.id, latest)
-            lic.policy = latest
-        return periods.as_read_now(lic, now)
+            raise MeterError(
+                Reason.LICENSE_KEY_TAKEN,
+                "another license has this key",
+                metadata={"field": "license.key"},
+            )
 
     async def get_license(self, license_id: str, field: str = "id") -> License:
         v = Violations()
@@ -227,7 +385,7 @@ class Licensing:
         if license_id is None:
             return None
         lic = await self.store.get_license(license_id)
-        if lic is None:
+        if lic is None or lic.key != key:  # an entry left by a create or delete cut short
             return None
         return KeyHolder(lic.id, lic.expire_time_ms, lic.policy.expiration_strategy)
 
@@ -245,6 +403,10 @@ class Licensing:
         page_ids = page_ids[:size]
         now = self.clock.now_ms()
         stored = await self.store.get_licenses(page_ids)
+        found = {lic.id for lic in stored}
+        missing = [i for i in page_ids if i not in found]
+        if missing:
+            await self._repair(missing, await self.store.license_states(missing), policy_id)
         live = await asyncio.gather(*(self._live(lic, now) for lic in stored))
         licenses = [periods.as_read_now(lic, now) for lic in live]
         return licenses, paging.encode(page_ids[-1], scope) if more else ""
@@ -272,11 +434,21 @@ class Licensing:
         return periods.as_read_now(await self._live(lic, now), now)
 
     async def delete_license(self, license_id: str) -> None:
+        """Deletes the license, then what points at it (its key entry, its policy's list, the
+        index): a crash in between leaves entries pointing nowhere, which readers skip."""
         v = Violations()
         v.identifier("id", license_id)
         v.raise_if_any()
-        if not await self.store.delete_license(license_id):
+        deleted = await self.store.delete_license(license_id, max(propagation.GHOST_AFTER_MS, 1))
+        if deleted is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        key, policy_id = deleted
+        await failpoints.hit("delete_license.deleted")
+        await self.store.release_key(key, license_id)
+        await failpoints.hit("delete_license.key_released")
+        await self.store.detach_license(policy_id, license_id)
+        await failpoints.hit("delete_license.detached")
+        await self.store.unindex([], [license_id])
 
     async def suspend_license(self, license_id: str) -> License:
         """Idempotent: suspending a suspended license changes nothing but update_time."""

@@ -9,12 +9,20 @@ into errors. Dead floating machines are removed by those same scripts, before th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from meter_grpc.domain import ids, paging
 from meter_grpc.domain.clock import Clock
-from meter_grpc.domain.errors import FieldViolation, MeterError, Reason, not_found
+from meter_grpc.domain.errors import (
+    FieldViolation,
+    MeterError,
+    Reason,
+    not_found,
+    request_id_reused,
+)
 from meter_grpc.domain.models import Machine, Slots
 from meter_grpc.domain.rules import Violations, check_machine
 
@@ -39,20 +47,28 @@ class Machines:
         self.store = store
         self.clock = clock
 
-    async def activate(self, m: Machine) -> Machine:
+    async def activate(self, m: Machine, request_id: str = "") -> Machine:
+        """One script checks and activates; with a request_id a retry gets the first answer."""
         v = Violations()
         v.identifier("license_id", m.license_id)
         v.fingerprint("fingerprint", m.fingerprint)
         check_machine(v, m)
+        v.request_id("request_id", request_id)
         v.raise_if_any()
         now = self.clock.now_ms()
+        digest = ""
+        if request_id:
+            args = [m.fingerprint, m.cores, m.name, m.hostname, m.platform, m.metadata]
+            digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:32]
         for _ in range(_ID_RETRIES):  # CONFLICT: the minted id exists (never, in practice)
             m = dataclasses.replace(
                 m, id=ids.new_machine_id(m.license_id), create_time_ms=now, last_heartbeat_ms=now
             )
-            result = await self.store.activate_machine(m, now)
+            result = await self.store.activate_machine(m, now, request_id, digest)
             if result.status.name != "CONFLICT":
                 break
+        if result.status.name == "REQUEST_ID_REUSED":
+            raise request_id_reused(request_id, license_id=m.license_id)
         return self._machine(result, m.license_id, "", requested_cores=m.cores, fp=m.fingerprint)
 
     async def deactivate(self, machine_id: str) -> None:

@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from meter_grpc.domain import periods
 from meter_grpc.domain.clock import Clock
-from meter_grpc.domain.errors import FieldViolation, MeterError, Reason, not_found
+from meter_grpc.domain.errors import (
+    MeterError,
+    Reason,
+    not_found,
+    request_id_reused,
+)
 from meter_grpc.domain.models import (
     RecordOutcome,
     RecordResult,
@@ -185,14 +190,5 @@ class Metering:
         if status == "LICENSE_EXPIRED":
             raise MeterError(Reason.LICENSE_EXPIRED, "the license has expired", metadata=meta)
         if status == "REQUEST_ID_REUSED":
-            raise MeterError(
-                Reason.REQUEST_ID_REUSED,
-                f"request_id {request_id!r} was used with other arguments",
-                metadata={
-                    "license_id": license_id,
-                    "request_id": request_id,
-                    "field": "request_id",
-                },
-                violations=(FieldViolation("request_id", "was used before with other arguments"),),
-            )
+            raise request_id_reused(request_id, license_id=license_id)
         raise AssertionError(f"unknown usage status {status}")

@@ -89,6 +89,9 @@ class Policy:
     update_time_ms: int = 0
     # Incremented by every update; licenses keep the revision of the policy they follow.
     revision: int = 1
+    # The newest revision every license of the policy follows (kept beside the policy, not in
+    # its JSON): lower than `revision` while a change is still being propagated.
+    propagated_revision: int = 0
 
 
 @dataclass(slots=True)

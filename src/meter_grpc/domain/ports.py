@@ -60,6 +60,7 @@ class MachineStatus(enum.IntEnum):
     CORE_LIMIT_EXCEEDED = 7
     CORES_REQUIRED = 8
     CONFLICT = 9
+    REQUEST_ID_REUSED = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,16 @@ class MachineResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CreateRecord:
+    """The idempotency record of a create: the id it creates, a secret it generated (the
+    license key) and, once done, its answer."""
+
+    id: str
+    secret: str
+    answer: Policy | License | None
+
+
+@dataclass(frozen=True, slots=True)
 class LicenseRead:
     """A license read after its dead machines were removed, with a fingerprint's state."""
 
@@ -94,7 +105,10 @@ class LicenseRead:
 class Store(Protocol):
     """Every read and write the domain makes."""
 
-    async def create_policy(self, p: Policy) -> None: ...
+    async def create_policy(
+        self, p: Policy, *, now_ms: int, minted_ms: int, window_ms: int
+    ) -> tuple[int, Policy | None]:
+        """(1, policy) created, (2, policy) it existed, (0, None) the create window passed."""
 
     async def get_policy(self, policy_id: str) -> Policy | None: ...
 
@@ -109,21 +123,53 @@ class Store(Protocol):
     async def update_policy(self, p: Policy, expected_revision: int) -> int:
         """New revision; 0 on a revision conflict; -1 when the policy is gone."""
 
+    async def policy_propagated(self, policy_id: str, revision: int) -> int:
+        """Records that every license follows `revision`; the policy's revision now (-1: gone)."""
+
+    async def mark_pending(self, policy_id: str, token: str) -> None: ...
+
+    async def clear_pending(self, policy_id: str, token: str) -> bool:
+        """Drops the pending mark of a policy if it is still `token`."""
+
+    async def pending_policies(self) -> dict[str, str]: ...
+
+    async def lease(self, policy_id: str, owner: str, ttl_ms: int, *, renew: bool) -> bool: ...
+
+    async def release_lease(self, policy_id: str, owner: str) -> None: ...
+
     async def delete_policy(self, policy_id: str) -> int:
-        """0 deleted, -1 not found, n > 0: licenses still use it."""
+        """0 deleted, -1 not found, n > 0: n license ids are registered with it."""
 
     async def attach_license(self, policy_id: str, license_id: str) -> Policy | None: ...
 
     async def detach_license(self, policy_id: str, license_id: str) -> None: ...
 
-    async def follow_policy(self, license_id: str, p: Policy) -> bool: ...
+    async def index(self, policy_id: str = "", license_id: str = "") -> None: ...
 
-    async def claim_key(self, key: str, license_id: str) -> bool:
-        """Reserves a license key for a license; False when another license has it."""
+    async def unindex(self, policy_ids: Sequence[str], license_ids: Sequence[str]) -> None: ...
 
-    async def release_key(self, key: str) -> None: ...
+    async def follow_policy(self, license_id: str, p: Policy, mailbox_ttl_ms: int = 0) -> int:
+        """1 applied, 0 already following (or gone for good), 2 left in the mailbox."""
 
-    async def create_license(self, lic: License) -> None: ...
+    async def begin_create(
+        self, kind: str, request_id: str, fingerprint: str, new_id: str, secret: str = ""
+    ) -> CreateRecord | None:
+        """Binds a create's request_id to an id; None when it was used for another request."""
+
+    async def rebind_create(self, kind: str, request_id: str, old_id: str, new_id: str) -> bool: ...
+
+    async def finish_create(self, kind: str, request_id: str, answer: Policy | License) -> None: ...
+
+    async def claim_key(self, key: str, license_id: str, ghost: str = "") -> str:
+        """ "" when the license holds the key now, else the id of the license holding it."""
+
+    async def release_key(self, key: str, license_id: str) -> None: ...
+
+    async def create_license(
+        self, lic: License, *, now_ms: int, minted_ms: int, window_ms: int
+    ) -> tuple[int, License | None]:
+        """(1, license) created, (2, license) it existed, (0, None) the create window passed,
+        (3, None) it was created and deleted since."""
 
     async def license_id_by_key(self, key: str) -> str | None: ...
 
@@ -131,12 +177,16 @@ class Store(Protocol):
 
     async def get_licenses(self, ids: Sequence[str]) -> list[License]: ...
 
+    async def license_states(self, ids: Sequence[str]) -> list[int]:
+        """Per id: 1 the license exists, -1 it was deleted recently, 0 neither."""
+
     async def update_license(
         self, license_id: str, changes: dict[str, object], now_ms: int
     ) -> License | None:
         """Sets License attributes (by attribute name) and `update_time`; None if gone."""
 
-    async def delete_license(self, license_id: str) -> bool: ...
+    async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
+        """Deletes the license and its keys: its (key, policy id); None if it is gone."""
 
     async def usage(
         self,
@@ -170,7 +220,9 @@ class Store(Protocol):
     ) -> tuple[int, list[str]] | None:
         """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic."""
 
-    async def activate_machine(self, m: Machine, now_ms: int) -> MachineResult:
+    async def activate_machine(
+        self, m: Machine, now_ms: int, request_id: str = "", digest: str = ""
+    ) -> MachineResult:
         """Runs machine_activate.lua; the machine's id must embed its license id."""
 
     async def deactivate_machine(

@@ -30,11 +30,14 @@ def _parse_opt(value: str | None) -> int | None:
 
 
 def policy_to_json(p: Policy) -> str:
-    return json.dumps(asdict(p), separators=(",", ":"), sort_keys=True)
+    d = asdict(p)
+    del d["propagated_revision"]  # stored beside the JSON (`synced`), never in a snapshot
+    return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
 
 def policy_from_json(text: str) -> Policy:
     d: dict[str, Any] = json.loads(text)
+    d.pop("propagated_revision", None)
     p = Policy(**d)
     p.expiration_strategy = ExpirationStrategy(p.expiration_strategy)
     p.overage_strategy = OverageStrategy(p.overage_strategy)
@@ -163,3 +166,25 @@ def machine_from_json(text: str, last_heartbeat_ms: int) -> Machine:
 def flat_to_dict(flat: list[str]) -> dict[str, str]:
     """HGETALL as returned from a script (a flat field, value list)."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def answer_to_text(answer: Policy | License) -> str:
+    """The stored answer of a create (create_record.lua)."""
+    if isinstance(answer, Policy):
+        return json.dumps(
+            {
+                "policy": policy_to_json(answer),
+                "rev": answer.revision,
+                "synced": answer.propagated_revision,
+            }
+        )
+    return json.dumps({"license": license_to_hash(answer)})
+
+
+def answer_from_text(kind: str, text: str) -> Policy | License:
+    d: dict[str, Any] = json.loads(text)
+    if kind == "policy":
+        p = policy_from_json(d["policy"])
+        p.revision, p.propagated_revision = int(d["rev"]), int(d["synced"])
+        return p
+    return license_from_hash(d["license"])

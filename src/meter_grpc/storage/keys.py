@@ -32,6 +32,18 @@ def request_record(license_id: str, request_id: str) -> str:
     return f"{_lic(license_id)}:req:{request_id}"
 
 
+def policy_mailbox(license_id: str) -> str:
+    """Hash: a policy snapshot (the `p_*` fields and `p_rev`) that reached a license still
+    being created; the create script applies it. Expires after the create window."""
+    return f"{_lic(license_id)}:policy"
+
+
+def license_tombstone(license_id: str) -> str:
+    """String: left by a delete for a while, so that what still points at the license is
+    known to be stale at once and a late create of the same id does not bring it back."""
+    return f"{_lic(license_id)}:gone"
+
+
 def usage_record(license_id: str, record_id: str) -> str:
     """String: a SyncUsage record id that was applied (expires after 30 days)."""
     return f"{_lic(license_id)}:rec:{record_id}"
@@ -73,6 +85,13 @@ def machine_keys(license_id: str) -> list[str]:
     ]
 
 
+def create_request(kind: str, request_id: str) -> str:
+    """Hash: the idempotency record of a create (`fp`, `id`, then `answer`), 24 h. The request
+    id is hashed: a caller's text never shapes a key name."""
+    digest = hashlib.sha256(request_id.encode()).hexdigest()[:40]
+    return f"{PREFIX}:{{req:{kind}:{digest}}}"
+
+
 def license_by_key(key: str) -> str:
     """String: license id of a license key (stored by digest: one read per lookup)."""
     digest = hashlib.sha256(key.encode()).hexdigest()
@@ -87,6 +106,18 @@ def policy(policy_id: str) -> str:
 def policy_licenses(policy_id: str) -> str:
     """Sorted set (all scores 0, ordered by id): the licenses of a policy."""
     return f"{PREFIX}:{{pol:{policy_id}}}:licenses"
+
+
+def policy_lease(policy_id: str) -> str:
+    """String: the replica propagating the policy's latest revision (expires unless renewed)."""
+    return f"{PREFIX}:{{pol:{policy_id}}}:lease"
+
+
+def pending_propagations() -> str:
+    """Hash: policy id -> token, for every policy whose latest revision may not have reached
+    all its licenses yet. Set before a policy changes, removed once the change has reached
+    every license (only by whoever saw the same token)."""
+    return f"{PREFIX}:propagations"
 
 
 def all_policies() -> str:

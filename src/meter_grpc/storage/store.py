@@ -29,10 +29,16 @@ from meter_grpc.domain.models import (
     UsageEvent,
     UsageEventType,
 )
-from meter_grpc.domain.ports import LicenseRead, MachineResult, UsageResult
+from meter_grpc.domain.ports import CreateRecord, LicenseRead, MachineResult, UsageResult
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.commands import RedisClient
-from meter_grpc.storage.scripts import MachineStatus, Scripts, SyncCode, UsageStatus
+from meter_grpc.storage.scripts import (
+    REQUEST_RECORD_TTL_MS,
+    MachineStatus,
+    Scripts,
+    SyncCode,
+    UsageStatus,
+)
 from meter_grpc.storage.transport import MaybeSent, NotSent, Unavailable
 
 P = ParamSpec("P")
@@ -119,21 +125,33 @@ class RedisStore:
 
     # --- policies -------------------------------------------------------------------------
 
+    @staticmethod
+    def _policy(json_text: str, rev: str | int | None, synced: str | int | None) -> Policy:
+        p = codec.policy_from_json(json_text)
+        p.revision = int(rev or 0)
+        p.propagated_revision = int(synced if synced is not None else p.revision)
+        return p
+
     @storage_call
-    async def create_policy(self, p: Policy) -> None:
-        await self.client.hset(
-            keys.policy(p.id), mapping={"json": codec.policy_to_json(p), "rev": p.revision}
+    async def create_policy(
+        self, p: Policy, *, now_ms: int, minted_ms: int, window_ms: int
+    ) -> tuple[int, Policy | None]:
+        """Writes the policy (policy_create.lua), once its id is indexed: (1, policy) created,
+        (2, policy) it existed already (a retried create), (0, None) the window had passed."""
+        row = await self.scripts.policy_create(
+            keys=[keys.policy(p.id)],
+            args=[codec.policy_to_json(p), now_ms, minted_ms, window_ms],
         )
-        await self.client.zadd(keys.all_policies(), {p.id: 0})
+        if row[0] == 0:
+            return 0, None
+        return int(row[0]), self._policy(row[1], row[2], row[3])
 
     @storage_call
     async def get_policy(self, policy_id: str) -> Policy | None:
-        json_text, rev = await self.client.hmget(keys.policy(policy_id), ["json", "rev"])
-        if json_text is None:
-            return None
-        p = codec.policy_from_json(json_text)
-        p.revision = int(rev or 0)
-        return p
+        json_text, rev, synced = await self.client.hmget(
+            keys.policy(policy_id), ["json", "rev", "synced"]
+        )
+        return None if json_text is None else self._policy(json_text, rev, synced)
 
     @storage_call
     async def _list_ids(self, index: str, after: str, limit: int) -> list[str]:
@@ -152,19 +170,10 @@ class RedisStore:
 
     @storage_call
     async def get_policies(self, ids: Sequence[str]) -> list[Policy]:
-        if not ids:
-            return []
-        # Concurrent calls share the pipelined connection(s): one round trip per node.
         rows = await asyncio.gather(
-            *(self.client.hmget(keys.policy(pid), ["json", "rev"]) for pid in ids)
+            *(self.client.hmget(keys.policy(pid), ["json", "rev", "synced"]) for pid in ids)
         )
-        out = []
-        for json_text, rev in rows:
-            if json_text is not None:
-                p = codec.policy_from_json(json_text)
-                p.revision = int(rev or 0)
-                out.append(p)
-        return out
+        return [self._policy(j, rev, synced) for j, rev, synced in rows if j is not None]
 
     @storage_call
     async def update_policy(self, p: Policy, expected_revision: int) -> int:
@@ -176,10 +185,51 @@ class RedisStore:
         return rev
 
     @storage_call
+    async def policy_propagated(self, policy_id: str, revision: int) -> int:
+        """Records that every license follows `revision`; the policy's revision now (-1: gone)."""
+        rev: int = await self.scripts.policy_propagated(
+            keys=[keys.policy(policy_id)], args=[revision]
+        )
+        return rev
+
+    @storage_call
+    async def mark_pending(self, policy_id: str, token: str) -> None:
+        await self.client.hset(keys.pending_propagations(), policy_id, token)
+
+    @storage_call
+    async def clear_pending(self, policy_id: str, token: str) -> bool:
+        """Drops the pending mark of a policy if it is still `token` (no newer change)."""
+        row = await self.scripts.cas(
+            keys=[keys.pending_propagations()], args=["hdel", policy_id, token]
+        )
+        return bool(row[0])
+
+    @storage_call
+    async def pending_policies(self) -> dict[str, str]:
+        """policy id -> token of every policy whose last change may not be propagated yet."""
+        marks: dict[str, str] = await self.client.hgetall(keys.pending_propagations())
+        return marks
+
+    @storage_call
+    async def lease(self, policy_id: str, owner: str, ttl_ms: int, *, renew: bool) -> bool:
+        """Takes (or, with renew, extends) the propagation lease of a policy for `owner`."""
+        args = ["expire", owner, ttl_ms] if renew else ["set", "", owner, ttl_ms]
+        row = await self.scripts.cas(keys=[keys.policy_lease(policy_id)], args=args)
+        return bool(row[0]) or (not renew and row[1] == owner)
+
+    @storage_call
+    async def release_lease(self, policy_id: str, owner: str) -> None:
+        await self.scripts.cas(keys=[keys.policy_lease(policy_id)], args=["del", owner])
+
+    @storage_call
     async def delete_policy(self, policy_id: str) -> int:
-        """0 deleted, -1 not found, n > 0: licenses still use it."""
+        """0 deleted, -1 not found, n > 0: n license ids are registered with it."""
         n: int = await self.scripts.policy_delete(
-            keys=[keys.policy(policy_id), keys.policy_licenses(policy_id)]
+            keys=[
+                keys.policy(policy_id),
+                keys.policy_licenses(policy_id),
+                keys.policy_lease(policy_id),
+            ]
         )
         if n == 0:
             await self.client.zrem(keys.all_policies(), policy_id)
@@ -190,40 +240,111 @@ class RedisStore:
         row = await self.scripts.policy_attach(
             keys=[keys.policy(policy_id), keys.policy_licenses(policy_id)], args=[license_id]
         )
-        if not row:
-            return None
-        p = codec.policy_from_json(row[0])
-        p.revision = int(row[1])
-        return p
+        return self._policy(row[0], row[1], None) if row else None
 
     @storage_call
     async def detach_license(self, policy_id: str, license_id: str) -> None:
         await self.client.zrem(keys.policy_licenses(policy_id), license_id)
 
     @storage_call
-    async def follow_policy(self, license_id: str, p: Policy) -> bool:
+    async def index(self, policy_id: str = "", license_id: str = "") -> None:
+        """Adds an id to the index of all policies or all licenses (before it exists)."""
+        if policy_id:
+            await self.client.zadd(keys.all_policies(), {policy_id: 0})
+        if license_id:
+            await self.client.zadd(keys.all_licenses(), {license_id: 0})
+
+    @storage_call
+    async def unindex(self, policy_ids: Sequence[str], license_ids: Sequence[str]) -> None:
+        """Removes ids that point nowhere from the indexes of all policies / all licenses."""
+        if policy_ids:
+            await self.client.zrem(keys.all_policies(), *policy_ids)
+        if license_ids:
+            await self.client.zrem(keys.all_licenses(), *license_ids)
+
+    @storage_call
+    async def follow_policy(self, license_id: str, p: Policy, mailbox_ttl_ms: int = 0) -> int:
+        """license_follow_policy.lua: 1 applied, 0 already following (or gone for good), 2 left
+        in the mailbox of a license being created (kept mailbox_ttl_ms)."""
         fields = codec.policy_snapshot_fields(p)
         flat = [x for kv in fields.items() for x in kv]
         applied: int = await self.scripts.license_follow_policy(
-            keys=[keys.license(license_id)], args=[p.revision, *flat]
+            keys=[keys.license(license_id), keys.policy_mailbox(license_id)],
+            args=[p.revision, mailbox_ttl_ms, *flat],
         )
-        return applied == 1
+        return applied
+
+    # --- idempotent creates ---------------------------------------------------------------
+
+    @storage_call
+    async def begin_create(
+        self, kind: str, request_id: str, fingerprint: str, new_id: str, secret: str = ""
+    ) -> CreateRecord | None:
+        """Binds a create's request_id to an id (create_record.lua); None when the request id
+        was used for another request."""
+        row = await self.scripts.create_record(
+            keys=[keys.create_request(kind, request_id)],
+            args=["begin", fingerprint, new_id, REQUEST_RECORD_TTL_MS, secret],
+        )
+        if row[0] == 0:
+            return None
+        answer: Policy | License | None = None
+        if row[2]:
+            answer = codec.answer_from_text(kind, row[2])
+        return CreateRecord(id=str(row[1]), secret=str(row[3]), answer=answer)
+
+    @storage_call
+    async def rebind_create(self, kind: str, request_id: str, old_id: str, new_id: str) -> bool:
+        done = await self.scripts.create_record(
+            keys=[keys.create_request(kind, request_id)], args=["rebind", old_id, new_id]
+        )
+        return bool(done)
+
+    @storage_call
+    async def finish_create(self, kind: str, request_id: str, answer: Policy | License) -> None:
+        await self.scripts.create_record(
+            keys=[keys.create_request(kind, request_id)],
+            args=["finish", answer.id, codec.answer_to_text(answer)],
+        )
 
     # --- licenses -------------------------------------------------------------------------
 
     @storage_call
-    async def claim_key(self, key: str, license_id: str) -> bool:
-        """Reserves a license key for a license; False when another license has it."""
-        return bool(await self.client.set(keys.license_by_key(key), license_id, nx=True))
+    async def claim_key(self, key: str, license_id: str, ghost: str = "") -> str:
+        """Reserves a license key for a license. Returns "" when the license holds it now,
+        else the id of the license holding it. With `ghost`, takes it over from that holder
+        (whose license does not exist) only if it still holds it."""
+        row = await self.scripts.cas(
+            keys=[keys.license_by_key(key)], args=["set", ghost, license_id, ""]
+        )
+        if row[0] or row[1] == license_id:
+            return ""
+        return str(row[1] or "")
 
     @storage_call
-    async def release_key(self, key: str) -> None:
-        await self.client.delete(keys.license_by_key(key))
+    async def release_key(self, key: str, license_id: str) -> None:
+        """Drops a key's entry if it still points at this license."""
+        await self.scripts.cas(keys=[keys.license_by_key(key)], args=["del", license_id])
 
     @storage_call
-    async def create_license(self, lic: License) -> None:
-        await self.client.hset(keys.license(lic.id), mapping=codec.license_to_hash(lic))
-        await self.client.zadd(keys.all_licenses(), {lic.id: 0})
+    async def create_license(
+        self, lic: License, *, now_ms: int, minted_ms: int, window_ms: int
+    ) -> tuple[int, License | None]:
+        """Writes the license (license_create.lua), once its id is registered with its policy,
+        its key and the index: (1, license) created, (2, license) it existed already (a retried
+        create), (0, None) the window had passed."""
+        flat = [x for kv in codec.license_to_hash(lic).items() for x in kv]
+        row = await self.scripts.license_create(
+            keys=[
+                keys.license(lic.id),
+                keys.policy_mailbox(lic.id),
+                keys.license_tombstone(lic.id),
+            ],
+            args=[now_ms, minted_ms, window_ms, *flat],
+        )
+        if row[0] in (0, 3):
+            return int(row[0]), None
+        return int(row[0]), codec.license_from_hash(codec.flat_to_dict(row[1]))
 
     @storage_call
     async def license_id_by_key(self, key: str) -> str | None:
@@ -237,10 +358,20 @@ class RedisStore:
 
     @storage_call
     async def get_licenses(self, ids: Sequence[str]) -> list[License]:
-        if not ids:
-            return []
         rows = await asyncio.gather(*(self.client.hgetall(keys.license(lid)) for lid in ids))
         return [codec.license_from_hash(h) for h in rows if h]
+
+    @storage_call
+    async def license_states(self, ids: Sequence[str]) -> list[int]:
+        """Per id: 1 the license exists, -1 it was deleted recently, 0 neither."""
+        found = await asyncio.gather(
+            *(self.client.exists(keys.license(lid)) for lid in ids),
+            *(self.client.exists(keys.license_tombstone(lid)) for lid in ids),
+        )
+        return [
+            1 if live else -1 if gone else 0
+            for live, gone in zip(found[: len(ids)], found[len(ids) :], strict=True)
+        ]
 
     @storage_call
     async def update_license(
@@ -254,17 +385,20 @@ class RedisStore:
         return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
 
     @storage_call
-    async def delete_license(self, license_id: str) -> bool:
+    async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
+        """Deletes the license with all its keys (license_delete.lua) and leaves a tombstone:
+        its (key, policy id), for the caller to drop it from the key lookup and the indexes;
+        None if it is gone."""
         row = await self.scripts.license_delete(
-            keys=[*keys.machine_keys(license_id), keys.license_events(license_id)]
+            keys=[
+                *keys.machine_keys(license_id),
+                keys.license_events(license_id),
+                keys.policy_mailbox(license_id),
+                keys.license_tombstone(license_id),
+            ],
+            args=[tombstone_ms],
         )
-        if not row:
-            return False
-        key, policy_id = row
-        await self.client.delete(keys.license_by_key(key))
-        await self.client.zrem(keys.policy_licenses(policy_id), license_id)
-        await self.client.zrem(keys.all_licenses(), license_id)
-        return True
+        return (str(row[0]), str(row[1])) if row else None
 
     # --- usage ----------------------------------------------------------------------------
 
@@ -366,19 +500,20 @@ class RedisStore:
         return MachineResult(status, slots, extra=str(extra[0]) if extra else "")
 
     @storage_call
-    async def activate_machine(self, m: Machine, now_ms: int) -> MachineResult:
-        """Runs machine_activate.lua; the machine's id must embed its license id."""
-        row = await self._machine_script(
-            "machine_activate",
-            m.license_id,
-            now_ms,
-            m.id,
-            m.fingerprint,
-            m.cores,
-            codec.machine_to_json(m),
-        )
+    async def activate_machine(
+        self, m: Machine, now_ms: int, request_id: str = "", digest: str = ""
+    ) -> MachineResult:
+        """Runs machine_activate.lua; the machine's id must embed its license id. With a
+        request_id, a retry gets the first answer back (the machine it activated)."""
+        script_keys = keys.machine_keys(m.license_id)
+        args: list[object] = [now_ms, DEAD_FINGERPRINTS_KEPT, m.id, m.fingerprint, m.cores]
+        args.append(codec.machine_to_json(m))
+        if request_id:
+            script_keys.append(keys.request_record(m.license_id, request_id))
+            args.append(digest)
+        row = await self.scripts.machine_activate(keys=script_keys, args=args)
         result = self._result(row)
-        if result.status == MachineStatus.OK:
+        if result.status == MachineStatus.OK and result.machine is None:
             m = dataclasses.replace(m, last_heartbeat_ms=now_ms)
             return dataclasses.replace(result, machine=m)
         return result

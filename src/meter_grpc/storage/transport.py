@@ -14,9 +14,10 @@ handshake and the same failure semantics. On a Cluster, the slot map comes from 
 each key goes to the primary of its slot, and calls to different nodes never wait for each
 other (a slow shard delays only its own calls).
 
-Handshake. On every (re)connect, AUTH and SELECT are written and answered before any other
-command is written on that socket; commands issued meanwhile wait for it. A handshake that
-fails (wrong password, unknown db) fails the waiting calls as NotSent.
+Handshake. On every (re)connect, AUTH and SELECT (or a PING when the URL needs neither) are
+written and answered before any other command is written on that socket; commands issued
+meanwhile wait for it. A handshake that fails (wrong password, unknown db, a socket closed
+before the answer) fails the waiting calls as NotSent.
 
 Failure semantics, decided by *where* a call failed, never by the text of an error:
 
@@ -219,6 +220,9 @@ class Options:
     timeout_s: float = 5.0
 
     def handshake(self) -> list[tuple[str | int, ...]]:
+        """AUTH and SELECT as the URL asks, else PING: a reply proves a server is there
+        (not just a proxy or a dying process that accepted the socket) before any call is
+        written, so a socket that dies at once fails its calls as NotSent, not MaybeSent."""
         hello: list[tuple[str | int, ...]] = []
         if self.password is not None:
             if self.username:
@@ -227,7 +231,7 @@ class Options:
                 hello.append(("AUTH", self.password))
         if self.db:
             hello.append(("SELECT", self.db))
-        return hello
+        return hello or [("PING",)]
 
 
 def is_cluster_url(url: str) -> bool:

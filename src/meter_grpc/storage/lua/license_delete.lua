@@ -1,7 +1,9 @@
 -- license_delete.lua: deletes a license with its machines and usage events.
 --
 -- KEYS[1]  license hash               (keys.license)
--- KEYS[2..] the license's other keys: machines, fingerprints, heartbeats, events
+-- KEYS[2..] the license's other keys: machines, fingerprints, heartbeats, dead fingerprints,
+--           events, policy mailbox; the last one is the tombstone (keys.license_tombstone)
+-- ARGV[1]  how long the tombstone stays (ms)
 --
 -- Returns {key, policy_id} of the deleted license (for the caller to drop it from the key
 -- lookup and the indexes), or false when it does not exist.
@@ -11,4 +13,5 @@ if not f[1] then
   return false
 end
 redis.call('DEL', unpack(KEYS))
+redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[1])
 return f

@@ -3,50 +3,91 @@
 -- moves the counters in one step.
 --
 -- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
+-- KEYS[6]  optional: idempotency record     (keys.request_record), only with a request_id
 -- ARGV[3]  machine id (minted by the caller, embeds the license id)
 -- ARGV[4]  fingerprint
 -- ARGV[5]  cores (0 .. 2^20)
 -- ARGV[6]  machine JSON
+-- ARGV[7]  with KEYS[6]: digest of the request's arguments
 --
 -- Returns answer(status, l, extra): extra is the machine id holding the fingerprint for
 -- FINGERPRINT_TAKEN. Refused: suspended licenses, and expired ones unless ALLOW_ACCESS (4).
 -- The counters in the answer are after the activation (OK) or at the refusal.
+-- With a request_id the outcome is stored ("<digest>|<status>|<extra>", where extra is
+-- "<activation time>|<machine JSON>" for OK) for REQUEST_RECORD_TTL_MS; a retry with the same
+-- digest gets it back as answer(0, l, json, activation time) or the same refusal, another
+-- digest gets 10 (REQUEST_ID_REUSED). Nothing is activated twice.
 
 local id, fp, cores = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local rec = KEYS[6]
 
 local l = load_license()
 if not l then
   return NO_LICENSE
 end
 prune(l)
-if l.max_cores ~= nil and cores < 1 then
-  return answer(8, l)
-end
-if l.suspended then
-  return answer(3, l)
-end
-if expired(l) and l.strategy ~= 4 then
-  return answer(4, l)
-end
-local holder = redis.call('HGET', FPS, fp)
-if holder then
-  return answer(5, l, holder)
-end
-if redis.call('HEXISTS', MACHINES, id) == 1 then
-  return answer(9, l)
-end
-if l.machine_ceiling ~= nil and l.machines + 1 > l.machine_ceiling then
-  return answer(6, l)
-end
-if l.core_ceiling ~= nil and l.cores + cores > l.core_ceiling then
-  return answer(7, l)
+
+if rec then
+  local stored = redis.call('GET', rec)
+  if stored then
+    local digest, status, extra = string.match(stored, '^([^|]*)|(%d+)|(.*)$')
+    if digest ~= ARGV[7] then
+      return answer(10, l)
+    end
+    status = tonumber(status)
+    if status == 0 then
+      local at, json = string.match(extra, '^(%d+)|(.*)$')
+      return answer(0, l, json, at)
+    end
+    if extra == '' then
+      return answer(status, l)
+    end
+    return answer(status, l, extra)
+  end
 end
 
-redis.call('HSET', MACHINES, id, ARGV[6])
-redis.call('HSET', FPS, fp, id)
-redis.call('ZADD', HBS, int(NOW), id)
-redis.call('ZREM', DEAD, fp)
-l.machines = l.machines + 1
-l.cores = l.cores + cores
-save_counters(l)
-return answer(0, l)
+local function activate()
+  if l.max_cores ~= nil and cores < 1 then
+    return 8
+  end
+  if l.suspended then
+    return 3
+  end
+  if expired(l) and l.strategy ~= 4 then
+    return 4
+  end
+  local holder = redis.call('HGET', FPS, fp)
+  if holder then
+    return 5, holder
+  end
+  if redis.call('HEXISTS', MACHINES, id) == 1 then
+    return 9
+  end
+  if l.machine_ceiling ~= nil and l.machines + 1 > l.machine_ceiling then
+    return 6
+  end
+  if l.core_ceiling ~= nil and l.cores + cores > l.core_ceiling then
+    return 7
+  end
+  redis.call('HSET', MACHINES, id, ARGV[6])
+  redis.call('HSET', FPS, fp, id)
+  redis.call('ZADD', HBS, int(NOW), id)
+  redis.call('ZREM', DEAD, fp)
+  l.machines = l.machines + 1
+  l.cores = l.cores + cores
+  save_counters(l)
+  return 0
+end
+
+local status, extra = activate()
+if rec and status ~= 9 then
+  local kept = extra or ''
+  if status == 0 then
+    kept = int(NOW) .. '|' .. ARGV[6]
+  end
+  redis.call('SET', rec, ARGV[7] .. '|' .. status .. '|' .. kept, 'PX', REQUEST_RECORD_TTL_MS)
+end
+if extra then
+  return answer(status, l, extra)
+end
+return answer(status, l)
