@@ -44,8 +44,8 @@ def test_settings_defaults_and_parsing(tmp_path: Path) -> None:
     for env in (
         {"METER_TLS_CERT": "c.pem"},
         {"METER_TLS_CLIENT_CA": "ca.pem"},
-        {"METER_REDIS_POOL_SIZE": "lots"},
-        {"METER_REDIS_POOL_SIZE": "0"},
+        {"METER_REDIS_TIMEOUT": "lots"},
+        {"METER_REDIS_TIMEOUT": "0"},
     ):
         with pytest.raises(ConfigError):
             Settings.from_env(env)

@@ -26,7 +26,6 @@ class Settings:
     tls_client_ca: Path | None = None
     metrics_listen: str = ""
     signing_key_file: Path | None = None
-    redis_pool_size: int = 64
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -65,7 +64,6 @@ class Settings:
             tls_client_ca=path("METER_TLS_CLIENT_CA"),
             metrics_listen=get("METER_METRICS_LISTEN"),
             signing_key_file=path("METER_SIGNING_KEY_FILE"),
-            redis_pool_size=int(number("METER_REDIS_POOL_SIZE", "64", int)),
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=(get("METER_LOG_LEVEL") or "INFO").upper(),
