@@ -41,6 +41,7 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+	$(PY) bench/propagation.py
 
 # The optional extra `glide` (valkey-glide) is installed for this target only.
 $(GLIDE_STAMP): $(STAMP) pyproject.toml
