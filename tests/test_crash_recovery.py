@@ -106,7 +106,7 @@ async def test_grace_period_ends_during_update_policy(
     monkeypatch.setenv("METER_SHUTDOWN_GRACE", "1")
     monkeypatch.setenv("METER_FAILPOINTS", "propagate.page=hang")
     await proc.start()
-    policy_id, ids = await policy_with_licenses(proc, 1000)
+    policy_id, ids = await policy_with_licenses(proc, 5000)
     async with grpc.aio.insecure_channel(proc.target) as ch:
         call = lgrpc.LicenseServiceStub(ch).UpdatePolicy(
             update(policy_id, max_uses=10), metadata=proc.token()

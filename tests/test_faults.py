@@ -36,6 +36,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf import field_mask_pb2
 from redis.crc import key_slot
 
 from meter.v1 import license_service_pb2 as lpb
@@ -50,6 +51,12 @@ from meter_grpc.storage.embedded import valkey_binary
 from tests.cluster import SLOTS, LocalCluster
 from tests.faultproxy import Connection, FaultProxy
 from tests.support import ADMIN_TOKEN, admin_md, rich_error
+from tests.test_propagation import (
+    assert_all_follow,
+    assert_enforced,
+    create_licenses,
+    wait_propagated,
+)
 
 CALLERS = 32
 REDIS_TIMEOUT_S = 0.5
@@ -733,3 +740,44 @@ async def test_cluster_slow_shard_delays_only_its_own_calls(crig: ClusterRig) ->
     assert latencies
     p50 = statistics.median(latencies)
     assert p50 < delay / 10, f"p50 {p50:.3f} s on the healthy nodes while one is {delay} s slow"
+
+
+@pytest.mark.slow
+async def test_redis_restarts_during_update_policy(rig: Rig) -> None:
+    """valkey stops while an UpdatePolicy is copying the change into 3,000 licenses and starts
+    again: the answer never says not_applied once the policy changed, and every license ends
+    up enforcing the new limit without restarting the service."""
+    policy = (
+        await rig.licenses.CreatePolicy(
+            lpb.CreatePolicyRequest(policy=policy_pb2.Policy(max_uses=100)), metadata=admin_md()
+        )
+    ).policy
+    ids = await create_licenses(rig.licenses, policy.id, 3000)
+    call = asyncio.ensure_future(
+        rig.licenses.UpdatePolicy(
+            lpb.UpdatePolicyRequest(
+                policy=policy_pb2.Policy(id=policy.id, max_uses=10),
+                update_mask=field_mask_pb2.FieldMask(paths=["max_uses"]),
+            ),
+            metadata=admin_md(),
+        )
+    )
+    for _ in range(int(WAIT_S / 0.001)):  # stop it once the policy has changed
+        if await rig.store.hget(keys.policy(policy.id), "rev") == "2":
+            break
+        await asyncio.sleep(0.001)
+    await rig.valkey.stop()
+    try:
+        answer = await call
+        assert answer.policy.propagated_revision == 2  # finished before the stop
+    except grpc.aio.AioRpcError as exc:
+        err = rich_error(exc)
+        assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+        assert err.metadata["outcome"] in ("applied", "unknown"), err
+    finally:
+        await rig.valkey.start()
+    p = await wait_propagated(rig.licenses, policy.id)
+    assert (p.revision, p.max_uses) == (2, 10)
+    await assert_all_follow(rig.store, ids, 2, 10)
+    await assert_enforced(rig.usage, ids[0], 10)
+    await rig.check_store()
