@@ -24,6 +24,7 @@ from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
+from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import ManualClock
 from meter_grpc.server import Service, build_server
 from meter_grpc.storage.embedded import EmbeddedServer
@@ -44,6 +45,23 @@ async def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     url = await server.start()
     yield url
     await server.stop()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+    """A valkey-server of the test's own (the embedded one, in a fresh data dir)."""
+    s = EmbeddedServer(tmp_path / "v")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+def failpoint() -> Iterator[Any]:
+    """failpoint(name, action="raise") arms one failpoint (domain/failpoints.py) for the
+    test; all are disarmed after it."""
+    yield lambda name, action="raise": failpoints.arm({name: action})
+    failpoints.arm({})
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ from meter_grpc.storage.embedded import (
 from tests.support import alive, until
 
 LOGGER = "meter_grpc.storage.embedded"
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
-    s = EmbeddedServer(tmp_path / "v")
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def _get(url: str, key: str) -> bytes | None:

@@ -7,7 +7,6 @@ create retried with its request_id completes exactly once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -33,12 +32,6 @@ DELETE_LICENSE_STEPS = [
     "delete_license.key_released",
     "delete_license.detached",
 ]
-
-
-@pytest.fixture
-def failpoint() -> Iterator[Any]:
-    yield lambda name, action="raise": failpoints.arm({name: action})
-    failpoints.arm({})
 
 
 @pytest.fixture

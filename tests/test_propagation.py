@@ -6,7 +6,6 @@ store and proves enforcement with real increments."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -25,12 +24,6 @@ from tests.conftest import Running
 from tests.support import admin_md, expect_error
 
 FOLLOW_WITHIN_S = 30
-
-
-@pytest.fixture
-def failpoint() -> Iterator[Any]:
-    yield lambda name, action="raise": failpoints.arm({name: action})
-    failpoints.arm({})
 
 
 async def create_licenses(

@@ -38,14 +38,6 @@ from tests.support import RichError, expect_error
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
-    s = EmbeddedServer(tmp_path / "v")
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
 async def tcp_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
     """A data dir too deep for a unix socket: the embedded server listens on loopback with a
     password instead."""
