@@ -8,10 +8,15 @@ The base is what this branch started from: the merge-base of HEAD with `main` (o
 the last commit (HEAD~1) is compared instead. The base's protos/meter files are built together
 with the *current* vendored protos/google, so the check also works against commits from
 before the googleapis files were vendored (their buf.yaml needed the BSR).
+
+A base file without any language option (go_package, java_package, ...: the files had none
+before they were first set) is compared as if it had the current file's options: setting them
+the first time broke no published code, changing them later is reported.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUF = Path(sys.executable).parent / "buf"
 CHECKED = "protos/meter"
+OPTION = re.compile(r"^option \w+ = .*;\n", re.M)
+PACKAGE = re.compile(r"^package [\w.]+;\n", re.M)
+
+
+def _with_current_options(old: str, current: Path) -> str:
+    if OPTION.search(old) or not current.exists() or not (found := PACKAGE.search(old)):
+        return old
+    options = "".join(OPTION.findall(current.read_text()))
+    return old[: found.end()] + options + old[found.end() :]
 
 
 def _git(*args: str) -> str | None:
@@ -56,14 +70,12 @@ def main() -> int:
             blob = subprocess.run(
                 ["git", "show", f"{ref}:{name}"], cwd=ROOT, capture_output=True, check=True
             )
-            dest.write_bytes(blob.stdout)
+            dest.write_text(_with_current_options(blob.stdout.decode(), ROOT / name))
         shutil.copytree(ROOT / "protos" / "google", old / "google", dirs_exist_ok=True)
         (Path(tmp) / "buf.yaml").write_text("version: v2\nmodules:\n  - path: protos\n")
         image = Path(tmp) / "base.binpb"
         subprocess.run([str(BUF), "build", tmp, "-o", str(image)], check=True)
-        done = subprocess.run(
-            [str(BUF), "breaking", str(ROOT), "--against", str(image)], cwd=ROOT
-        )
+        done = subprocess.run([str(BUF), "breaking", str(ROOT), "--against", str(image)], cwd=ROOT)
         short = _git("rev-parse", "--short", ref) or ref
         if done.returncode != 0:
             print(f"buf breaking: protos/meter break compatibility with {short}")
