@@ -25,8 +25,10 @@ from google.protobuf import descriptor_pb2
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PACKAGE = Path("meter") / "v1"
-# meter.v1 and every file it imports, comments included (served by reflection).
+# meter.v1 and every file it imports, comments included (served by reflection), and the
+# error details its errors carry, so that reflection clients (grpcurl, buf curl) decode them.
 DESCRIPTOR_SET = "descriptor_set.binpb"
+ERROR_DETAILS = "google/rpc/error_details.proto"
 
 
 def _include_dirs() -> list[Path]:
@@ -47,24 +49,27 @@ def _strip_wellknown_comments(path: Path) -> None:
 def generate(out: Path) -> None:
     bindir = Path(sys.executable).parent
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE).glob("*.proto"))
+    protoc = [sys.executable, "-m", "grpc_tools.protoc", *(f"-I{d}" for d in _include_dirs())]
     cmd = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        *(f"-I{d}" for d in _include_dirs()),
+        *protoc,
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_out=quiet:{out}",
         f"--mypy_grpc_out=quiet:{out}",
+        *protos,
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    descriptors = [
+        *protoc,
         f"--descriptor_set_out={out / PACKAGE / DESCRIPTOR_SET}",
         "--include_imports",
         "--include_source_info",
         *protos,
+        ERROR_DETAILS,
     ]
-    (out / PACKAGE).mkdir(parents=True, exist_ok=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(descriptors, check=True, cwd=ROOT)
     _strip_wellknown_comments(out / PACKAGE / DESCRIPTOR_SET)
     for pkg in (out / "meter", out / PACKAGE):
         (pkg / "__init__.py").write_text('"""Generated from protos/; do not edit."""\n')

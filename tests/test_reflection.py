@@ -112,9 +112,12 @@ async def test_every_listed_service_is_described(channel: grpc.aio.Channel, vers
         channel,
         version,
         *(reflection_pb2.ServerReflectionRequest(file_containing_symbol=n) for n in names),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="google.rpc.ErrorInfo"),
         reflection_pb2.ServerReflectionRequest(file_by_filename="meter/v1/error_reason.proto"),
     )
-    for name, answer in zip(names, answers[:-1], strict=True):
+    # grpcurl decodes the error details of a status through reflection.
+    assert _files(answers[-2])[0].name == "google/rpc/error_details.proto"
+    for name, answer in zip(names, answers[:-2], strict=True):
         file = _files(answer)[0]
         assert name.rpartition(".")[2] in {s.name for s in file.service}, name
     (error_reasons,) = _files(answers[-1])
