@@ -1228,19 +1228,32 @@ class GetPublicKeyResponse(_message.Message):
 
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_HEX_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
     public_key: _builtins.bytes
     """Raw 32-byte Ed25519 public key."""
     algorithm: _builtins.str
     """Signature algorithm: "ed25519"."""
+    public_key_hex: _builtins.str
+    """The same key as 64 lowercase hex digits (what Keygen's Python and JavaScript
+    verifiers take).
+    """
+    public_key_pem: _builtins.str
+    """The same key as a PEM "PUBLIC KEY" block (X.509 SubjectPublicKeyInfo). Loads directly
+    with OpenSSL, Python `cryptography`, Node `crypto.createPublicKey`, Java, Go; the base64
+    between its header lines is the SPKI DER that Keygen's Node verifier takes.
+    """
     def __init__(
         self,
         *,
         public_key: _builtins.bytes = ...,
         algorithm: _builtins.str = ...,
+        public_key_hex: _builtins.str = ...,
+        public_key_pem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "public_key", b"public_key", "public_key_hex", b"public_key_hex", "public_key_pem", b"public_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
