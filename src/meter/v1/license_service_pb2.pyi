@@ -194,8 +194,12 @@ class UpdatePolicyRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change, e.g. "max_uses,overage_strategy". An unset optional field in the mask
-        clears the limit (unlimited). Required: an empty mask is rejected.
+        """Fields to change, by their Policy field names, e.g. "max_uses,overage_strategy": any
+        field but the output-only id, create_time, update_time, revision, propagated_revision.
+        A field named here but unset in `policy` is cleared (an unset limit: unlimited; an
+        unset duration: perpetual). Each field is replaced whole: nested paths
+        ("duration.seconds", "metadata.key") are rejected. "*" alone replaces every field with
+        the request's (AIP-134). Required: an empty mask is rejected.
         """
 
     def __init__(
@@ -453,7 +457,9 @@ class UpdateLicenseRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change. Required: an empty mask is rejected."""
+        """Fields to change, by their License field names (the list above); "*" alone: all of
+        them. Nested paths ("metadata.key") are rejected. Required: an empty mask is rejected.
+        """
 
     def __init__(
         self,
@@ -1001,7 +1007,9 @@ class UpdateMachineRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `cores`, `name`, `metadata`."""
+        """Fields to change: `cores`, `name`, `metadata`; "*" alone: all three. Nested paths
+        ("metadata.key") are rejected. Required: an empty mask is rejected.
+        """
 
     def __init__(
         self,
