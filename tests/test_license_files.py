@@ -144,6 +144,37 @@ async def test_keygens_published_python_parsing_reads_the_file(
             assert set(data) == {"enc", "sig", "alg"}
 
 
+async def test_public_key_as_hex_and_spki_pem_verifies_a_checked_out_file(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any
+) -> None:
+    """GetPublicKey gives the one key three ways: raw bytes, hex (Keygen's Python and JS
+    verifiers) and SPKI PEM (OpenSSL, Node's crypto; its body is the DER Keygen's Node
+    verifier takes). Each verifies a file from CheckOutLicense."""
+    lic = await make_license(name="formats")
+    resp = await licenses.GetPublicKey(lpb.GetPublicKeyRequest(), metadata=license_md(lic.key))
+    assert resp.algorithm == "ed25519"
+    assert resp.public_key_hex == resp.public_key_hex.lower()
+    assert bytes.fromhex(resp.public_key_hex) == resp.public_key
+    pem_key = serialization.load_pem_public_key(resp.public_key_pem.encode())
+    assert isinstance(pem_key, Ed25519PublicKey)
+    raw = pem_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert raw == resp.public_key
+    lines = resp.public_key_pem.splitlines()
+    assert (lines[0], lines[-1]) == ("-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----")
+    der = base64.b64decode("".join(lines[1:-1]), validate=True)
+    assert serialization.load_der_public_key(der) == pem_key
+    for encrypt in (False, True):
+        cert = (await check_out(licenses, lic.id, encrypt=encrypt)).certificate
+        body = "".join(cert.split("\n")[1:-2])
+        outer = json.loads(base64.b64decode(body, validate=True))
+        signed = f"license/{outer['enc']}".encode()
+        signature = base64.b64decode(outer["sig"], validate=True)
+        pem_key.verify(signature, signed)  # raises InvalidSignature on any mismatch
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(resp.public_key_hex)).verify(
+            signature, signed
+        )
+
+
 async def test_encrypted_license_file_decrypts_with_sha256_of_the_key(
     licenses: lgrpc.LicenseServiceStub, make_license: Any
 ) -> None:

@@ -24,6 +24,15 @@ async def _collect(stream: Any, n: int) -> list[usage_pb2.UsageEvent]:
     return out
 
 
+async def first_error_of(call: Any) -> Any:
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return rich_error(exc)
+    raise AssertionError("stream ended without error")
+
+
 async def test_watch_sees_increments_limit_decrements_and_resets(
     usage: ugrpc.UsageServiceStub, make_license: Any
 ) -> None:
@@ -93,12 +102,7 @@ async def test_watch_errors(
     other = await make_license()
 
     async def first_error(request: upb.WatchUsageRequest, md: Any) -> Any:
-        try:
-            async for _ in usage.WatchUsage(request, metadata=md):
-                pass
-        except grpc.aio.AioRpcError as exc:
-            return rich_error(exc)
-        raise AssertionError("stream ended without error")
+        return await first_error_of(usage.WatchUsage(request, metadata=md))
 
     err = await first_error(upb.WatchUsageRequest(license_id="missing"), admin_md())
     assert err.reason == "LICENSE_NOT_FOUND"
@@ -108,30 +112,76 @@ async def test_watch_errors(
     assert err.bad_fields == ["after_event_id"]
     err = await first_error(upb.WatchUsageRequest(license_id=other.id), license_md(lic.key))
     assert err.reason == "PERMISSION_DENIED"
-    # Deleting the watched license ends the stream with LICENSE_NOT_FOUND.
-    watching = asyncio.create_task(
-        first_error(upb.WatchUsageRequest(license_id=lic.id), admin_md())
+    err = await first_error(
+        upb.WatchUsageRequest(license_id=lic.id, after_event_id="1-0", from_oldest=True),
+        admin_md(),
     )
-    await asyncio.sleep(0.2)
+    assert (err.code, err.bad_fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["from_oldest"])
+    assert "after_event_id" in err.message
+    # Deleting the watched license ends the stream with LICENSE_NOT_FOUND.
+    call = usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=admin_md())
+    await asyncio.wait_for(call.initial_metadata(), 10)  # subscribed
     await licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
-    err = await asyncio.wait_for(watching, 15)
+    err = await asyncio.wait_for(first_error_of(call), 15)
     assert err.reason == "LICENSE_NOT_FOUND", err
 
 
-async def test_watch_without_an_event_id_sees_only_new_events(
+async def test_watch_sends_headers_once_subscribed_and_misses_nothing_after_them(
     usage: ugrpc.UsageServiceStub, make_license: Any
 ) -> None:
+    """Without a start: only new events. The response headers come once the read position is
+    fixed, so the increment made right after them is the first event; the one made before the
+    watch never arrives. Repeated, each time on a fresh stream, to leave no room for luck."""
     lic = await make_license()
     md = admin_md()
     await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id, amount=7), metadata=md)
-    stream = usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=md)
-    first = asyncio.create_task(_collect(stream, 1))
-    for _ in range(200):  # until the watcher, subscribed at some point, sees one
-        await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=md)
-        await asyncio.wait({first}, timeout=0.05)
-        if first.done():
-            break
-    (event,) = await asyncio.wait_for(first, 10)
-    stream.cancel()
-    assert (event.type, event.amount) == (usage_pb2.USAGE_EVENT_TYPE_INCREMENTED, 1)
-    assert event.uses >= 8  # the increment of 7 made before the watch is never delivered
+    uses = 7
+    for i in range(20):
+        call = usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=md)
+        # Before the fix no headers came until the first event: this wait timed out.
+        await asyncio.wait_for(call.initial_metadata(), 10)
+        await usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lic.id, amount=1, request_id=f"w{i}"), metadata=md
+        )
+        uses += 1
+        (event,) = await asyncio.wait_for(_collect(call, 1), 10)
+        call.cancel()
+        assert (event.type, event.amount, event.uses, event.request_id) == (
+            usage_pb2.USAGE_EVENT_TYPE_INCREMENTED,
+            1,
+            uses,
+            f"w{i}",
+        )
+
+
+async def test_watch_from_oldest_returns_events_made_before_the_subscription(
+    usage: ugrpc.UsageServiceStub, make_license: Any
+) -> None:
+    lic = await make_license(policy_fields={"max_uses": 3})
+    md = admin_md()
+    for amount in (1, 2):
+        await usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lic.id, amount=amount), metadata=md
+        )
+    await usage.DecrementUsage(upb.DecrementUsageRequest(license_id=lic.id), metadata=md)
+    T = usage_pb2
+    before = [
+        (T.USAGE_EVENT_TYPE_INCREMENTED, 1, 1),
+        (T.USAGE_EVENT_TYPE_INCREMENTED, 2, 3),
+        (T.USAGE_EVENT_TYPE_LIMIT_REACHED, 2, 3),
+        (T.USAGE_EVENT_TYPE_DECREMENTED, 1, 2),
+    ]
+    # from_oldest, and its spelled-out equivalent after_event_id "0-0", read the same events;
+    # then the stream goes on with new ones.
+    for request in (
+        upb.WatchUsageRequest(license_id=lic.id, from_oldest=True),
+        upb.WatchUsageRequest(license_id=lic.id, after_event_id="0-0"),
+    ):
+        call = usage.WatchUsage(request, metadata=license_md(lic.key))
+        await asyncio.wait_for(call.initial_metadata(), 10)
+        events = await asyncio.wait_for(_collect(call, 4), 10)
+        assert [(e.type, e.amount, e.uses) for e in events] == before
+        await usage.ResetUsage(upb.ResetUsageRequest(license_id=lic.id), metadata=md)
+        (new,) = await asyncio.wait_for(_collect(call, 1), 10)
+        call.cancel()
+        assert (new.type, new.uses) == (T.USAGE_EVENT_TYPE_RESET, 0)

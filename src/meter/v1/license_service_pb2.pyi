@@ -194,8 +194,12 @@ class UpdatePolicyRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change, e.g. "max_uses,overage_strategy". An unset optional field in the mask
-        clears the limit (unlimited). Required: an empty mask is rejected.
+        """Fields to change, by their Policy field names, e.g. "max_uses,overage_strategy": any
+        field but the output-only id, create_time, update_time, revision, propagated_revision.
+        A field named here but unset in `policy` is cleared (an unset limit: unlimited; an
+        unset duration: perpetual). Each field is replaced whole: nested paths
+        ("duration.seconds", "metadata.key") are rejected. "*" alone replaces every field with
+        the request's (AIP-134). Required: an empty mask is rejected.
         """
 
     def __init__(
@@ -453,7 +457,9 @@ class UpdateLicenseRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change. Required: an empty mask is rejected."""
+        """Fields to change, by their License field names (the list above); "*" alone: all of
+        them. Nested paths ("metadata.key") are rejected. Required: an empty mask is rejected.
+        """
 
     def __init__(
         self,
@@ -1001,7 +1007,9 @@ class UpdateMachineRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `cores`, `name`, `metadata`."""
+        """Fields to change: `cores`, `name`, `metadata`; "*" alone: all three. Nested paths
+        ("metadata.key") are rejected. Required: an empty mask is rejected.
+        """
 
     def __init__(
         self,
@@ -1228,19 +1236,32 @@ class GetPublicKeyResponse(_message.Message):
 
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_HEX_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
     public_key: _builtins.bytes
     """Raw 32-byte Ed25519 public key."""
     algorithm: _builtins.str
     """Signature algorithm: "ed25519"."""
+    public_key_hex: _builtins.str
+    """The same key as 64 lowercase hex digits (what Keygen's Python and JavaScript
+    verifiers take).
+    """
+    public_key_pem: _builtins.str
+    """The same key as a PEM "PUBLIC KEY" block (X.509 SubjectPublicKeyInfo). Loads directly
+    with OpenSSL, Python `cryptography`, Node `crypto.createPublicKey`, Java, Go; the base64
+    between its header lines is the SPKI DER that Keygen's Node verifier takes.
+    """
     def __init__(
         self,
         *,
         public_key: _builtins.bytes = ...,
         algorithm: _builtins.str = ...,
+        public_key_hex: _builtins.str = ...,
+        public_key_pem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "public_key", b"public_key", "public_key_hex", b"public_key_hex", "public_key_pem", b"public_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

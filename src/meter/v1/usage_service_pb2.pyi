@@ -446,25 +446,44 @@ Global___StreamUsageResponse: _TypeAlias = StreamUsageResponse  # noqa: Y015
 
 @_typing.final
 class WatchUsageRequest(_message.Message):
-    """Request message for WatchUsage."""
+    """Request message for WatchUsage.
+
+    Where the stream starts (set at most one of `after_event_id` and `from_oldest`):
+    - neither: only events made after the subscription is in place. The server sends the
+      response headers (initial metadata) at that moment, so a client that waits for them
+      (grpc-js: the `metadata` event; Python aio: `await call.initial_metadata()`) and then
+      changes the usage receives that change.
+    - `from_oldest`: every event still retained (about the last 1,000 of the license), then
+      the new ones.
+    - `after_event_id`: the events after that one (to resume after a disconnect), then the new
+      ones. "0-0" names the position before the first event, so it reads like `from_oldest`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    FROM_OLDEST_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     after_event_id: _builtins.str
-    """Resume after this event (UsageEvent.event_id); empty: only new events."""
+    """Resume after this event (UsageEvent.event_id of an earlier message); "0-0": from the
+    oldest retained event. Empty: see `from_oldest`, else only new events.
+    """
+    from_oldest: _builtins.bool
+    """Start with the oldest retained event of the license instead of only new ones. Not
+    together with `after_event_id`.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         after_event_id: _builtins.str = ...,
+        from_oldest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "license_id", b"license_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "from_oldest", b"from_oldest", "license_id", b"license_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

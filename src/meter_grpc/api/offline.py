@@ -34,6 +34,10 @@ class OfflineRpcs:
     async def GetPublicKey(
         self, request: pb.GetPublicKeyRequest, context: Ctx
     ) -> pb.GetPublicKeyResponse:
+        key = self.license_files.public_key
         return pb.GetPublicKeyResponse(
-            public_key=self.license_files.public_key, algorithm=self.license_files.algorithm
+            public_key=key,
+            algorithm=self.license_files.algorithm,
+            public_key_hex=key.hex(),
+            public_key_pem=self.license_files.public_key_pem,
         )

@@ -82,7 +82,17 @@ class UsageService(pb_grpc.UsageServiceServicer):
         self, request: pb.WatchUsageRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchUsageResponse]:
         auth.require_license(request.license_id)
-        async for e in self.metering.watch(request.license_id, request.after_event_id):
+
+        async def subscribed() -> None:
+            # The response headers tell the client that every later change reaches it.
+            await context.send_initial_metadata(())
+
+        async for e in self.metering.watch(
+            request.license_id,
+            request.after_event_id,
+            from_oldest=request.from_oldest,
+            subscribed=subscribed,
+        ):
             yield pb.WatchUsageResponse(
                 event=usage_pb2.UsageEvent(
                     event_id=e.event_id,

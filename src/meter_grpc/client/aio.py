@@ -266,7 +266,11 @@ class AsyncMeterClient:
         )
 
     def watch_usage(
-        self, license_id: str, after_event_id: str = ""
+        self, license_id: str, after_event_id: str = "", *, from_oldest: bool = False
     ) -> AsyncIterator[upb.WatchUsageResponse]:
-        req = upb.WatchUsageRequest(license_id=license_id, after_event_id=after_event_id)
+        """Usage events: new ones, those after `after_event_id`, or every retained one
+        (`from_oldest`)."""
+        req = upb.WatchUsageRequest(
+            license_id=license_id, after_event_id=after_event_id, from_oldest=from_oldest
+        )
         return self._stream(self._usage.WatchUsage(req, timeout=None, metadata=self._metadata))

@@ -9,9 +9,9 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from meter_grpc.domain import failpoints, ids, paging, periods, propagation
+from meter_grpc.domain import failpoints, ids, masks, paging, periods, propagation
 from meter_grpc.domain.clock import Clock
-from meter_grpc.domain.errors import MeterError, Reason, invalid, not_found, request_id_reused
+from meter_grpc.domain.errors import MeterError, Reason, not_found, request_id_reused
 from meter_grpc.domain.models import KeyHolder, License, Policy
 from meter_grpc.domain.propagation import Propagator, is_ghost, new_token
 from meter_grpc.domain.rules import (
@@ -27,18 +27,8 @@ if TYPE_CHECKING:
 
 R = TypeVar("R", Policy, License)
 
-_POLICY_OUTPUT = ("id", "create_time_ms", "update_time_ms", "revision", "propagated_revision")
-POLICY_MASK = frozenset(f.name for f in dataclasses.fields(Policy) if f.name not in _POLICY_OUTPUT)
-# update_mask path -> License attribute
-LICENSE_MASK = {
-    "name": "name",
-    "expire_time": "expire_time_ms",
-    "max_uses": "max_uses_override",
-    "max_machines": "max_machines_override",
-    "max_cores": "max_cores_override",
-    "entitlements": "entitlements",
-    "metadata": "metadata",
-}
+# The Policy attributes a caller sets (what identifies a create request, too).
+POLICY_ATTRS = tuple(masks.POLICY.fields.values())
 _UPDATE_RETRIES = 20
 
 
@@ -55,24 +45,6 @@ def _unavailable(message: str, outcome: str, **meta: str) -> MeterError:
         metadata={"outcome": outcome, **meta},
         retry_after_ms=100,
     )
-
-
-def _check_mask(
-    paths: Iterable[str], allowed: Iterable[str], field: str = "update_mask"
-) -> list[str]:
-    paths = list(paths)
-    if not paths:
-        raise invalid(field, "is required: name the fields to change")
-    v = Violations()
-    allowed = frozenset(allowed)
-    for path in paths:
-        if path not in allowed:
-            v.add(
-                f"{field}.paths",
-                f"{path!r} cannot be updated (allowed: {', '.join(sorted(allowed))})",
-            )
-    v.raise_if_any()
-    return paths
 
 
 class Licensing:
@@ -122,7 +94,7 @@ class Licensing:
         check_policy(v, p)
         v.request_id("request_id", request_id)
         v.raise_if_any()
-        fields = {f: getattr(p, f) for f in POLICY_MASK}
+        fields = {f: getattr(p, f) for f in POLICY_ATTRS}
         record = await self._bind("policy", request_id, _fingerprint(fields))
         if record is not None and isinstance(record.answer, Policy):
             return record.answer
@@ -179,12 +151,12 @@ class Licensing:
         v = Violations()
         v.identifier("policy.id", patch.id)
         v.raise_if_any()
-        paths = _check_mask(mask, POLICY_MASK)
+        attrs = masks.POLICY.resolve(mask).values()
         token = ""
         for _ in range(_UPDATE_RETRIES):
             current = await self.get_policy(patch.id)
             updated = dataclasses.replace(
-                current, **{p: getattr(patch, p) for p in paths}, update_time_ms=self.clock.now_ms()
+                current, **{a: getattr(patch, a) for a in attrs}, update_time_ms=self.clock.now_ms()
             )
             v = Violations()
             check_policy(v, updated)
@@ -278,7 +250,7 @@ class Licensing:
             check_key(v, "license.key", lic.key)
         v.request_id("request_id", request_id)
         v.raise_if_any()
-        fields = {a: getattr(lic, a) for a in (*LICENSE_MASK.values(), "policy_id", "key")}
+        fields = {a: getattr(lic, a) for a in (*masks.LICENSE.fields.values(), "policy_id", "key")}
         # A license's request_id is scoped to its policy (the parent, as in AIP-155).
         scoped = f"{lic.policy_id}/{request_id}" if request_id else ""
         record = await self._bind(
@@ -416,8 +388,8 @@ class Licensing:
         v.identifier("license.id", patch.id)
         check_license(v, patch)
         v.raise_if_any()
-        paths = _check_mask(mask, LICENSE_MASK)
-        changes = {LICENSE_MASK[p]: getattr(patch, LICENSE_MASK[p]) for p in paths}
+        paths = masks.LICENSE.resolve(mask)
+        changes = {a: getattr(patch, a) for a in paths.values()}
         if "max_machines" in paths:
             current = await self.get_license(patch.id, "license.id")
             v = Violations()

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from meter_grpc.domain import ids, paging
+from meter_grpc.domain import ids, masks, paging
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import (
     FieldViolation,
@@ -29,8 +29,6 @@ from meter_grpc.domain.rules import Violations, check_machine
 if TYPE_CHECKING:
     from meter_grpc.domain.ports import MachineResult, Store
 
-# update_mask path -> Machine attribute
-MACHINE_MASK = {"cores": "cores", "name": "name", "metadata": "metadata"}
 _ID_RETRIES = 3
 
 
@@ -103,21 +101,13 @@ class Machines:
         return page, paging.encode(page[-1].id, scope) if more else ""
 
     async def update(self, patch: Machine, mask: Iterable[str]) -> Machine:
-        paths = list(mask)
         v = Violations()
         v.machine_id("machine.id", patch.id)
-        if not paths:
-            v.add("update_mask", "is required: name the fields to change")
-        for path in paths:
-            if path not in MACHINE_MASK:
-                v.add(
-                    "update_mask.paths",
-                    f"{path!r} cannot be updated (allowed: {', '.join(sorted(MACHINE_MASK))})",
-                )
         check_machine(v, patch, prefix="machine.")
         v.raise_if_any()
+        attrs = masks.MACHINE.resolve(mask).values()
         license_id = self._license_of(patch.id, "machine.id")
-        changes = {MACHINE_MASK[p]: getattr(patch, MACHINE_MASK[p]) for p in paths}
+        changes = {a: getattr(patch, a) for a in attrs}
         result = await self.store.update_machine(license_id, patch.id, changes, self.clock.now_ms())
         return self._machine(
             result, license_id, patch.id, requested_cores=patch.cores, cores_field="machine.cores"

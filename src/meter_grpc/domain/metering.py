@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from meter_grpc.domain import periods
@@ -42,6 +42,8 @@ def _n(v: int | None) -> str:
 
 _EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 WATCH_BLOCK_MS = 5000
+# The position before every event of a stream: reading after it starts with the oldest one.
+OLDEST_EVENT_ID = "0-0"
 
 
 class Metering:
@@ -71,15 +73,33 @@ class Metering:
     async def get(self, license_id: str) -> Usage:
         return await self._run("get", license_id, 0, "")
 
-    async def watch(self, license_id: str, after_event_id: str = "") -> AsyncIterator[UsageEvent]:
-        """Usage events of a license as they happen (after `after_event_id`, or from now).
+    async def watch(
+        self,
+        license_id: str,
+        after_event_id: str = "",
+        *,
+        from_oldest: bool = False,
+        subscribed: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[UsageEvent]:
+        """Usage events of a license as they happen.
 
-        Ends with LICENSE_NOT_FOUND when the license is deleted while being watched.
+        Starts after `after_event_id` ("0-0": before the first one), with the oldest retained
+        event (`from_oldest`), or else with the first event made after the subscription is in
+        place. `subscribed` is awaited once the read position is fixed, before any event is
+        read: every change made after it returns is delivered (the API sends the response
+        headers there). Ends with LICENSE_NOT_FOUND when the license is deleted while being
+        watched.
         """
         v = Violations()
         v.identifier("license_id", license_id)
         if after_event_id and not _EVENT_ID.fullmatch(after_event_id):
-            v.add("after_event_id", "must be an event_id of an earlier UsageEvent")
+            v.add("after_event_id", 'must be an event_id of an earlier UsageEvent, or "0-0"')
+        if after_event_id and from_oldest:
+            v.add(
+                "from_oldest",
+                "must not be set together with after_event_id: set one of them "
+                '(from_oldest reads like after_event_id "0-0")',
+            )
         v.raise_if_any()
         task = asyncio.current_task()
         if task is not None:
@@ -87,7 +107,12 @@ class Metering:
         try:
             if not await self.store.license_exists(license_id):
                 raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-            after = after_event_id or await self.store.last_event_id(license_id)
+            if from_oldest:
+                after = OLDEST_EVENT_ID
+            else:
+                after = after_event_id or await self.store.last_event_id(license_id)
+            if subscribed is not None:
+                await subscribed()
             while True:
                 events = await self.store.read_events(license_id, after, WATCH_BLOCK_MS)
                 if not events:

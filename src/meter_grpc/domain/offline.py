@@ -158,6 +158,10 @@ class LicenseFiles:
         return self.signer.public_key
 
     @property
+    def public_key_pem(self) -> str:
+        return self.signer.public_key_pem
+
+    @property
     def algorithm(self) -> str:
         return self.signer.algorithm
 

@@ -31,9 +31,15 @@ class Signer:
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
-        self.public_key: bytes = key.public_key().public_bytes(
+        public = key.public_key()
+        self.public_key: bytes = public.public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
+        # The same key the way other verifiers take it: X.509 SubjectPublicKeyInfo in PEM
+        # (OpenSSL, Node's crypto, Java, Go; its base64 body is the SPKI DER).
+        self.public_key_pem: str = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
