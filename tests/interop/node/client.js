@@ -13,6 +13,7 @@ const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
+const util = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
@@ -155,9 +156,9 @@ function assertLimitError(root, err, code, reason, limit) {
   assert.equal(rich.code, code, 'google.rpc.Status.code matches the call status');
   const info = rich.details.ErrorInfo;
   assert.ok(info, `an ErrorInfo among the details (${Object.keys(rich.details)})`);
-  assert.equal(info.reason, reason);
-  assert.equal(info.domain, 'meter.v1');
-  assert.equal(info.metadata.limit, limit);
+  assert.equal(info.reason, reason, 'ErrorInfo.reason');
+  assert.equal(info.domain, 'meter.v1', 'ErrorInfo.domain');
+  assert.equal(info.metadata.limit, limit, 'ErrorInfo.metadata.limit');
   return rich;
 }
 
@@ -193,6 +194,18 @@ function decryptEnc(enc, licenseKey) {
   const decipher = crypto.createDecipheriv('aes-256-gcm', key, iv);
   decipher.setAuthTag(tag);
   return JSON.parse(Buffer.concat([decipher.update(ciphertext), decipher.final()]).toString('utf8'));
+}
+
+// One line saying why a check failed.
+function describe(err) {
+  if (err.code !== undefined && err.details !== undefined) {
+    return `gRPC status ${err.code} (${grpc.status[err.code]}): ${err.details}`;
+  }
+  if (err instanceof assert.AssertionError) {
+    const what = err.generatedMessage ? 'values differ' : err.message;
+    return `${what}: got ${util.inspect(err.actual)}, expected ${util.inspect(err.expected)}`;
+  }
+  return String(err.message || err).replace(/\s*\n\s*/g, ' ');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,8 +406,7 @@ async function main() {
     usage.close();
     console.log('all Node checks passed');
   } catch (err) {
-    const why = err.code !== undefined && err.details !== undefined ? `gRPC ${err.code} ${err.details}` : err.message;
-    console.log(`FAIL ${current}: ${why}`);
+    console.log(`FAIL ${current}: ${describe(err)}`);
     if (process.env.METER_NODE_DEBUG) console.error(err);
     process.exit(1);
   }
