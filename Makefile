@@ -26,10 +26,14 @@ test: $(STAMP) proto-check
 # bench/ is linted once it exists.
 LINT_DIRS := $(wildcard src tests bench)
 
+# buf (the buf-bin wheel): STANDARD lint of protos/, and no breaking change in protos/meter
+# against the merge-base with main (HEAD~1 on main; `make lint BUF_AGAINST=v0.1.0` for a tag).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint
+	$(PY) scripts/buf_breaking.py $(BUF_AGAINST)
 
 # Regenerates the committed Python code of the protos (messages, gRPC stubs, mypy stubs).
 proto: $(STAMP)

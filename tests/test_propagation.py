@@ -56,15 +56,14 @@ def update(policy_id: str, **fields: Any) -> lpb.UpdatePolicyRequest:
 
 
 async def policy_copies(redis: Any, license_ids: list[str]) -> list[tuple[str, str]]:
-    """(p_rev, p_uses) of every license, read from the store."""
+    """(p_rev, p_uses) of every license, read from the store (pipelined: one connection per
+    node, also for redis-py's cluster client, whose concurrent first connects race)."""
     rows: list[Any] = []
-    for i in range(0, len(license_ids), 100):
-        rows += await asyncio.gather(
-            *(
-                redis.hmget(keys.license(lid), ["p_rev", "p_uses"])
-                for lid in license_ids[i : i + 100]
-            )
-        )
+    for i in range(0, len(license_ids), 500):
+        async with redis.pipeline(transaction=False) as pipe:
+            for lid in license_ids[i : i + 500]:
+                pipe.hmget(keys.license(lid), ["p_rev", "p_uses"])
+            rows += await pipe.execute()
     return [(r[0], r[1]) for r in rows]
 
 

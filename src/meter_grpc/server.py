@@ -14,7 +14,6 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from meter.v1 import (
     license_service_pb2,
@@ -22,6 +21,7 @@ from meter.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
+from meter_grpc.api import reflection
 from meter_grpc.api.auth import Authenticator
 from meter_grpc.api.interceptor import MeterInterceptor
 from meter_grpc.api.license_service import LicenseService
@@ -197,7 +197,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             (
                 *SERVICE_NAMES,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+                *reflection.SERVICE_NAMES,
             ),
             server,
         )

@@ -22,20 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meter/v1/machine.proto\x12\x08meter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x02\n\x07Machine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nlicense_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05\x63ores\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x31\n\x08metadata\x18\x08 \x03(\x0b\x32\x1f.meter.v1.Machine.MetadataEntry\x12\x37\n\x13last_heartbeat_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meter/v1/machine.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x02\n\x07Machine\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nlicense_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x66ingerprint\x18\x03 \x01(\tB\x04\xe2\x41\x01\x05\x12\r\n\x05\x63ores\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x16\n\x08hostname\x18\x06 \x01(\tB\x04\xe2\x41\x01\x05\x12\x16\n\x08platform\x18\x07 \x01(\tB\x04\xe2\x41\x01\x05\x12\x31\n\x08metadata\x18\x08 \x03(\x0b\x32\x1f.meter.v1.Machine.MetadataEntry\x12=\n\x13last_heartbeat_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x64\n\x0c\x63om.meter.v1B\x0cMachineProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meter.v1.machine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\014com.meter.v1B\014MachineProtoP\001Z\"meter-grpc/gen/go/meter/v1;meterv1\252\002\010Meter.V1\312\002\010Meter\\V1\352\002\tMeter::V1'
   _globals['_MACHINE_METADATAENTRY']._loaded_options = None
   _globals['_MACHINE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_MACHINE']._serialized_start=70
-  _globals['_MACHINE']._serialized_end=403
-  _globals['_MACHINE_METADATAENTRY']._serialized_start=356
-  _globals['_MACHINE_METADATAENTRY']._serialized_end=403
+  _globals['_MACHINE'].fields_by_name['id']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_MACHINE'].fields_by_name['license_id']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['license_id']._serialized_options = b'\342A\001\003'
+  _globals['_MACHINE'].fields_by_name['fingerprint']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['fingerprint']._serialized_options = b'\342A\001\005'
+  _globals['_MACHINE'].fields_by_name['hostname']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['hostname']._serialized_options = b'\342A\001\005'
+  _globals['_MACHINE'].fields_by_name['platform']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['platform']._serialized_options = b'\342A\001\005'
+  _globals['_MACHINE'].fields_by_name['last_heartbeat_time']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['last_heartbeat_time']._serialized_options = b'\342A\001\003'
+  _globals['_MACHINE'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MACHINE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_MACHINE']._serialized_start=103
+  _globals['_MACHINE']._serialized_end=478
+  _globals['_MACHINE_METADATAENTRY']._serialized_start=431
+  _globals['_MACHINE_METADATAENTRY']._serialized_end=478
 # @@protoc_insertion_point(module_scope)

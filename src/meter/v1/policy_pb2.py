@@ -22,27 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15meter/v1/policy.proto\x12\x08meter.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x06\n\x06Policy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\x08max_uses\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cmax_machines\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tmax_cores\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08\x66loating\x18\x06 \x01(\x08\x12\x0e\n\x06strict\x18\x07 \x01(\x08\x12+\n\x08\x64uration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x13\x65xpiration_strategy\x18\t \x01(\x0e\x32\x1c.meter.v1.ExpirationStrategy\x12\x18\n\x10require_check_in\x18\n \x01(\x08\x12\x34\n\x11\x63heck_in_interval\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x65ntitlements\x18\r \x03(\t\x12\x33\n\x10overage_strategy\x18\x0e \x01(\x0e\x32\x19.meter.v1.OverageStrategy\x12:\n\x14usage_reset_interval\x18\x0f \x01(\x0e\x32\x1c.meter.v1.UsageResetInterval\x12\x30\n\x08metadata\x18\x10 \x03(\x0b\x32\x1e.meter.v1.Policy.MetadataEntry\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x13 \x01(\x03\x12\x1b\n\x13propagated_revision\x18\x14 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_max_usesB\x0f\n\r_max_machinesB\x0c\n\n_max_cores*\xd8\x01\n\x12\x45xpirationStrategy\x12#\n\x1f\x45XPIRATION_STRATEGY_UNSPECIFIED\x10\x00\x12\'\n#EXPIRATION_STRATEGY_RESTRICT_ACCESS\x10\x01\x12%\n!EXPIRATION_STRATEGY_REVOKE_ACCESS\x10\x02\x12\'\n#EXPIRATION_STRATEGY_MAINTAIN_ACCESS\x10\x03\x12$\n EXPIRATION_STRATEGY_ALLOW_ACCESS\x10\x04*\xf9\x01\n\x0fOverageStrategy\x12 \n\x1cOVERAGE_STRATEGY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOVERAGE_STRATEGY_NO_OVERAGE\x10\x01\x12(\n$OVERAGE_STRATEGY_ALLOW_1_25X_OVERAGE\x10\x02\x12\'\n#OVERAGE_STRATEGY_ALLOW_1_5X_OVERAGE\x10\x03\x12%\n!OVERAGE_STRATEGY_ALLOW_2X_OVERAGE\x10\x04\x12)\n%OVERAGE_STRATEGY_ALWAYS_ALLOW_OVERAGE\x10\x05*\xdd\x01\n\x12UsageResetInterval\x12$\n USAGE_RESET_INTERVAL_UNSPECIFIED\x10\x00\x12\x1d\n\x19USAGE_RESET_INTERVAL_NONE\x10\x01\x12\x1e\n\x1aUSAGE_RESET_INTERVAL_DAILY\x10\x02\x12\x1f\n\x1bUSAGE_RESET_INTERVAL_WEEKLY\x10\x03\x12 \n\x1cUSAGE_RESET_INTERVAL_MONTHLY\x10\x04\x12\x1f\n\x1bUSAGE_RESET_INTERVAL_YEARLY\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15meter/v1/policy.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x06\n\x06Policy\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\x08max_uses\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cmax_machines\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tmax_cores\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08\x66loating\x18\x06 \x01(\x08\x12\x0e\n\x06strict\x18\x07 \x01(\x08\x12+\n\x08\x64uration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x13\x65xpiration_strategy\x18\t \x01(\x0e\x32\x1c.meter.v1.ExpirationStrategy\x12\x18\n\x10require_check_in\x18\n \x01(\x08\x12\x34\n\x11\x63heck_in_interval\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x65ntitlements\x18\r \x03(\t\x12\x33\n\x10overage_strategy\x18\x0e \x01(\x0e\x32\x19.meter.v1.OverageStrategy\x12:\n\x14usage_reset_interval\x18\x0f \x01(\x0e\x32\x1c.meter.v1.UsageResetInterval\x12\x30\n\x08metadata\x18\x10 \x03(\x0b\x32\x1e.meter.v1.Policy.MetadataEntry\x12\x35\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08revision\x18\x13 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12!\n\x13propagated_revision\x18\x14 \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_max_usesB\x0f\n\r_max_machinesB\x0c\n\n_max_cores*\xd8\x01\n\x12\x45xpirationStrategy\x12#\n\x1f\x45XPIRATION_STRATEGY_UNSPECIFIED\x10\x00\x12\'\n#EXPIRATION_STRATEGY_RESTRICT_ACCESS\x10\x01\x12%\n!EXPIRATION_STRATEGY_REVOKE_ACCESS\x10\x02\x12\'\n#EXPIRATION_STRATEGY_MAINTAIN_ACCESS\x10\x03\x12$\n EXPIRATION_STRATEGY_ALLOW_ACCESS\x10\x04*\xf9\x01\n\x0fOverageStrategy\x12 \n\x1cOVERAGE_STRATEGY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOVERAGE_STRATEGY_NO_OVERAGE\x10\x01\x12(\n$OVERAGE_STRATEGY_ALLOW_1_25X_OVERAGE\x10\x02\x12\'\n#OVERAGE_STRATEGY_ALLOW_1_5X_OVERAGE\x10\x03\x12%\n!OVERAGE_STRATEGY_ALLOW_2X_OVERAGE\x10\x04\x12)\n%OVERAGE_STRATEGY_ALWAYS_ALLOW_OVERAGE\x10\x05*\xdd\x01\n\x12UsageResetInterval\x12$\n USAGE_RESET_INTERVAL_UNSPECIFIED\x10\x00\x12\x1d\n\x19USAGE_RESET_INTERVAL_NONE\x10\x01\x12\x1e\n\x1aUSAGE_RESET_INTERVAL_DAILY\x10\x02\x12\x1f\n\x1bUSAGE_RESET_INTERVAL_WEEKLY\x10\x03\x12 \n\x1cUSAGE_RESET_INTERVAL_MONTHLY\x10\x04\x12\x1f\n\x1bUSAGE_RESET_INTERVAL_YEARLY\x10\x05\x42\x63\n\x0c\x63om.meter.v1B\x0bPolicyProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meter.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\014com.meter.v1B\013PolicyProtoP\001Z\"meter-grpc/gen/go/meter/v1;meterv1\252\002\010Meter.V1\312\002\010Meter\\V1\352\002\tMeter::V1'
   _globals['_POLICY_METADATAENTRY']._loaded_options = None
   _globals['_POLICY_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_EXPIRATIONSTRATEGY']._serialized_start=908
-  _globals['_EXPIRATIONSTRATEGY']._serialized_end=1124
-  _globals['_OVERAGESTRATEGY']._serialized_start=1127
-  _globals['_OVERAGESTRATEGY']._serialized_end=1376
-  _globals['_USAGERESETINTERVAL']._serialized_start=1379
-  _globals['_USAGERESETINTERVAL']._serialized_end=1600
-  _globals['_POLICY']._serialized_start=101
-  _globals['_POLICY']._serialized_end=905
-  _globals['_POLICY_METADATAENTRY']._serialized_start=814
-  _globals['_POLICY_METADATAENTRY']._serialized_end=861
+  _globals['_POLICY'].fields_by_name['id']._loaded_options = None
+  _globals['_POLICY'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_POLICY'].fields_by_name['create_time']._loaded_options = None
+  _globals['_POLICY'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_POLICY'].fields_by_name['update_time']._loaded_options = None
+  _globals['_POLICY'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_POLICY'].fields_by_name['revision']._loaded_options = None
+  _globals['_POLICY'].fields_by_name['revision']._serialized_options = b'\342A\001\003'
+  _globals['_POLICY'].fields_by_name['propagated_revision']._loaded_options = None
+  _globals['_POLICY'].fields_by_name['propagated_revision']._serialized_options = b'\342A\001\003'
+  _globals['_EXPIRATIONSTRATEGY']._serialized_start=971
+  _globals['_EXPIRATIONSTRATEGY']._serialized_end=1187
+  _globals['_OVERAGESTRATEGY']._serialized_start=1190
+  _globals['_OVERAGESTRATEGY']._serialized_end=1439
+  _globals['_USAGERESETINTERVAL']._serialized_start=1442
+  _globals['_USAGERESETINTERVAL']._serialized_end=1663
+  _globals['_POLICY']._serialized_start=134
+  _globals['_POLICY']._serialized_end=968
+  _globals['_POLICY_METADATAENTRY']._serialized_start=877
+  _globals['_POLICY_METADATAENTRY']._serialized_end=924
 # @@protoc_insertion_point(module_scope)

@@ -22,44 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from meter.v1 import usage_pb2 as meter_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeter/v1/usage_service.proto\x12\x08meter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14meter/v1/usage.proto\"O\n\x15IncrementUsageRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16IncrementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"O\n\x15\x44\x65\x63rementUsageRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16\x44\x65\x63rementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\";\n\x11ResetUsageRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xe1\x01\n\x12ResetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"%\n\x0fGetUsageRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\"\xcd\x01\n\x10GetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"N\n\x10SyncUsageRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.meter.v1.UsageRecord\"O\n\x11SyncUsageResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.meter.v1.UsageRecordResult\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"\x8d\x01\n\x13StreamUsageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"?\n\x11WatchUsageRequest\x12\x12\n\nlicense_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"h\n\x12WatchUsageResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.meter.v1.UsageEvent\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa8\x04\n\x0cUsageService\x12S\n\x0eIncrementUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a .meter.v1.IncrementUsageResponse\x12S\n\x0e\x44\x65\x63rementUsage\x12\x1f.meter.v1.DecrementUsageRequest\x1a .meter.v1.DecrementUsageResponse\x12G\n\nResetUsage\x12\x1b.meter.v1.ResetUsageRequest\x1a\x1c.meter.v1.ResetUsageResponse\x12\x41\n\x08GetUsage\x12\x19.meter.v1.GetUsageRequest\x1a\x1a.meter.v1.GetUsageResponse\x12\x44\n\tSyncUsage\x12\x1a.meter.v1.SyncUsageRequest\x1a\x1b.meter.v1.SyncUsageResponse\x12Q\n\x0bStreamUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a\x1d.meter.v1.StreamUsageResponse(\x01\x30\x01\x12I\n\nWatchUsage\x12\x1b.meter.v1.WatchUsageRequest\x1a\x1c.meter.v1.WatchUsageResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeter/v1/usage_service.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14meter/v1/usage.proto\"U\n\x15IncrementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16IncrementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"U\n\x15\x44\x65\x63rementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16\x44\x65\x63rementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"A\n\x11ResetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xe1\x01\n\x12ResetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"+\n\x0fGetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xcd\x01\n\x10GetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"T\n\x10SyncUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.meter.v1.UsageRecord\"O\n\x11SyncUsageResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.meter.v1.UsageRecordResult\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"\x8d\x01\n\x13StreamUsageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"E\n\x11WatchUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"h\n\x12WatchUsageResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.meter.v1.UsageEvent\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa8\x04\n\x0cUsageService\x12S\n\x0eIncrementUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a .meter.v1.IncrementUsageResponse\x12S\n\x0e\x44\x65\x63rementUsage\x12\x1f.meter.v1.DecrementUsageRequest\x1a .meter.v1.DecrementUsageResponse\x12G\n\nResetUsage\x12\x1b.meter.v1.ResetUsageRequest\x1a\x1c.meter.v1.ResetUsageResponse\x12\x41\n\x08GetUsage\x12\x19.meter.v1.GetUsageRequest\x1a\x1a.meter.v1.GetUsageResponse\x12\x44\n\tSyncUsage\x12\x1a.meter.v1.SyncUsageRequest\x1a\x1b.meter.v1.SyncUsageResponse\x12Q\n\x0bStreamUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a\x1d.meter.v1.StreamUsageResponse(\x01\x30\x01\x12I\n\nWatchUsage\x12\x1b.meter.v1.WatchUsageRequest\x1a\x1c.meter.v1.WatchUsageResponse0\x01\x42i\n\x0c\x63om.meter.v1B\x11UsageServiceProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meter.v1.usage_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_INCREMENTUSAGEREQUEST']._serialized_start=122
-  _globals['_INCREMENTUSAGEREQUEST']._serialized_end=201
-  _globals['_INCREMENTUSAGERESPONSE']._serialized_start=204
-  _globals['_INCREMENTUSAGERESPONSE']._serialized_end=433
-  _globals['_DECREMENTUSAGEREQUEST']._serialized_start=435
-  _globals['_DECREMENTUSAGEREQUEST']._serialized_end=514
-  _globals['_DECREMENTUSAGERESPONSE']._serialized_start=517
-  _globals['_DECREMENTUSAGERESPONSE']._serialized_end=746
-  _globals['_RESETUSAGEREQUEST']._serialized_start=748
-  _globals['_RESETUSAGEREQUEST']._serialized_end=807
-  _globals['_RESETUSAGERESPONSE']._serialized_start=810
-  _globals['_RESETUSAGERESPONSE']._serialized_end=1035
-  _globals['_GETUSAGEREQUEST']._serialized_start=1037
-  _globals['_GETUSAGEREQUEST']._serialized_end=1074
-  _globals['_GETUSAGERESPONSE']._serialized_start=1077
-  _globals['_GETUSAGERESPONSE']._serialized_end=1282
-  _globals['_SYNCUSAGEREQUEST']._serialized_start=1284
-  _globals['_SYNCUSAGEREQUEST']._serialized_end=1362
-  _globals['_SYNCUSAGERESPONSE']._serialized_start=1364
-  _globals['_SYNCUSAGERESPONSE']._serialized_end=1443
-  _globals['_STREAMUSAGERESPONSE']._serialized_start=1446
-  _globals['_STREAMUSAGERESPONSE']._serialized_end=1587
-  _globals['_WATCHUSAGEREQUEST']._serialized_start=1589
-  _globals['_WATCHUSAGEREQUEST']._serialized_end=1652
-  _globals['_WATCHUSAGERESPONSE']._serialized_start=1654
-  _globals['_WATCHUSAGERESPONSE']._serialized_end=1758
-  _globals['_USAGESERVICE']._serialized_start=1761
-  _globals['_USAGESERVICE']._serialized_end=2313
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\014com.meter.v1B\021UsageServiceProtoP\001Z\"meter-grpc/gen/go/meter/v1;meterv1\252\002\010Meter.V1\312\002\010Meter\\V1\352\002\tMeter::V1'
+  _globals['_INCREMENTUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_INCREMENTUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_DECREMENTUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_DECREMENTUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_RESETUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_RESETUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_GETUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_SYNCUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_SYNCUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_WATCHUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_WATCHUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_INCREMENTUSAGEREQUEST']._serialized_start=155
+  _globals['_INCREMENTUSAGEREQUEST']._serialized_end=240
+  _globals['_INCREMENTUSAGERESPONSE']._serialized_start=243
+  _globals['_INCREMENTUSAGERESPONSE']._serialized_end=472
+  _globals['_DECREMENTUSAGEREQUEST']._serialized_start=474
+  _globals['_DECREMENTUSAGEREQUEST']._serialized_end=559
+  _globals['_DECREMENTUSAGERESPONSE']._serialized_start=562
+  _globals['_DECREMENTUSAGERESPONSE']._serialized_end=791
+  _globals['_RESETUSAGEREQUEST']._serialized_start=793
+  _globals['_RESETUSAGEREQUEST']._serialized_end=858
+  _globals['_RESETUSAGERESPONSE']._serialized_start=861
+  _globals['_RESETUSAGERESPONSE']._serialized_end=1086
+  _globals['_GETUSAGEREQUEST']._serialized_start=1088
+  _globals['_GETUSAGEREQUEST']._serialized_end=1131
+  _globals['_GETUSAGERESPONSE']._serialized_start=1134
+  _globals['_GETUSAGERESPONSE']._serialized_end=1339
+  _globals['_SYNCUSAGEREQUEST']._serialized_start=1341
+  _globals['_SYNCUSAGEREQUEST']._serialized_end=1425
+  _globals['_SYNCUSAGERESPONSE']._serialized_start=1427
+  _globals['_SYNCUSAGERESPONSE']._serialized_end=1506
+  _globals['_STREAMUSAGERESPONSE']._serialized_start=1509
+  _globals['_STREAMUSAGERESPONSE']._serialized_end=1650
+  _globals['_WATCHUSAGEREQUEST']._serialized_start=1652
+  _globals['_WATCHUSAGEREQUEST']._serialized_end=1721
+  _globals['_WATCHUSAGERESPONSE']._serialized_start=1723
+  _globals['_WATCHUSAGERESPONSE']._serialized_end=1827
+  _globals['_USAGESERVICE']._serialized_start=1830
+  _globals['_USAGESERVICE']._serialized_end=2382
 # @@protoc_insertion_point(module_scope)
