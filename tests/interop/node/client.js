@@ -99,7 +99,10 @@ function load(opts) {
     }
     return target; // google/protobuf/*.proto: bundled with protobufjs
   };
-  root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
+  // meter.v1.ErrorReason lists every ErrorInfo.reason (as "ERROR_REASON_" + reason).
+  root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto', 'meter/v1/error_reason.proto'], {
+    keepCase: true,
+  });
   return { meter, dirs, root };
 }
 
@@ -159,6 +162,9 @@ function assertLimitError(root, err, code, reason, limit) {
   assert.equal(info.reason, reason, 'ErrorInfo.reason');
   assert.equal(info.domain, 'meter.v1', 'ErrorInfo.domain');
   assert.equal(info.metadata.limit, limit, 'ErrorInfo.metadata.limit');
+  // Clients switch on the ErrorReason enum; a reason they do not know maps to UNSPECIFIED (0).
+  const known = root.lookupEnum('meter.v1.ErrorReason').values[`ERROR_REASON_${info.reason}`] ?? 0;
+  assert.ok(known > 0, `ErrorReason has ERROR_REASON_${info.reason}`);
   return rich;
 }
 
