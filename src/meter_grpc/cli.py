@@ -208,7 +208,24 @@ def load_public_key(text: str) -> bytes | Any:
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """The proto3 JSON mapping (int64 as strings, enums by name, durations as "3600s"),
+    with every non-optional field present; an unset limit (unlimited) stays absent."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _human_duration(text: str) -> str:
+    seconds = float(text[:-1])
+    if seconds == 0:
+        return "0"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            n = int(seconds // size)
+            seconds -= n * size
+            parts.append(f"{n}{unit}")
+    return "".join(parts) or text
 
 
 def _cell(value: Any) -> str:
@@ -220,7 +237,9 @@ def _cell(value: Any) -> str:
         return ",".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
-    return str(value)
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s", value):
+        return _human_duration(value)
+    return str(value) if value != "" else "-"
 
 
 def _short_enum(value: Any) -> Any:
@@ -446,7 +465,6 @@ def cmd_usage(args: argparse.Namespace, out: Output) -> None:
         else:
             result = client.reset_usage(args.license_id, args.request_id or "")
         doc = {"license_id": args.license_id, **to_dict(result)}
-        doc.setdefault("uses", "0")
         if not out.as_json:
             doc.setdefault("max_uses", "unlimited")
             doc.setdefault("remaining", "unlimited")
@@ -525,18 +543,21 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> None:
     if out.as_json:
         out.document({"valid": True, "payload": payload})
         return
-    found = payload.get("license")
-    lic: dict[str, Any] = found if isinstance(found, dict) else {}
+    meta = payload.get("meta") or {}
+    data = payload.get("data") or {}
+    attrs = data.get("attributes") or {}
     print(f"OK: {args.file} is genuine and current")
     rows = {
-        "license_id": lic.get("id"),
-        "status": lic.get("status"),
-        "issued": payload.get("issued") or payload.get("iat"),
-        "expires": payload.get("expiry") or payload.get("exp"),
+        "license_id": data.get("id"),
+        "name": attrs.get("name"),
+        "status": attrs.get("status"),
+        "uses": attrs.get("uses"),
+        "max_uses": attrs.get("maxUses"),
+        "issued": meta.get("issued"),
+        "expires": meta.get("expiry") or "never",
     }
     for k, v in rows.items():
-        if v is not None:
-            print(f"{k.ljust(10)}  {_cell(_short_enum(v))}")
+        print(f"{k.ljust(10)}  {_cell(v)}")
 
 
 # --- the parser ------------------------------------------------------------------------------
@@ -650,14 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    def group(name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    def group(name: str, help: str) -> Any:
         p = sub.add_parser(
             name, help=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         return p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(
-        actions: argparse._SubParsersAction[argparse.ArgumentParser],
+        actions: Any,
         name: str,
         help: str,
         func: Callable[[argparse.Namespace, Output], None],

@@ -42,13 +42,30 @@ def check_host_port(name: str, value: str, example: str, *, empty_host: bool) ->
         )
 
 
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        userinfo, at, hosts = url.rpartition("@")
+        return f"***@{hosts}" if at else url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    elif at and userinfo:
+        userinfo = "***"  # redis://PASSWORD@host is read as a password alone by many clients
+    return f"{scheme}{sep}{userinfo}{at}{hosts}{slash}{tail}"
+
+
 def check_redis_url(value: str) -> None:
     scheme, sep, _ = value.partition("://")
     expected = f"expected one of {', '.join(REDIS_SCHEMES)} (or empty for the embedded store)"
     if not sep:
-        raise ConfigError(f"METER_REDIS_URL={value!r} has no scheme: {expected}")
+        raise ConfigError(f"METER_REDIS_URL={mask_url(value)!r} has no scheme: {expected}")
     if scheme.lower() not in _SCHEMES:
-        raise ConfigError(f"METER_REDIS_URL={value!r}: unsupported scheme {scheme!r}: {expected}")
+        raise ConfigError(
+            f"METER_REDIS_URL={mask_url(value)!r}: unsupported scheme {scheme!r}: {expected}"
+        )
 
 
 @dataclass(slots=True)
@@ -156,7 +173,10 @@ class Settings:
             try:
                 parse_url(self.redis_url)
             except (ValueError, OSError) as exc:
-                raise ConfigError(f"METER_REDIS_URL: {_one_line(exc)}") from None
+                raise ConfigError(
+                    f"METER_REDIS_URL={mask_url(self.redis_url)!r} is not usable: "
+                    f"{_one_line(exc)}: expected e.g. redis://:PASSWORD@HOST:6379/0"
+                ) from None
         for name, file, kind in (
             ("METER_TLS_CERT", self.tls_cert, "certificate"),
             ("METER_TLS_KEY", self.tls_key, "key"),
@@ -199,7 +219,10 @@ def _check_pem(name: str, path: Path, kind: str) -> None:
             if kind == "ed25519" and not isinstance(key, Ed25519PrivateKey):
                 raise ValueError(f"holds a {type(key).__name__}")
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{name}={str(path)!r} is not {expected} ({_one_line(exc)})") from None
+        why = _one_line(exc)
+        if "Unable to load PEM" in why or "Could not deserialize" in why:
+            why = "no PEM block it can read"
+        raise ConfigError(f"{name}={str(path)!r} is not {expected} ({why})") from None
 
 
 def _check_data_dir(path: Path) -> None:
