@@ -683,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         help: str,
         func: Callable[[argparse.Namespace, Output], None],
     ) -> argparse.ArgumentParser:
-        p = actions.add_parser(
+        p: argparse.ArgumentParser = actions.add_parser(
             name,
             help=help,
             description=help,
