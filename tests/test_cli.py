@@ -265,7 +265,9 @@ async def test_policy_license_usage_flow_tables_and_json(running: Running) -> No
 
 
 async def test_license_lifecycle_and_not_found(running: Running) -> None:
-    r = await cli(running, "policies", "create", "--name", "cli-life", "--duration", "1d", "--json")
+    r = await cli(
+        running, "policies", "create", "--name", "cli-life", "--duration", "30d", "--json"
+    )
     policy_id = str(r.json()["id"])
     r = await cli(running, "licenses", "create", "--policy", policy_id, "--json")
     license_id = str(r.json()["id"])
@@ -279,7 +281,9 @@ async def test_license_lifecycle_and_not_found(running: Running) -> None:
     before = (await cli(running, "licenses", "get", license_id, "--json")).json()["expire_time"]
     r = await cli(running, "licenses", "renew", license_id, "--json")
     assert r.status == 0 and str(r.json()["expire_time"]) > str(before)
-    r = await cli(running, "licenses", "update", license_id, "--max-uses", "7", "--name", "n", "--json")
+    r = await cli(
+        running, "licenses", "update", license_id, "--max-uses", "7", "--name", "n", "--json"
+    )
     assert (r.json()["max_uses"], r.json()["name"]) == ("7", "n")
     r = await cli(running, "licenses", "update", license_id, "--max-uses", "unlimited", "--json")
     assert "max_uses" not in r.json()
@@ -301,7 +305,9 @@ async def test_license_lifecycle_and_not_found(running: Running) -> None:
 
 
 async def test_machines(running: Running) -> None:
-    r = await cli(running, "policies", "create", "--max-machines", "1", "--max-cores", "8", "--json")
+    r = await cli(
+        running, "policies", "create", "--max-machines", "1", "--max-cores", "8", "--json"
+    )
     policy_id = str(r.json()["id"])
     r = await cli(running, "licenses", "create", "--policy", policy_id, "--json")
     license_id = str(r.json()["id"])
@@ -309,7 +315,7 @@ async def test_machines(running: Running) -> None:
                   "--hostname", "h1", "--json")  # fmt: skip
     assert r.status == 0, r.stderr
     machine_id = str(r.json()["id"])
-    r = await cli(running, "machines", "activate", license_id, "fp-2")
+    r = await cli(running, "machines", "activate", license_id, "fp-2", "--cores", "2")
     assert r.status == EXIT_REFUSED and "MACHINE_LIMIT_EXCEEDED" in r.error_line
     r = await cli(running, "machines", "list", license_id)
     assert r.status == 0 and machine_id in r.stdout and "fp-1" in r.stdout
