@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -180,6 +181,22 @@ def test_every_bad_variable_is_one_line_exit_2_nothing_created(tmp_path: Path) -
         assert expected in line, (env, line)
         assert "s3cret" not in line
         assert list(cwd.iterdir()) == [], env
+
+
+def test_address_in_use_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        for env in (
+            {"METER_LISTEN": taken},
+            {"METER_LISTEN": "127.0.0.1:0", "METER_METRICS_LISTEN": taken},
+        ):
+            r = run_cli(cwd=tmp_path, env=clean_env(**env))
+            assert r.status == EXIT_USAGE
+            name = list(env)[-1]
+            assert r.error_line.startswith(f"meter-grpc: {name}='{taken}': cannot listen there")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_read_only_data_dir_is_refused(tmp_path: Path) -> None:

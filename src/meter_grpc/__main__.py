@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -108,6 +109,24 @@ def run_server() -> None:
     except DataDirLocked as exc:
         print(f"meter-grpc: {exc}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as exc:
+        if not str(exc).startswith(("cannot listen on", "Failed to bind")):
+            raise
+        print(
+            f"meter-grpc: METER_LISTEN={settings.listen!r}: cannot listen there (the port is "
+            "in use, or the address is not this host's): expected a free HOST:PORT",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or not settings.metrics_listen:
+            raise
+        print(
+            f"meter-grpc: METER_METRICS_LISTEN={settings.metrics_listen!r}: cannot listen there "
+            f"({exc.strerror}): expected a free HOST:PORT",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except SigningKeyError as exc:  # check_files saw it fine: the file changed since
         print(f"meter-grpc: METER_SIGNING_KEY_FILE: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,9 @@ class Settings:
         ):
             if file is not None:
                 _check_pem(name, file, kind)
+        _check_bindable("METER_LISTEN", self.listen)
+        if self.metrics_listen:
+            _check_bindable("METER_METRICS_LISTEN", self.metrics_listen)
         uses_data_dir = not self.redis_url or self.signing_key_file is None or not self.admin_tokens
         if uses_data_dir:
             _check_data_dir(self.data_dir)
@@ -223,6 +227,31 @@ def _check_pem(name: str, path: Path, kind: str) -> None:
         if "Unable to load PEM" in why or "Could not deserialize" in why:
             why = "no PEM block it can read"
         raise ConfigError(f"{name}={str(path)!r} is not {expected} ({why})") from None
+
+
+def _check_bindable(name: str, address: str) -> None:
+    """Binds HOST:PORT once (then lets go), so that a port in use or a host that is not this
+    machine's is reported before anything starts. Port 0 and unix: addresses are not tried."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        why = exc.strerror or _one_line(exc)
+        raise ConfigError(
+            f"{name}={address!r}: cannot listen there ({why}): expected a free port on an "
+            "address of this host"
+        ) from None
 
 
 def _check_data_dir(path: Path) -> None:
