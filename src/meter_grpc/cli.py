@@ -640,7 +640,11 @@ def _list_options(p: argparse.ArgumentParser) -> None:
         help="repeat for several (on update: replaces the list)",
     )
     p.add_argument(
-        "--metadata", action="append", type=parse_pair, metavar="KEY=VALUE", help="repeatable"
+        "--metadata",
+        action="append",
+        type=parse_pair,
+        metavar="KEY=VALUE",
+        help="repeatable (on update: replaces the map)",
     )
 
 
