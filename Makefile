@@ -3,13 +3,32 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The interpreter the .venv must be built by: a .venv made by another Python (or another
+# version of it) is rebuilt. Recorded in $(PY_STAMP) and compared on every make.
+PY_ID := $(shell $(PYTHON) -c 'import sys; print(sys.version.split()[0], sys.base_prefix)' 2>/dev/null)
+PY_STAMP := $(VENV)/.python
 GLIDE_STAMP := $(VENV)/.installed-glide
 PROTOS := $(wildcard protos/meter/v1/*.proto)
 GEN_DIR := src
 
-.PHONY: run test lint proto proto-check bench bench-transports install clean
+.PHONY: run test lint proto proto-check bench bench-transports install clean destroy-data FORCE
 
-$(STAMP): pyproject.toml
+# Rewritten only when the interpreter differs from the one recorded (a .venv from before
+# the stamp existed is asked directly), which makes $(STAMP) out of date and rebuilds the
+# .venv from scratch.
+PY_ASK := import sys; print(sys.version.split()[0], sys.base_prefix)
+$(PY_STAMP): FORCE
+	@if [ -z "$(PY_ID)" ]; then echo "PYTHON=$(PYTHON) does not run: give a Python 3.11+ interpreter, e.g. make run PYTHON=python3.12" >&2; exit 2; fi
+	@recorded="$$(cat $(PY_STAMP) 2>/dev/null || $(PY) -c '$(PY_ASK)' 2>/dev/null)"; \
+	if [ "$$recorded" = "$(PY_ID)" ] && [ ! -f $(PY_STAMP) ]; then echo "$(PY_ID)" > $(PY_STAMP); fi; \
+	if [ "$$recorded" != "$(PY_ID)" ]; then \
+		if [ -d $(VENV) ]; then echo "$(VENV) was built by another Python: rebuilding it with $(PYTHON) ($(PY_ID))"; fi; \
+		rm -rf $(VENV); mkdir -p $(VENV); echo "$(PY_ID)" > $(PY_STAMP); \
+	fi
+
+FORCE:
+
+$(STAMP): pyproject.toml $(PY_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -56,5 +75,16 @@ $(GLIDE_STAMP): $(STAMP) pyproject.toml
 bench-transports: $(GLIDE_STAMP)
 	$(PY) bench/transports.py $(BENCH_ARGS)
 
+# Build products and caches only: var/ (licenses, usage, admin token, signing key) stays.
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Deletes var/: every license, usage counter, the admin token and the signing key (license
+# files already issued can no longer be verified with a new key). Asks first; CONFIRM=yes
+# skips the question.
+destroy-data:
+	@echo "WARNING: this deletes $(CURDIR)/var: all licenses, usage, the admin token and the signing key."
+	@if [ "$(CONFIRM)" != "yes" ]; then \
+		printf 'Type "destroy" to go on: '; read answer; [ "$$answer" = destroy ] || { echo "kept var/"; exit 1; }; \
+	fi
+	rm -rf var

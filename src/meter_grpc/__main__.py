@@ -1,4 +1,5 @@
-"""`python -m meter_grpc`: serve until SIGTERM, SIGINT or SIGHUP, then drain and stop.
+"""`meter-grpc` / `python -m meter_grpc`: the command line (meter_grpc/cli.py); `serve`, the
+default, serves until SIGTERM, SIGINT or SIGHUP, then drains and stops.
 
 The three signals mean the same thing (a terminal's Ctrl-C and hang-up, a supervisor's
 stop): stop taking calls, let the calls in flight finish within METER_SHUTDOWN_GRACE, then
@@ -8,8 +9,9 @@ cuts it short: the calls still in flight are cancelled (their clients see CANCEL
 must treat the outcome as unknown; what was acknowledged is on disk), then the store is
 stopped as usual. Further signals are ignored while that completes.
 
-Exit status: 0 after a signal-initiated stop; 1 when another instance owns the data dir
-(one line on stderr naming its pid, nothing touched); 2 for a bad configuration.
+Exit status of `serve`: 0 after a signal-initiated stop; 1 when another instance owns the
+data dir (one line on stderr naming its pid, nothing touched); 2 for a bad configuration (one
+line on stderr naming the variable, what is wrong and what is expected; nothing created).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 
+from meter_grpc import cli
 from meter_grpc.config import ConfigError, Settings
+from meter_grpc.domain.signing import SigningKeyError
 from meter_grpc.server import build_server
 from meter_grpc.storage.embedded import DataDirLocked
 
@@ -73,9 +79,18 @@ async def serve(settings: Settings) -> None:
     await stopping
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    args = cli.parse(sys.argv[1:] if argv is None else argv)
+    if args.command in (None, "serve"):
+        run_server()
+    else:
+        cli.run(args)
+
+
+def run_server() -> None:
     try:
         settings = Settings.from_env()
+        settings.check_files()
     except ConfigError as exc:
         print(f"meter-grpc: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -94,6 +109,27 @@ def main() -> None:
     except DataDirLocked as exc:
         print(f"meter-grpc: {exc}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as exc:
+        if not str(exc).startswith(("cannot listen on", "Failed to bind")):
+            raise
+        print(
+            f"meter-grpc: METER_LISTEN={settings.listen!r}: cannot listen there (the port is "
+            "in use, or the address is not this host's): expected a free HOST:PORT",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or not settings.metrics_listen:
+            raise
+        print(
+            f"meter-grpc: METER_METRICS_LISTEN={settings.metrics_listen!r}: cannot listen there "
+            f"({exc.strerror}): expected a free HOST:PORT",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except SigningKeyError as exc:  # check_files saw it fine: the file changed since
+        print(f"meter-grpc: METER_SIGNING_KEY_FILE: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

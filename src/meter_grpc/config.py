@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +15,58 @@ from meter_grpc.domain.clock import Clock, SystemClock
 
 
 class ConfigError(ValueError):
-    """A METER_* variable has a value the service cannot use."""
+    """A METER_* variable has a value the service cannot use: the message is one line naming
+    the variable, what is wrong and what is expected."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REDIS_SCHEMES = (
+    "redis://HOST:PORT[/DB]",
+    "rediss://HOST:PORT[/DB]",
+    "unix:///PATH",
+    "redis+cluster://HOST:PORT,HOST:PORT,...",
+    "rediss+cluster://HOST:PORT,...",
+)
+_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^\s:\[\]/]*):(?P<port>\d{1,5})$")
+
+
+def check_host_port(name: str, value: str, example: str, *, empty_host: bool) -> None:
+    """HOST:PORT (an IPv6 host in brackets); `empty_host` also takes :PORT (every interface)."""
+    if name == "METER_LISTEN" and value.startswith(("unix:", "unix-abstract:")):
+        return
+    m = _HOST_PORT.match(value)
+    if m is None or int(m["port"]) > 65535 or (not m["host"] and not empty_host):
+        also = " or :PORT" if empty_host else " or unix:PATH"
+        raise ConfigError(
+            f"{name}={value!r} is not an address: expected HOST:PORT{also} (e.g. {example})"
+        )
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        userinfo, at, hosts = url.rpartition("@")
+        return f"***@{hosts}" if at else url
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    elif at and userinfo:
+        userinfo = "***"  # redis://PASSWORD@host is read as a password alone by many clients
+    return f"{scheme}{sep}{userinfo}{at}{hosts}{slash}{tail}"
+
+
+def check_redis_url(value: str) -> None:
+    scheme, sep, _ = value.partition("://")
+    expected = f"expected one of {', '.join(REDIS_SCHEMES)} (or empty for the embedded store)"
+    if not sep:
+        raise ConfigError(f"METER_REDIS_URL={mask_url(value)!r} has no scheme: {expected}")
+    if scheme.lower() not in _SCHEMES:
+        raise ConfigError(
+            f"METER_REDIS_URL={mask_url(value)!r}: unsupported scheme {scheme!r}: {expected}"
+        )
 
 
 @dataclass(slots=True)
@@ -46,34 +100,173 @@ class Settings:
 
         def number(name: str, default: str, kind: type[int] | type[float]) -> float:
             raw = get(name, default)
+            expected = f"expected a number of seconds > 0 (default {default})"
             try:
                 value = kind(raw)
             except ValueError:
-                raise ConfigError(f"{name}={raw!r} is not a number") from None
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive")
+                raise ConfigError(f"{name}={raw!r} is not a number: {expected}") from None
+            if value <= 0 or not math.isfinite(value):
+                raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
             return value
 
+        listen = get("METER_LISTEN") or "127.0.0.1:50051"
+        check_host_port("METER_LISTEN", listen, "127.0.0.1:50051, [::]:50051", empty_host=False)
+        redis_url = get("METER_REDIS_URL")
+        if redis_url:
+            check_redis_url(redis_url)
+        metrics_listen = get("METER_METRICS_LISTEN")
+        if metrics_listen:
+            check_host_port(
+                "METER_METRICS_LISTEN", metrics_listen, "127.0.0.1:9100", empty_host=True
+            )
+        log_level = (get("METER_LOG_LEVEL") or "INFO").upper()
+        if log_level == "WARN":
+            log_level = "WARNING"
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"METER_LOG_LEVEL={get('METER_LOG_LEVEL')!r} is not a log level: "
+                f"expected one of {', '.join(LOG_LEVELS)}"
+            )
+        admin_tokens = [t.strip() for t in get("METER_ADMIN_TOKENS").split(",") if t.strip()]
+        if any(not t.isprintable() or any(ch.isspace() for ch in t) for t in admin_tokens):
+            raise ConfigError(
+                "METER_ADMIN_TOKENS has a token with a space or control character: "
+                "expected comma-separated tokens of printable characters"
+            )
+
         settings = cls(
-            listen=get("METER_LISTEN") or "127.0.0.1:50051",
-            redis_url=get("METER_REDIS_URL"),
+            listen=listen,
+            redis_url=redis_url,
             data_dir=Path(get("METER_DATA_DIR") or "./var"),
-            admin_tokens=[t.strip() for t in get("METER_ADMIN_TOKENS").split(",") if t.strip()],
+            admin_tokens=admin_tokens,
             tls_cert=path("METER_TLS_CERT"),
             tls_key=path("METER_TLS_KEY"),
             tls_client_ca=path("METER_TLS_CLIENT_CA"),
-            metrics_listen=get("METER_METRICS_LISTEN"),
+            metrics_listen=metrics_listen,
             signing_key_file=path("METER_SIGNING_KEY_FILE"),
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
-            log_level=(get("METER_LOG_LEVEL") or "INFO").upper(),
+            log_level=log_level,
         )
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))
         except ValueError as exc:
             raise ConfigError(f"METER_FAILPOINTS: {exc}") from None
         if bool(settings.tls_cert) != bool(settings.tls_key):
-            raise ConfigError("METER_TLS_CERT and METER_TLS_KEY must be set together")
+            raise ConfigError(
+                "METER_TLS_CERT and METER_TLS_KEY must be set together: "
+                "expected both (PEM certificate chain and private key) or neither"
+            )
         if settings.tls_client_ca and not settings.tls_cert:
-            raise ConfigError("METER_TLS_CLIENT_CA needs METER_TLS_CERT and METER_TLS_KEY")
+            raise ConfigError(
+                "METER_TLS_CLIENT_CA needs METER_TLS_CERT and METER_TLS_KEY: "
+                "mutual TLS is TLS with a client CA"
+            )
         return settings
+
+    def check_files(self) -> None:
+        """What from_env cannot see: files that must be readable and hold what they should,
+        the data dir that must be (or become) a writable directory, a Redis URL's options.
+        Reads only, creates nothing; raises ConfigError (one line) on the first problem."""
+        if self.redis_url:
+            from meter_grpc.storage.transport import parse_url
+
+            try:
+                parse_url(self.redis_url)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(
+                    f"METER_REDIS_URL={mask_url(self.redis_url)!r} is not usable: "
+                    f"{_one_line(exc)}: expected e.g. redis://:PASSWORD@HOST:6379/0"
+                ) from None
+        for name, file, kind in (
+            ("METER_TLS_CERT", self.tls_cert, "certificate"),
+            ("METER_TLS_KEY", self.tls_key, "key"),
+            ("METER_TLS_CLIENT_CA", self.tls_client_ca, "certificate"),
+            ("METER_SIGNING_KEY_FILE", self.signing_key_file, "ed25519"),
+        ):
+            if file is not None:
+                _check_pem(name, file, kind)
+        _check_bindable("METER_LISTEN", self.listen)
+        if self.metrics_listen:
+            _check_bindable("METER_METRICS_LISTEN", self.metrics_listen)
+        uses_data_dir = not self.redis_url or self.signing_key_file is None or not self.admin_tokens
+        if uses_data_dir:
+            _check_data_dir(self.data_dir)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_pem(name: str, path: Path, kind: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    expected = {
+        "certificate": "a PEM certificate (chain)",
+        "key": "an unencrypted PEM private key",
+        "ed25519": "an unencrypted PEM Ed25519 private key (PKCS#8)",
+    }[kind]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        why = exc.strerror or _one_line(exc)
+        raise ConfigError(
+            f"{name}={str(path)!r}: cannot read it ({why}): expected {expected}"
+        ) from None
+    try:
+        if kind == "certificate":
+            x509.load_pem_x509_certificates(data)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+            if kind == "ed25519" and not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"holds a {type(key).__name__}")
+    except (ValueError, TypeError) as exc:
+        why = _one_line(exc)
+        if "Unable to load PEM" in why or "Could not deserialize" in why:
+            why = "no PEM block it can read"
+        raise ConfigError(f"{name}={str(path)!r} is not {expected} ({why})") from None
+
+
+def _check_bindable(name: str, address: str) -> None:
+    """Binds HOST:PORT once (then lets go), so that a port in use or a host that is not this
+    machine's is reported before anything starts. Port 0 and unix: addresses are not tried."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        why = exc.strerror or _one_line(exc)
+        raise ConfigError(
+            f"{name}={address!r}: cannot listen there ({why}): expected a free port on an "
+            "address of this host"
+        ) from None
+
+
+def _check_data_dir(path: Path) -> None:
+    name = f"METER_DATA_DIR={str(path)!r}"
+    expected = "expected a writable directory (created when missing)"
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{name} is not a directory: {expected}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name} is not writable by this user: {expected}")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{name} cannot be created: {parent} is not a directory: {expected}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} cannot be created: {parent} is not writable: {expected}")

@@ -27,7 +27,7 @@ from meter_grpc.api.interceptor import MeterInterceptor
 from meter_grpc.api.license_service import LicenseService
 from meter_grpc.api.metrics import Metrics
 from meter_grpc.api.usage_service import UsageService
-from meter_grpc.config import Settings
+from meter_grpc.config import Settings, mask_url
 from meter_grpc.domain import failpoints
 from meter_grpc.domain.licensing import Licensing
 from meter_grpc.domain.machines import Machines
@@ -110,10 +110,11 @@ class Service:
         """SERVING only while Redis answers."""
         serving: bool | None = None
         while True:
+            error = "no answer"
             try:
                 ok = await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_s)
-            except Exception:
-                ok = False
+            except Exception as exc:
+                ok, error = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
             if ok != serving:
                 serving = ok
                 status = (
@@ -122,10 +123,11 @@ class Service:
                     else health_pb2.HealthCheckResponse.NOT_SERVING
                 )
                 await self._set_health(status)
+                where = mask_url(self.settings.redis_url) or f"embedded in {self.settings.data_dir}"
                 log.log(
                     logging.INFO if ok else logging.WARNING,
                     "storage %s",
-                    "reachable" if ok else "unreachable",
+                    f"reachable ({where})" if ok else f"unreachable ({where}): {error}",
                 )
             await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
 
