@@ -383,6 +383,10 @@ def naming(m: MethodDescriptor, lic: Any) -> Any:
     """A request of `m` naming license `lic` the way auth.LICENSE_KEY_METHODS reads it."""
     request = GetMessageClass(m.input_type)()
     owns = auth.LICENSE_KEY_METHODS.get(path(m))
+    if owns is not None and owns.each is not None:
+        item = getattr(request, owns.each).add()
+        setattr(item, owns.field or "", lic.id)
+        return request
     if owns is None or owns.field is None:
         for name in ("license_id", "id"):
             if name in m.input_type.fields_by_name:
@@ -421,8 +425,11 @@ async def test_the_table_names_only_real_methods_and_fields() -> None:
     by_path = {path(m): m for m in METHODS}
     for method, owns in auth.LICENSE_KEY_METHODS.items():
         assert method in by_path, method
+        request_type = by_path[method].input_type
+        if owns.each is not None:
+            request_type = request_type.fields_by_name[owns.each].message_type
         if owns.field is not None:
-            assert owns.field in by_path[method].input_type.fields_by_name, method
+            assert owns.field in request_type.fields_by_name, method
         if owns.key_field is not None:
             assert owns.key_field in by_path[method].input_type.fields_by_name, method
 
@@ -446,3 +453,23 @@ async def test_a_servicer_reached_without_the_interceptor_refuses() -> None:
 
     with pytest.raises(MeterError):
         await watch()
+
+
+async def test_a_batch_entry_checks_every_element(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Owns(each=...) for a request carrying many sub-requests (a batch RPC)."""
+    from meter_grpc.domain.clock import SystemClock
+    from meter_grpc.domain.errors import MeterError
+
+    async def no_key(key: str) -> None:
+        return None
+
+    authenticator = auth.Authenticator([], no_key, SystemClock())  # type: ignore[arg-type]
+    monkeypatch.setitem(auth.LICENSE_KEY_METHODS, "/t/Batch", auth.Owns("id", each="records"))
+    mine = auth.Principal(UNKNOWN_ID)
+    batch = upb.SyncUsageRequest(records=[usage_pb2.UsageRecord(id=UNKNOWN_ID)] * 2)
+    await authenticator.authorize("/t/Batch", mine, batch)
+    batch.records.add(id=UNKNOWN_ID[:-1] + "1")
+    with pytest.raises(MeterError) as exc:
+        await authenticator.authorize("/t/Batch", mine, batch)
+    assert exc.value.reason.value == "PERMISSION_DENIED"
+    await authenticator.authorize("/t/Batch", auth.ADMIN, batch)  # an admin may do anything

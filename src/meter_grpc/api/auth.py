@@ -38,11 +38,13 @@ class Owns:
     `field` holds a license id, or with `machine` a machine id (its license id is its
     prefix); `key_field`, when that member of the request's `license` oneof is set, holds a
     license key instead (the caller's own key, or PERMISSION_DENIED). `field = None`: the
-    method names no license (GetPublicKey)."""
+    method names no license (GetPublicKey). `each`: the request carries a repeated message
+    field of that name, and every element names a license by `field` (a batch)."""
 
     field: str | None
     machine: bool = False
     key_field: str | None = None
+    each: str | None = None
 
 
 # The one table of what a `License <key>` caller may do (SPEC §5): each method it may call,
@@ -220,9 +222,10 @@ class Authenticator:
             if holder is None or holder.license_id != principal.license_id:
                 raise _other_license("")
             return
-        license_id = named_license(owns, request)
-        if license_id != principal.license_id:
-            raise _other_license(license_id)
+        for item in getattr(request, owns.each) if owns.each else (request,):
+            license_id = named_license(owns, item)
+            if license_id != principal.license_id:
+                raise _other_license(license_id)
 
     async def authenticate(self, method: str, authorization: str | None) -> Principal:
         if not authorization:
