@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meter.v1 import license_service_pb2 as lpb
@@ -91,9 +92,19 @@ async def test_stream_usage_checks_each_request(
         yield upb.IncrementUsageRequest(license_id=mine.id, request_id="a")
         yield upb.IncrementUsageRequest(license_id=other.id, request_id="b")
 
-    answers = [r async for r in usage.StreamUsage(requests(), metadata=license_md(mine.key))]
-    assert answers[0].result.uses == 1
-    assert answers[1].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    # The interceptor checks every message against auth.LICENSE_KEY_METHODS: a message naming
+    # another license ends the stream with PERMISSION_DENIED, after the answers before it.
+    call = usage.StreamUsage(requests(), metadata=license_md(mine.key))
+    answers: list[Any] = []
+
+    async def drain() -> None:
+        async for r in call:
+            answers.append(r)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await drain()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [a.result.uses for a in answers] == [1]
 
 
 async def test_health_needs_no_credentials(channel: grpc.aio.Channel) -> None:

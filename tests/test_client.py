@@ -82,9 +82,9 @@ async def test_sync_client_end_to_end(running: Running) -> None:
             policy = admin.create_policy(policy_pb2.Policy(name="p", max_uses=5))
             lic = admin.create_license(license_pb2.License(policy_id=policy.id))
             with pytest.raises(LicenseNotFound) as nf:
-                admin.get_license("no-such-license")
+                admin.get_license("01900000-0000-7000-8000-000000000000")
             assert nf.value.code == grpc.StatusCode.NOT_FOUND
-            assert nf.value.metadata["id"] == "no-such-license"
+            assert nf.value.metadata["id"] == "01900000-0000-7000-8000-000000000000"
         with MeterClient(running.target, license_key=lic.key) as client:
             assert client.increment_usage(lic.id, 5).uses == 5
             with pytest.raises(UsageLimitExceeded):

@@ -146,7 +146,10 @@ async def test_metrics_endpoint_counts_calls(tmp_path: Path, running: Running) -
             stub = lgrpc.LicenseServiceStub(ch)
             await stub.ListPolicies(lpb.ListPoliciesRequest(page_size=1), metadata=admin_md())
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.GetPolicy(lpb.GetPolicyRequest(id="missing"), metadata=admin_md())
+                await stub.GetPolicy(
+                    lpb.GetPolicyRequest(id="01900000-0000-7000-8000-000000000000"),
+                    metadata=admin_md(),
+                )
         assert service.metrics_port
         with urllib.request.urlopen(  # noqa: ASYNC210 - a test, the loop has nothing else to do
             f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5

@@ -253,7 +253,7 @@ async def test_license_key_checks_out_its_own_license_only(
     assert payload["data"]["id"] == mine.id
     err = await expect_error(check_out(licenses, other.id, md=license_md(mine.key)))
     assert err.code == grpc.StatusCode.PERMISSION_DENIED
-    err = await expect_error(check_out(licenses, "no-such-license"))
+    err = await expect_error(check_out(licenses, "01900000-0000-7000-8000-000000000000"))
     assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "LICENSE_NOT_FOUND")
     err = await expect_error(licenses.GetPublicKey(lpb.GetPublicKeyRequest()))
     assert err.code == grpc.StatusCode.UNAUTHENTICATED

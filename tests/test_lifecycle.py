@@ -84,7 +84,7 @@ async def test_lifecycle_rpcs_reject_bad_and_unknown_ids(
         lambda i: licenses.CheckInLicense(lpb.CheckInLicenseRequest(id=i), metadata=admin_md()),
     ]
     for call in calls:
-        err = await expect_error(call("no-such-license"))
+        err = await expect_error(call("01900000-0000-7000-8000-000000000000"))
         assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "LICENSE_NOT_FOUND")
         err = await expect_error(call(""))
         assert (err.code, err.bad_fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["id"])

@@ -278,22 +278,29 @@ async def test_bad_input_is_refused_and_changes_nothing(
 
 
 async def test_not_found_variants(licenses: lgrpc.LicenseServiceStub, make_license: Any) -> None:
-    err = await expect_error(activate(licenses, "no-such-license", "f"))
+    err = await expect_error(activate(licenses, "01900000-0000-7000-8000-000000000000", "f"))
     assert (err.code, err.reason, err.metadata["id"]) == (
         grpc.StatusCode.NOT_FOUND,
         "LICENSE_NOT_FOUND",
-        "no-such-license",
+        "01900000-0000-7000-8000-000000000000",
     )
     err = await expect_error(
-        licenses.ListMachines(lpb.ListMachinesRequest(license_id="nope"), metadata=admin_md())
+        licenses.ListMachines(
+            lpb.ListMachinesRequest(license_id="01900000-0000-7000-8000-000000000000"),
+            metadata=admin_md(),
+        )
     )
     assert err.reason == "LICENSE_NOT_FOUND"
     lic = await make_license(policy_fields=FLOATING)
     unknown_ids = [
-        "nope",  # not a machine id at all
         f"{lic.id}.{'0' * 32}",  # the license exists, the machine does not
-        f"gone-license.{'a' * 32}",  # the license does not exist
+        f"01900000-0000-7000-8000-000000000000.{'a' * 32}",  # the license does not exist
+    ]
+    malformed_ids = [
+        "nope",  # not a machine id at all
+        f"gone-license.{'a' * 32}",  # not a license id the server minted
         f"{lic.id}.{'G' * 32}",  # not hex
+        f"{lic.id}.{'0' * 32}}}:x",  # key name syntax
     ]
     calls = [
         lambda i: licenses.GetMachine(lpb.GetMachineRequest(id=i), metadata=admin_md()),
@@ -308,11 +315,18 @@ async def test_not_found_variants(licenses: lgrpc.LicenseServiceStub, make_licen
             err = await expect_error(call(machine_id))
             assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "MACHINE_NOT_FOUND")
             assert err.metadata["id"] == machine_id
+    for machine_id in malformed_ids:
+        for call in calls:
+            err = await expect_error(call(machine_id))
+            assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
     for call in calls[:3]:
         err = await expect_error(call(""))
         assert (err.code, err.bad_fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["id"])
     err = await expect_error(
-        licenses.CheckInLicense(lpb.CheckInLicenseRequest(id="nope"), metadata=admin_md())
+        licenses.CheckInLicense(
+            lpb.CheckInLicenseRequest(id="01900000-0000-7000-8000-000000000000"),
+            metadata=admin_md(),
+        )
     )
     assert err.reason == "LICENSE_NOT_FOUND"
 

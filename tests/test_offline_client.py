@@ -60,6 +60,9 @@ def test_journal_is_durable_sqlite(tmp_path: Path) -> None:
             journal.record("lic", 0)
         with pytest.raises(ValueError, match="record id"):
             journal.record("lic", 1, record_id="has space")
+        for refused in ("a:b", "{x", "x}"):  # what the service refuses never enters it
+            with pytest.raises(ValueError, match="record id"):
+                journal.record("lic", 1, record_id=refused)
     # A second connection (another process would do the same) sees the committed record.
     db = sqlite3.connect(path)
     assert db.execute("SELECT id, amount, state FROM records").fetchall() == [

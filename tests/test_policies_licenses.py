@@ -89,7 +89,9 @@ async def test_bad_policies_are_refused(licenses: lgrpc.LicenseServiceStub) -> N
 
 async def test_get_unknown_policy(licenses: lgrpc.LicenseServiceStub) -> None:
     err = await expect_error(
-        licenses.GetPolicy(lpb.GetPolicyRequest(id="missing"), metadata=admin_md())
+        licenses.GetPolicy(
+            lpb.GetPolicyRequest(id="01900000-0000-7000-8000-000000000000"), metadata=admin_md()
+        )
     )
     assert err.code == grpc.StatusCode.NOT_FOUND
     assert err.reason == "POLICY_NOT_FOUND"
@@ -193,7 +195,8 @@ async def test_update_policy_errors(licenses: lgrpc.LicenseServiceStub, make_pol
     err = await expect_error(
         licenses.UpdatePolicy(
             lpb.UpdatePolicyRequest(
-                policy=policy_pb2.Policy(id="gone", name="x"), update_mask=mask("name")
+                policy=policy_pb2.Policy(id="01900000-0000-7000-8000-000000000000", name="x"),
+                update_mask=mask("name"),
             ),
             metadata=admin_md(),
         )
@@ -274,7 +277,9 @@ async def test_create_license_errors(licenses: lgrpc.LicenseServiceStub, make_po
     assert err.bad_fields == ["license.policy_id"]
     err = await expect_error(
         licenses.CreateLicense(
-            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id="nope")),
+            lpb.CreateLicenseRequest(
+                license=license_pb2.License(policy_id="01900000-0000-7000-8000-000000000000")
+            ),
             metadata=admin_md(),
         )
     )
@@ -386,7 +391,8 @@ async def test_update_license_override_and_fields(
     err = await expect_error(
         licenses.UpdateLicense(
             lpb.UpdateLicenseRequest(
-                license=license_pb2.License(id="gone", name="x"), update_mask=mask("name")
+                license=license_pb2.License(id="01900000-0000-7000-8000-000000000000", name="x"),
+                update_mask=mask("name"),
             ),
             metadata=admin_md(),
         )

@@ -259,7 +259,7 @@ async def test_unreachable_store_gives_unavailable_and_not_serving(tmp_path: Pat
             usage = ugrpc.UsageServiceStub(ch)
             err = await expect_error(
                 usage.IncrementUsage(
-                    upb.IncrementUsageRequest(license_id="x"),
+                    upb.IncrementUsageRequest(license_id="01900000-0000-7000-8000-000000000000"),
                     metadata=(("authorization", "Bearer t"),),
                 )
             )

@@ -229,7 +229,7 @@ async def test_bad_records_are_refused_before_anything_is_applied(
 
 
 async def test_unknown_license(usage: ugrpc.UsageServiceStub) -> None:
-    err = await expect_error(sync(usage, "no-such-license", records(1)))
+    err = await expect_error(sync(usage, "01900000-0000-7000-8000-000000000000", records(1)))
     assert err.code == grpc.StatusCode.NOT_FOUND
     assert err.reason == "LICENSE_NOT_FOUND"
 

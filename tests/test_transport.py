@@ -631,7 +631,10 @@ async def _increment_errors(fake: FakeRedis, tmp_path: Path, n: int) -> list[Ric
                     *(
                         expect_error(
                             usage.IncrementUsage(
-                                upb.IncrementUsageRequest(license_id=f"l{i}"), metadata=md
+                                upb.IncrementUsageRequest(
+                                    license_id=f"01900000-0000-7000-8000-{i:012d}"
+                                ),
+                                metadata=md,
                             )
                         )
                         for i in range(n)

@@ -130,15 +130,27 @@ async def test_reset(usage: ugrpc.UsageServiceStub, make_license: Any) -> None:
 
 async def test_unknown_license(usage: ugrpc.UsageServiceStub) -> None:
     for call in (
-        usage.IncrementUsage(upb.IncrementUsageRequest(license_id="nope"), metadata=admin_md()),
-        usage.DecrementUsage(upb.DecrementUsageRequest(license_id="nope"), metadata=admin_md()),
-        usage.ResetUsage(upb.ResetUsageRequest(license_id="nope"), metadata=admin_md()),
-        usage.GetUsage(upb.GetUsageRequest(license_id="nope"), metadata=admin_md()),
+        usage.IncrementUsage(
+            upb.IncrementUsageRequest(license_id="01900000-0000-7000-8000-000000000000"),
+            metadata=admin_md(),
+        ),
+        usage.DecrementUsage(
+            upb.DecrementUsageRequest(license_id="01900000-0000-7000-8000-000000000000"),
+            metadata=admin_md(),
+        ),
+        usage.ResetUsage(
+            upb.ResetUsageRequest(license_id="01900000-0000-7000-8000-000000000000"),
+            metadata=admin_md(),
+        ),
+        usage.GetUsage(
+            upb.GetUsageRequest(license_id="01900000-0000-7000-8000-000000000000"),
+            metadata=admin_md(),
+        ),
     ):
         err = await expect_error(call)
         assert err.code == grpc.StatusCode.NOT_FOUND
         assert err.reason == "LICENSE_NOT_FOUND"
-        assert err.metadata["id"] == "nope"
+        assert err.metadata["id"] == "01900000-0000-7000-8000-000000000000"
 
 
 async def test_bad_input_is_refused_and_changes_nothing(

@@ -83,7 +83,7 @@ async def test_valid_by_id_and_by_key(
 
 async def test_not_found(licenses: lgrpc.LicenseServiceStub) -> None:
     for resp in (
-        await validate(licenses, "no-such-license"),
+        await validate(licenses, "01900000-0000-7000-8000-000000000000"),
         await validate(licenses, key="NO-SUCH-KEY-0123456789"),
     ):
         assert answer(resp) == (False, "NOT_FOUND")

@@ -104,7 +104,9 @@ async def test_watch_errors(
     async def first_error(request: upb.WatchUsageRequest, md: Any) -> Any:
         return await first_error_of(usage.WatchUsage(request, metadata=md))
 
-    err = await first_error(upb.WatchUsageRequest(license_id="missing"), admin_md())
+    err = await first_error(
+        upb.WatchUsageRequest(license_id="01900000-0000-7000-8000-000000000000"), admin_md()
+    )
     assert err.reason == "LICENSE_NOT_FOUND"
     err = await first_error(
         upb.WatchUsageRequest(license_id=lic.id, after_event_id="nope"), admin_md()

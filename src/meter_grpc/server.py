@@ -21,7 +21,7 @@ from meter.v1 import (
     usage_service_pb2,
     usage_service_pb2_grpc,
 )
-from meter_grpc.api import reflection
+from meter_grpc.api import auth, reflection
 from meter_grpc.api.auth import Authenticator
 from meter_grpc.api.interceptor import MeterInterceptor
 from meter_grpc.api.license_service import LicenseService
@@ -183,16 +183,26 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             ],
         )
         machines = Machines(store, settings.clock)
+        # auth.guard: an RPC refuses a call no interceptor authenticated (deny by default)
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
-            LicenseService(
-                licensing,
-                machines=machines,
-                validator=Validator(store, settings.clock),
-                license_files=LicenseFiles(licensing, machines, signer),
+            auth.guard(
+                LicenseService(
+                    licensing,
+                    machines=machines,
+                    validator=Validator(store, settings.clock),
+                    license_files=LicenseFiles(licensing, machines, signer),
+                ),
+                license_service_pb2.DESCRIPTOR.services_by_name["LicenseService"],
             ),
             server,
         )
-        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(metering), server)
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
+            auth.guard(
+                UsageService(metering),
+                usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"],
+            ),
+            server,
+        )
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

@@ -3,36 +3,68 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import hmac
+import inspect
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
 
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import MeterError, Reason
+from meter_grpc.domain.ids import license_id_of_machine
 from meter_grpc.domain.models import KeyHolder
 
 LICENSE = "/meter.v1.LicenseService/"
 USAGE = "/meter.v1.UsageService/"
 
-# Methods a `License <key>` caller may use, each on its own license only.
-LICENSE_KEY_METHODS = frozenset(
-    [
-        LICENSE + "ValidateLicense",
-        LICENSE + "ActivateMachine",
-        LICENSE + "DeactivateMachine",
-        LICENSE + "MachineHeartbeat",
-        LICENSE + "CheckInLicense",
-        LICENSE + "CheckOutLicense",
-        LICENSE + "GetPublicKey",
-        USAGE + "IncrementUsage",
-        USAGE + "GetUsage",
-        USAGE + "SyncUsage",
-        USAGE + "StreamUsage",
-        USAGE + "WatchUsage",
-    ]
+# Services anyone may call without credentials; every other method of the server is
+# authenticated, and a license key may call only the methods of LICENSE_KEY_METHODS.
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Owns:
+    """Which request field names the license a license-key caller acts on.
+
+    `field` holds a license id, or with `machine` a machine id (its license id is its
+    prefix); `key_field`, when that member of the request's `license` oneof is set, holds a
+    license key instead (the caller's own key, or PERMISSION_DENIED). `field = None`: the
+    method names no license (GetPublicKey). `each`: the request carries a repeated message
+    field of that name, and every element names a license by `field` (a batch)."""
+
+    field: str | None
+    machine: bool = False
+    key_field: str | None = None
+    each: str | None = None
+
+
+# The one table of what a `License <key>` caller may do (SPEC §5): each method it may call,
+# and the request field naming the license, which must be its own. The interceptor enforces
+# it for unary and streaming requests alike (every message of a request stream); anything
+# not listed is PERMISSION_DENIED for a license key.
+LICENSE_KEY_METHODS: dict[str, Owns] = {
+    LICENSE + "ValidateLicense": Owns("license_id", key_field="key"),
+    LICENSE + "ActivateMachine": Owns("license_id"),
+    LICENSE + "DeactivateMachine": Owns("id", machine=True),
+    LICENSE + "MachineHeartbeat": Owns("id", machine=True),
+    LICENSE + "CheckInLicense": Owns("id"),
+    LICENSE + "CheckOutLicense": Owns("id"),
+    LICENSE + "GetPublicKey": Owns(None),
+    USAGE + "IncrementUsage": Owns("license_id"),
+    USAGE + "GetUsage": Owns("license_id"),
+    USAGE + "SyncUsage": Owns("license_id"),
+    USAGE + "StreamUsage": Owns("license_id"),
+    USAGE + "WatchUsage": Owns("license_id"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,26 +75,73 @@ class Principal:
 
 
 ADMIN = Principal()
-_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal", default=ADMIN)
+# No default: a code path that runs without the interceptor having authenticated its
+# caller has no principal, and current() refuses it (deny by default).
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
 
 def current() -> Principal:
-    return _current.get()
+    """The authenticated caller of this call; PERMISSION_DENIED when none was set."""
+    p = _current.get(None)
+    if p is None:
+        raise MeterError(
+            Reason.PERMISSION_DENIED,
+            "no authenticated caller: every call must pass through the authenticating interceptor",
+        )
+    return p
 
 
 def set_current(p: Principal) -> None:
     _current.set(p)
 
 
-def require_license(license_id: str) -> None:
-    """PERMISSION_DENIED when a license-key caller names another license."""
-    p = _current.get()
-    if p.license_id and p.license_id != license_id:
-        raise MeterError(
-            Reason.PERMISSION_DENIED,
-            "a license key may only act on its own license",
-            metadata={"license_id": license_id},
-        )
+def _other_license(license_id: str) -> MeterError:
+    return MeterError(
+        Reason.PERMISSION_DENIED,
+        "a license key may only act on its own license",
+        metadata={"license_id": license_id},
+    )
+
+
+def named_license(owns: Owns, request: Any) -> str:
+    """The license id a request names under `owns` ('' when none); not for key_field."""
+    if owns.field is None:
+        return ""
+    value = getattr(request, owns.field, "")
+    if not isinstance(value, str):
+        return ""
+    if owns.machine:
+        return license_id_of_machine(value) or ""
+    return value
+
+
+def guard(servicer: Any, service: ServiceDescriptor) -> Any:
+    """Makes every RPC of `servicer` (the methods of `service`) refuse a call without a
+    principal, so a servicer reached by any path that skipped the interceptor answers
+    PERMISSION_DENIED instead of acting as someone. Returns the servicer."""
+    for m in service.methods:
+        inner = getattr(servicer, m.name)
+        setattr(servicer, m.name, _guarded(inner))
+    return servicer
+
+
+def _guarded(inner: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(inner):
+
+        @functools.wraps(inner)
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            current()
+            async for item in inner(request, context):
+                yield item
+
+        return stream
+
+    @functools.wraps(inner)
+    async def unary(request: Any, context: Any) -> Any:
+        current()
+        return await inner(request, context)
+
+    return unary
 
 
 def _denied(method: str) -> MeterError:
@@ -119,6 +198,35 @@ class Authenticator:
             ok |= hmac.compare_digest(given, t)
         return ok
 
+    async def _holder(self, key: str) -> KeyHolder | None:
+        holder = self._cache.get(key)
+        if holder is None or holder.revoked(self._clock.now_ms()):
+            holder = await self._lookup(key)  # a refusal is never from the cache
+            if holder is not None:
+                self._cache.put(key, holder)
+        return holder
+
+    async def authorize(self, method: str, principal: Principal, request: Any) -> None:
+        """PERMISSION_DENIED unless `principal` may make this request: an admin may make any;
+        a license key only those of LICENSE_KEY_METHODS naming its own license."""
+        if not principal.license_id:
+            return
+        owns = LICENSE_KEY_METHODS.get(method)
+        if owns is None:
+            raise _denied(method)
+        if owns.field is None:
+            return
+        if owns.key_field is not None and request.WhichOneof("license") == owns.key_field:
+            key = getattr(request, owns.key_field)
+            holder = await self._holder(key) if key else None
+            if holder is None or holder.license_id != principal.license_id:
+                raise _other_license("")
+            return
+        for item in getattr(request, owns.each) if owns.each else (request,):
+            license_id = named_license(owns, item)
+            if license_id != principal.license_id:
+                raise _other_license(license_id)
+
     async def authenticate(self, method: str, authorization: str | None) -> Principal:
         if not authorization:
             raise _unauthenticated(
@@ -134,12 +242,9 @@ class Authenticator:
         if scheme == "license":
             if not credential:
                 raise _unauthenticated("empty license key")
-            holder = self._cache.get(credential)
-            if holder is None or holder.revoked(self._clock.now_ms()):
-                holder = await self._lookup(credential)  # a refusal is never from the cache
-                if holder is None:
-                    raise _unauthenticated("unknown license key")
-                self._cache.put(credential, holder)
+            holder = await self._holder(credential)
+            if holder is None:
+                raise _unauthenticated("unknown license key")
             if method not in LICENSE_KEY_METHODS:
                 raise _denied(method)
             if holder.revoked(self._clock.now_ms()):

@@ -24,11 +24,19 @@ from meter_grpc.domain.rules import Violations
 E = TypeVar("E", bound=enum.IntEnum)
 
 
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z.
+_MIN_TS_MS = -62_135_596_800_000
+_MAX_TS_MS = 253_402_300_799_999
+
+
 def ts(ms: int | None) -> timestamp_pb2.Timestamp | None:
+    """A stored time as a Timestamp, clamped into Timestamp's range: a value stored before
+    the range was enforced (a renewal past year 9999) reads as the end of year 9999 instead
+    of failing every read of its license."""
     if ms is None:
         return None
     t = timestamp_pb2.Timestamp()
-    t.FromMilliseconds(ms)
+    t.FromMilliseconds(min(max(ms, _MIN_TS_MS), _MAX_TS_MS))
     return t
 
 

@@ -8,7 +8,6 @@ from typing import Any
 from meter.v1 import usage_pb2
 from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
-from meter_grpc.api import auth
 from meter_grpc.api.convert import (
     record_result_to_proto,
     ts,
@@ -29,7 +28,6 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def IncrementUsage(
         self, request: pb.IncrementUsageRequest, context: Ctx
     ) -> pb.IncrementUsageResponse:
-        auth.require_license(request.license_id)
         u = await self.metering.increment(request.license_id, request.amount, request.request_id)
         return pb.IncrementUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
@@ -46,12 +44,10 @@ class UsageService(pb_grpc.UsageServiceServicer):
         return pb.ResetUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Ctx) -> pb.GetUsageResponse:
-        auth.require_license(request.license_id)
         u = await self.metering.get(request.license_id)
         return pb.GetUsageResponse(**usage_fields(u))  # type: ignore[arg-type]
 
     async def SyncUsage(self, request: pb.SyncUsageRequest, context: Ctx) -> pb.SyncUsageResponse:
-        auth.require_license(request.license_id)
         result = await self.metering.sync(
             request.license_id, [usage_record_from_proto(r) for r in request.records]
         )
@@ -64,7 +60,6 @@ class UsageService(pb_grpc.UsageServiceServicer):
     ) -> AsyncIterator[pb.StreamUsageResponse]:
         async for request in request_iterator:
             try:
-                auth.require_license(request.license_id)
                 u = await self.metering.increment(
                     request.license_id, request.amount, request.request_id
                 )
@@ -81,8 +76,6 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def WatchUsage(
         self, request: pb.WatchUsageRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchUsageResponse]:
-        auth.require_license(request.license_id)
-
         async def subscribed() -> None:
             # The response headers tell the client that every later change reaches it.
             await context.send_initial_metadata(())

@@ -22,7 +22,9 @@ from meter_grpc.domain import ids
 PENDING, APPLIED, DUPLICATE, REJECTED = "pending", "applied", "duplicate", "rejected"
 STATES = (PENDING, APPLIED, DUPLICATE, REJECTED)
 MAX_AMOUNT = 2**50
-_RECORD_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# The service's charset for record ids (domain.rules.SAFE_TOKEN_CHARS): printable ASCII
+# without space, '{', '}' or ':'; a record it would refuse never enters the journal.
+_RECORD_ID = re.compile(r"[\x21-\x39\x3b-\x7a\x7c\x7e]{1,128}")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS records (
@@ -64,7 +66,9 @@ def _now_ms() -> int:
 
 def _check(record_id: str, amount: int) -> None:
     if not _RECORD_ID.fullmatch(record_id):
-        raise ValueError("a record id is 1 to 128 printable ASCII characters without spaces")
+        raise ValueError(
+            "a record id is 1 to 128 printable ASCII characters without space, '{', '}' or ':'"
+        )
     if not 1 <= amount <= MAX_AMOUNT:
         raise ValueError(f"an amount is 1 to 2^50, not {amount}")
 

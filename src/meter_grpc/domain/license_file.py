@@ -54,6 +54,9 @@ def iso(ms: int | None) -> str | None:
     """Milliseconds since the epoch as ISO 8601 in UTC with milliseconds (Keygen's format)."""
     if ms is None:
         return None
+    # clamped into 1970..9999 as Timestamps are: an expiry stored past year 9999 (before
+    # renewals were bounded) must not fail a checkout
+    ms = min(max(ms, 0), 253_402_300_799_999)
     t = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 

@@ -15,6 +15,7 @@ from meter_grpc.domain.errors import MeterError, Reason, not_found, request_id_r
 from meter_grpc.domain.models import KeyHolder, License, Policy
 from meter_grpc.domain.propagation import Propagator, is_ghost, new_token
 from meter_grpc.domain.rules import (
+    MAX_TIMESTAMP_MS,
     Violations,
     check_key,
     check_license,
@@ -436,9 +437,16 @@ class Licensing:
         the license has already expired (or has no expiry), in one script."""
         self._check_id(license_id)
         now = self.clock.now_ms()
-        status, lic = await self.store.renew_license(license_id, now)
+        status, lic = await self.store.renew_license(license_id, now, MAX_TIMESTAMP_MS)
         if status == 1:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        if status == 3:
+            raise MeterError(
+                Reason.LICENSE_NOT_RENEWABLE,
+                "renewing would move the expiry past 9999-12-31T23:59:59Z, the latest time a "
+                "google.protobuf.Timestamp holds; the license was not changed",
+                metadata={"id": license_id, "max_expire_time": "9999-12-31T23:59:59.999Z"},
+            )
         if lic is None:
             raise MeterError(
                 Reason.LICENSE_NOT_RENEWABLE,

@@ -40,7 +40,17 @@ def _n(v: int | None) -> str:
     return "unlimited" if v is None else str(v)
 
 
-_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_U64_MAX = 2**64 - 1
+
+
+def is_event_id(value: str) -> bool:
+    """A Redis stream id `<ms>-<seq>`: two decimal numbers, each at most 2^64-1 (bounded
+    parsing: at most 41 ASCII characters, no exception for any input)."""
+    m = _EVENT_ID.fullmatch(value) if len(value) <= 41 else None
+    return m is not None and int(m[1]) <= _U64_MAX and int(m[2]) <= _U64_MAX
+
+
 WATCH_BLOCK_MS = 5000
 # The position before every event of a stream: reading after it starts with the oldest one.
 OLDEST_EVENT_ID = "0-0"
@@ -92,8 +102,12 @@ class Metering:
         """
         v = Violations()
         v.identifier("license_id", license_id)
-        if after_event_id and not _EVENT_ID.fullmatch(after_event_id):
-            v.add("after_event_id", 'must be an event_id of an earlier UsageEvent, or "0-0"')
+        if after_event_id and not is_event_id(after_event_id):
+            v.add(
+                "after_event_id",
+                'must be an event_id of an earlier UsageEvent ("<ms>-<seq>", each at most '
+                '2^64-1), or "0-0"',
+            )
         if after_event_id and from_oldest:
             v.add(
                 "from_oldest",
@@ -141,7 +155,7 @@ class Metering:
             )
         else:
             for i, r in enumerate(records):
-                v.identifier(f"records[{i}].id", r.id)
+                v.record_id(f"records[{i}].id", r.id)
                 v.amount(f"records[{i}].amount", r.amount)
                 v.timestamp(f"records[{i}].occur_time", r.occur_time_ms)
                 if len(v.items) >= MAX_REPORTED_VIOLATIONS:

@@ -250,5 +250,8 @@ class Store(Protocol):
     ) -> LicenseRead | None:
         """The license with only its live machines counted (dead ones are removed first)."""
 
-    async def renew_license(self, license_id: str, now_ms: int) -> tuple[int, License | None]:
-        """(0, license) renewed; (1, None) not found; (2, None) its policy has no duration."""
+    async def renew_license(
+        self, license_id: str, now_ms: int, max_expire_ms: int
+    ) -> tuple[int, License | None]:
+        """(0, license) renewed; (1, None) not found; (2, None) its policy has no duration;
+        (3, None) the new expiry would pass max_expire_ms (nothing written)."""

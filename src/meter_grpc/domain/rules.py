@@ -41,6 +41,25 @@ MAX_SYNC_RECORDS = 1000
 MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 _PRINTABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
+# Request ids, record ids and fingerprints: printable ASCII without space, '{', '}' or ':'.
+# Those three build Redis key names (hash tags, separators), so a client string can never
+# name another key. Ids the server mints are checked by their exact shape instead.
+SAFE_TOKEN_CHARS = "printable ASCII (0x21-0x7E) except '{', '}' and ':'"
+_SAFE_TOKEN = re.compile(r"[\x21-\x39\x3b-\x7a\x7c\x7e]+")
+_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_MACHINE_ID = re.compile(_UUID7.pattern + r"\.[0-9a-f]{32}")
+
+
+def is_minted_id(value: str) -> bool:
+    """A license or policy id as the server mints them: UUIDv7 text, lower case."""
+    return _UUID7.fullmatch(value) is not None
+
+
+def is_machine_id(value: str) -> bool:
+    """`<license id>.<32 hex digits>` (domain.ids.new_machine_id)."""
+    return _MACHINE_ID.fullmatch(value) is not None
+
+
 _ENTITLEMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
@@ -62,24 +81,35 @@ class Violations:
             if required:
                 self.add(field, "is required")
             return
-        if len(value) > MAX_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value):
-            self.add(field, f"must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces")
+        if not is_minted_id(value):
+            self.add(field, "must be an id returned by this service (a lower-case UUIDv7)")
 
     def machine_id(self, field: str, value: str) -> None:
         if not value:
             self.add(field, "is required")
-        elif len(value) > MAX_MACHINE_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value):
+        elif not is_machine_id(value):
             self.add(
                 field,
-                f"must be 1 to {MAX_MACHINE_ID_LEN} printable ASCII characters without spaces",
+                "must be a machine id returned by this service ('<license id>.<32 hex digits>')",
             )
 
     def fingerprint(self, field: str, value: str, *, required: bool = True) -> None:
-        if not value.strip():
-            if required or value:
-                self.add(field, "is required" if not value else "must not be blank")
+        if not value:
+            if required:
+                self.add(field, "is required")
             return
-        self.text(field, value, MAX_FINGERPRINT_LEN)
+        self.token(field, value, MAX_FINGERPRINT_LEN)
+
+    def token(self, field: str, value: str, max_len: int) -> None:
+        """1 to max_len characters of SAFE_TOKEN_CHARS."""
+        if len(value) > max_len or not _SAFE_TOKEN.fullmatch(value):
+            self.add(field, f"must be 1 to {max_len} characters, each {SAFE_TOKEN_CHARS}")
+
+    def record_id(self, field: str, value: str) -> None:
+        if not value:
+            self.add(field, "is required")
+        else:
+            self.token(field, value, MAX_REQUEST_ID_LEN)
 
     def cores(self, field: str, value: int) -> None:
         """0 is allowed here (no core limit); the machine scripts require >= 1 under a limit."""
@@ -89,11 +119,9 @@ class Violations:
             self.add(field, f"must be at most 2^20 ({MAX_MACHINE_CORES})")
 
     def request_id(self, field: str, value: str) -> None:
-        if value and (len(value) > MAX_REQUEST_ID_LEN or not _PRINTABLE_TOKEN.fullmatch(value)):
-            self.add(
-                field,
-                f"must be at most {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces",
-            )
+        """Optional (empty: no idempotency); else 1 to 128 characters of SAFE_TOKEN_CHARS."""
+        if value:
+            self.token(field, value, MAX_REQUEST_ID_LEN)
 
     def amount(self, field: str, value: int) -> None:
         if value < 0:

@@ -598,9 +598,14 @@ class RedisStore:
         )
 
     @storage_call
-    async def renew_license(self, license_id: str, now_ms: int) -> tuple[int, License | None]:
-        """(0, license) renewed; (1, None) not found; (2, None) its policy has no duration."""
-        row = await self.scripts.license_renew(keys=[keys.license(license_id)], args=[now_ms])
+    async def renew_license(
+        self, license_id: str, now_ms: int, max_expire_ms: int
+    ) -> tuple[int, License | None]:
+        """(0, license) renewed; (1, None) not found; (2, None) its policy has no duration;
+        (3, None) the new expiry would pass max_expire_ms (nothing written)."""
+        row = await self.scripts.license_renew(
+            keys=[keys.license(license_id)], args=[now_ms, max_expire_ms]
+        )
         if row[0] != 0:
             return int(row[0]), None
         return 0, codec.license_from_hash(codec.flat_to_dict(row[1]))

@@ -1,0 +1,475 @@
+"""Hostile input (issue 8): no input yields INTERNAL or UNKNOWN, a refusal changes nothing,
+and authorization is denied by default (one table, enforced by the interceptor)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
+from google.protobuf.message_factory import GetMessageClass
+
+from meter.v1 import license_pb2, license_service_pb2, usage_pb2, usage_service_pb2
+from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
+from meter.v1 import usage_service_pb2 as upb
+from meter.v1 import usage_service_pb2_grpc as ugrpc
+from meter_grpc.api import auth
+from meter_grpc.domain.metering import Metering
+from meter_grpc.storage import keys
+from tests.support import admin_md, expect_error, license_md, rich_error
+
+SERVICES = [
+    license_service_pb2.DESCRIPTOR.services_by_name["LicenseService"],
+    usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"],
+]
+METHODS = [m for s in SERVICES for m in s.methods]
+UNKNOWN_ID = "01900000-0000-7000-8000-000000000000"  # well formed, never minted here
+
+
+def path(m: MethodDescriptor) -> str:
+    return f"/{m.containing_service.full_name}/{m.name}"
+
+
+async def keyspace(redis: Any, license_id: str) -> Any:
+    """What a refusal must leave unchanged: the key names and the license's hash."""
+    names = sorted([k async for k in redis.scan_iter(match="*")])
+    return names, await redis.hgetall(keys.license(license_id))
+
+
+def assert_invalid(err: Any, field: str) -> None:
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.reason == "INVALID_ARGUMENT", err
+    assert field in err.bad_fields, err
+
+
+# --- the concrete cases of issue 8 -----------------------------------------------------------
+
+
+async def test_deep_page_token_is_invalid_argument(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any
+) -> None:
+    lic = await make_license()
+    for token in [
+        base64.urlsafe_b64encode(b"[" * 5000).decode(),
+        base64.urlsafe_b64encode(b"[" * 900).decode(),
+        base64.urlsafe_b64encode(b'{"a":{"a":{"a":1}},"s":""}').decode(),
+        "A" * 100_000,
+        "not base64 !",
+    ]:
+        for call in [
+            licenses.ListPolicies(lpb.ListPoliciesRequest(page_token=token), metadata=admin_md()),
+            licenses.ListLicenses(lpb.ListLicensesRequest(page_token=token), metadata=admin_md()),
+            licenses.ListMachines(
+                lpb.ListMachinesRequest(license_id=lic.id, page_token=token), metadata=admin_md()
+            ),
+        ]:
+            assert_invalid(await expect_error(call), "page_token")
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        "18446744073709551616-0",
+        "0-18446744073709551616",
+        "99999999999999999999-0",
+        "1-",
+        "-1",
+        "1-2-3",
+        "\u0663-0",  # an Arabic-Indic digit: \d would take it
+        "1" * 5000 + "-0",
+        " 1-0",
+    ],
+)
+async def test_malformed_stream_id_is_invalid_argument(
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+    caplog: pytest.LogCaptureFixture,
+    event_id: str,
+) -> None:
+    lic = await make_license()
+    for md in [admin_md(), license_md(lic.key)]:
+        call = usage.WatchUsage(
+            upb.WatchUsageRequest(license_id=lic.id, after_event_id=event_id), metadata=md
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in call:
+                pass
+        assert_invalid(rich_error(exc.value), "after_event_id")
+    assert not [r for r in caplog.records if r.exc_info], "a client mistake logged a traceback"
+
+
+async def test_renewal_past_year_9999_is_refused_before_anything_is_stored(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: Any
+) -> None:
+    from google.protobuf import duration_pb2
+
+    century = duration_pb2.Duration(seconds=100 * 366 * 86_400)
+    lic = await make_license(policy_fields={"duration": century})
+    late = timestamp_pb2.Timestamp(seconds=253_402_300_799 - 50 * 366 * 86_400)  # ~9949
+    await licenses.UpdateLicense(
+        lpb.UpdateLicenseRequest(
+            license=license_pb2.License(id=lic.id, expire_time=late),
+            update_mask={"paths": ["expire_time"]},
+        ),
+        metadata=admin_md(),
+    )
+    before = await keyspace(redis, lic.id)
+    err = await expect_error(
+        licenses.RenewLicense(lpb.RenewLicenseRequest(id=lic.id), metadata=admin_md())
+    )
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.reason == "LICENSE_NOT_RENEWABLE"
+    assert "9999" in err.message
+    assert await keyspace(redis, lic.id) == before
+    got = await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())
+    assert got.license.expire_time == late
+
+
+async def test_stored_expiry_past_year_9999_still_reads(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: Any
+) -> None:
+    """An expiry stored before renewals were bounded reads as the end of year 9999."""
+    lic = await make_license()
+    await redis.hset(keys.license(lic.id), "expire", str(400_000_000_000_000))
+    end = timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_000_000)
+    got = await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())
+    assert got.license.expire_time == end
+    v = await licenses.ValidateLicense(
+        lpb.ValidateLicenseRequest(license_id=lic.id), metadata=admin_md()
+    )
+    assert v.valid
+    page = await licenses.ListLicenses(
+        lpb.ListLicensesRequest(policy_id=lic.policy_id), metadata=admin_md()
+    )
+    assert [x.expire_time for x in page.licenses] == [end]
+    await licenses.CheckOutLicense(lpb.CheckOutLicenseRequest(id=lic.id), metadata=admin_md())
+    await licenses.SuspendLicense(lpb.SuspendLicenseRequest(id=lic.id), metadata=admin_md())
+    await licenses.ReinstateLicense(lpb.ReinstateLicenseRequest(id=lic.id), metadata=admin_md())
+
+
+async def test_ids_accept_only_what_the_server_mints(
+    licenses: lgrpc.LicenseServiceStub,
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+    redis: Any,
+) -> None:
+    lic = await make_license()
+    await usage.IncrementUsage(
+        upb.IncrementUsageRequest(license_id=lic.id, request_id="ok-1"), metadata=admin_md()
+    )
+    before = await keyspace(redis, lic.id)
+    refused = [
+        (
+            usage.IncrementUsage(
+                upb.IncrementUsageRequest(license_id=lic.id, request_id="x}"), metadata=admin_md()
+            ),
+            "request_id",
+        ),
+        (
+            usage.IncrementUsage(
+                upb.IncrementUsageRequest(license_id=lic.id, request_id="a:b"),
+                metadata=license_md(lic.key),
+            ),
+            "request_id",
+        ),
+        (
+            usage.DecrementUsage(
+                upb.DecrementUsageRequest(license_id=lic.id, request_id="{x"), metadata=admin_md()
+            ),
+            "request_id",
+        ),
+        (
+            licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id + "}:req:x"), metadata=admin_md()),
+            "id",
+        ),
+        (licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id.upper()), metadata=admin_md()), "id"),
+        (
+            usage.GetUsage(upb.GetUsageRequest(license_id="not-an-id"), metadata=admin_md()),
+            "license_id",
+        ),
+        (
+            licenses.ActivateMachine(
+                lpb.ActivateMachineRequest(license_id=lic.id, fingerprint="aa:bb"),
+                metadata=admin_md(),
+            ),
+            "fingerprint",
+        ),
+        (
+            licenses.ActivateMachine(
+                lpb.ActivateMachineRequest(license_id=lic.id, fingerprint="a b"),
+                metadata=admin_md(),
+            ),
+            "fingerprint",
+        ),
+        (
+            licenses.GetMachine(lpb.GetMachineRequest(id=lic.id + ".x}"), metadata=admin_md()),
+            "id",
+        ),
+        (
+            usage.SyncUsage(
+                upb.SyncUsageRequest(
+                    license_id=lic.id, records=[usage_pb2.UsageRecord(id="r:1", amount=1)]
+                ),
+                metadata=admin_md(),
+            ),
+            "records[0].id",
+        ),
+    ]
+    for call, field in refused:
+        assert_invalid(await expect_error(call), field)
+    assert await keyspace(redis, lic.id) == before
+
+
+# --- malformed protobuf bodies ---------------------------------------------------------------
+
+
+def _string_field(m: MethodDescriptor) -> FieldDescriptor | None:
+    for f in m.input_type.fields:
+        if f.type == FieldDescriptor.TYPE_STRING:
+            return f
+    return None
+
+
+def bodies(m: MethodDescriptor) -> list[bytes]:
+    """Bytes that are no valid message of the method's request type."""
+    rng = random.Random(f"meter-{m.name}")
+    out = [
+        b"\x0a\x05ab",  # truncated: a length of 5, 2 bytes follow
+        b"\x00\x01",  # field number 0
+        b"\x0e\x01",  # wire type 6
+        b"\x0b" * 200 + b"\x0c" * 200,  # groups 200 deep
+        b"\x08" + b"\xff" * 11,  # a varint of 11 bytes
+    ]
+    f = _string_field(m)
+    if f is not None:  # bad UTF-8 in a string field
+        out.append(bytes([f.number << 3 | 2, 2]) + b"\xff\xfe")
+    while len(out) < 9:
+        out.append(rng.randbytes(rng.randrange(1, 64)))
+    # only what the protobuf runtime itself refuses (upb takes field 0 in an empty message)
+    return [b for b in out if not _parses(m, b)]
+
+
+def _parses(m: MethodDescriptor, data: bytes) -> bool:
+    try:
+        GetMessageClass(m.input_type).FromString(data)
+    except Exception:
+        return False
+    return True
+
+
+async def call_raw(
+    channel: grpc.aio.Channel, m: MethodDescriptor, body: bytes, md: Any
+) -> grpc.aio.AioRpcError:
+    identity = None  # bytes go out and come back as they are
+    p = path(m)
+    try:
+        if m.client_streaming:
+
+            async def one() -> AsyncIterator[bytes]:
+                yield body
+
+            call: Any = channel.stream_stream(p, identity, identity)(one(), metadata=md)
+            async for _ in call:
+                pass
+        elif m.server_streaming:
+            async for _ in channel.unary_stream(p, identity, identity)(body, metadata=md):
+                pass
+        else:
+            await channel.unary_unary(p, identity, identity)(body, metadata=md)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError(f"{m.name} accepted a malformed body {body!r}")
+
+
+async def test_malformed_bodies_are_invalid_argument_on_every_method(
+    channel: grpc.aio.Channel, make_license: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    lic = await make_license()
+    callers = {"admin": admin_md(), "license key": license_md(lic.key), "nobody": ()}
+    caplog.set_level(logging.INFO, logger="meter_grpc")
+    for m in METHODS:
+        for body in bodies(m):
+            for who, md in callers.items():
+                err = rich_error(await call_raw(channel, m, body, md))
+                if m.client_streaming and who == "nobody":
+                    # a stream is authenticated when it opens, before its first message
+                    assert err.code == grpc.StatusCode.UNAUTHENTICATED, (m.name, err)
+                    continue
+                assert err.code == grpc.StatusCode.INVALID_ARGUMENT, (m.name, who, body, err)
+                assert err.reason == "INVALID_ARGUMENT", (m.name, who, err)
+                assert err.bad_fields == [""], (m.name, who, err)
+    logged = [r for r in caplog.records if r.name.startswith("meter_grpc")]
+    assert len(logged) <= 1, [r.getMessage() for r in logged]  # one line per burst at most
+    assert not [r for r in logged if r.exc_info]
+
+
+async def test_stream_usage_answers_until_a_malformed_message(
+    channel: grpc.aio.Channel, make_license: Any
+) -> None:
+    lic = await make_license()
+    good = upb.IncrementUsageRequest(license_id=lic.id).SerializeToString()
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield good
+        yield b"\x0a\x05ab"
+        yield good
+
+    call: Any = channel.stream_stream("/meter.v1.UsageService/StreamUsage", None, None)(
+        requests(), metadata=license_md(lic.key)
+    )
+    answers: list[upb.StreamUsageResponse] = []
+
+    async def drain() -> None:
+        async for a in call:
+            answers.append(upb.StreamUsageResponse.FromString(a))
+
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await drain()
+    assert_invalid(rich_error(exc.value), "")
+    assert [a.result.uses for a in answers] == [1]
+    u = await ugrpc.UsageServiceStub(channel).GetUsage(
+        upb.GetUsageRequest(license_id=lic.id), metadata=admin_md()
+    )
+    assert u.uses == 1
+
+
+# --- bugs in streaming handlers ---------------------------------------------------------------
+
+
+async def test_a_bug_in_a_streaming_handler_is_internal_and_logged(
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lic = await make_license()
+
+    async def broken_increment(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async def broken_watch(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        raise RuntimeError("a bug")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(Metering, "increment", broken_increment)
+    monkeypatch.setattr(Metering, "watch", broken_watch)
+
+    async def one() -> AsyncIterator[upb.IncrementUsageRequest]:
+        yield upb.IncrementUsageRequest(license_id=lic.id)
+
+    for call in [
+        usage.StreamUsage(one(), metadata=license_md(lic.key)),
+        usage.WatchUsage(upb.WatchUsageRequest(license_id=lic.id), metadata=admin_md()),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in call:
+                pass
+        assert exc.value.code() == grpc.StatusCode.INTERNAL
+        assert "a bug" not in (exc.value.details() or "")
+    assert len([r for r in caplog.records if r.exc_info]) == 2
+
+
+# --- deny by default ---------------------------------------------------------------------------
+
+
+def naming(m: MethodDescriptor, lic: Any) -> Any:
+    """A request of `m` naming license `lic` the way auth.LICENSE_KEY_METHODS reads it."""
+    request = GetMessageClass(m.input_type)()
+    owns = auth.LICENSE_KEY_METHODS.get(path(m))
+    if owns is not None and owns.each is not None:
+        item = getattr(request, owns.each).add()
+        setattr(item, owns.field or "", lic.id)
+        return request
+    if owns is None or owns.field is None:
+        for name in ("license_id", "id"):
+            if name in m.input_type.fields_by_name:
+                setattr(request, name, lic.id)
+        return request
+    setattr(request, owns.field, lic.id + "." + "0" * 32 if owns.machine else lic.id)
+    return request
+
+
+async def test_every_method_refuses_a_key_of_another_license(
+    channel: grpc.aio.Channel, make_license: Any, redis: Any
+) -> None:
+    mine, other = await make_license(), await make_license()
+    md = license_md(mine.key)
+    before = await keyspace(redis, other.id)
+    for m in METHODS:
+        owns = auth.LICENSE_KEY_METHODS.get(path(m))
+        if owns is not None and owns.field is None:
+            continue  # GetPublicKey names no license
+        body = naming(m, other).SerializeToString()
+        err = rich_error(await call_raw(channel, m, body, md))
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED, (m.name, err)
+        assert err.reason == "PERMISSION_DENIED", (m.name, err)
+    # ValidateLicense by another license's key (or by no license's key)
+    for key in (other.key, "NOPE00-NOPE00-NOPE00-NOPE00-NOPE00"):
+        err = await expect_error(
+            lgrpc.LicenseServiceStub(channel).ValidateLicense(
+                lpb.ValidateLicenseRequest(key=key), metadata=md
+            )
+        )
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED
+    assert await keyspace(redis, other.id) == before
+
+
+async def test_the_table_names_only_real_methods_and_fields() -> None:
+    by_path = {path(m): m for m in METHODS}
+    for method, owns in auth.LICENSE_KEY_METHODS.items():
+        assert method in by_path, method
+        request_type = by_path[method].input_type
+        if owns.each is not None:
+            request_type = request_type.fields_by_name[owns.each].message_type
+        if owns.field is not None:
+            assert owns.field in request_type.fields_by_name, method
+        if owns.key_field is not None:
+            assert owns.key_field in by_path[method].input_type.fields_by_name, method
+
+
+async def test_a_servicer_reached_without_the_interceptor_refuses() -> None:
+    from meter_grpc.api.usage_service import UsageService
+    from meter_grpc.domain.errors import MeterError
+
+    servicer = auth.guard(
+        UsageService(None),  # type: ignore[arg-type]
+        usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"],
+    )
+
+    with pytest.raises(MeterError) as exc:
+        await servicer.GetUsage(upb.GetUsageRequest(), None)
+    assert exc.value.reason.value == "PERMISSION_DENIED"
+
+    async def watch() -> None:
+        async for _ in servicer.WatchUsage(upb.WatchUsageRequest(), None):
+            pass
+
+    with pytest.raises(MeterError):
+        await watch()
+
+
+async def test_a_batch_entry_checks_every_element(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Owns(each=...) for a request carrying many sub-requests (a batch RPC)."""
+    from meter_grpc.domain.clock import SystemClock
+    from meter_grpc.domain.errors import MeterError
+
+    async def no_key(key: str) -> None:
+        return None
+
+    authenticator = auth.Authenticator([], no_key, SystemClock())  # type: ignore[arg-type]
+    monkeypatch.setitem(auth.LICENSE_KEY_METHODS, "/t/Batch", auth.Owns("id", each="records"))
+    mine = auth.Principal(UNKNOWN_ID)
+    batch = upb.SyncUsageRequest(records=[usage_pb2.UsageRecord(id=UNKNOWN_ID)] * 2)
+    await authenticator.authorize("/t/Batch", mine, batch)
+    batch.records.add(id=UNKNOWN_ID[:-1] + "1")
+    with pytest.raises(MeterError) as exc:
+        await authenticator.authorize("/t/Batch", mine, batch)
+    assert exc.value.reason.value == "PERMISSION_DENIED"
+    await authenticator.authorize("/t/Batch", auth.ADMIN, batch)  # an admin may do anything
