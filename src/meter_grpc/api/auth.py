@@ -27,6 +27,7 @@ LICENSE_KEY_METHODS = frozenset(
         LICENSE + "CheckOutLicense",
         LICENSE + "GetPublicKey",
         USAGE + "IncrementUsage",
+        USAGE + "BatchIncrementUsage",
         USAGE + "GetUsage",
         USAGE + "SyncUsage",
         USAGE + "StreamUsage",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,11 +17,26 @@ from meter_grpc.api.convert import (
     usage_fields,
     usage_record_from_proto,
 )
-from meter_grpc.api.errors import to_status_proto
+from meter_grpc.api.errors import internal_status, to_status_proto
 from meter_grpc.domain.errors import MeterError
-from meter_grpc.domain.metering import Metering
+from meter_grpc.domain.metering import STREAM_WINDOW, Increment, Metering
+from meter_grpc.domain.models import Usage
+
+log = logging.getLogger("meter_grpc.api")
 
 Ctx = Any
+
+
+def _outcome(answer: Usage | BaseException, method: str) -> dict[str, Any]:
+    """The `result` or `error` field of one per-request answer (StreamUsage, batches)."""
+    if isinstance(answer, Usage):
+        return {
+            "result": pb.IncrementUsageResponse(**usage_fields(answer), replayed=answer.replayed)  # type: ignore[arg-type]
+        }
+    if isinstance(answer, MeterError):
+        return {"error": to_status_proto(answer)}
+    log.error("unexpected error in %s", method, exc_info=answer)
+    return {"error": internal_status()}
 
 
 class UsageService(pb_grpc.UsageServiceServicer):
@@ -59,24 +76,81 @@ class UsageService(pb_grpc.UsageServiceServicer):
             results=[record_result_to_proto(r) for r in result.results], uses=result.uses
         )
 
+    async def BatchIncrementUsage(
+        self, request: pb.BatchIncrementUsageRequest, context: Ctx
+    ) -> pb.BatchIncrementUsageResponse:
+        items = request.items
+        answers = await self.metering.batch_increment(
+            [Increment(i.license_id, i.amount, i.request_id) for i in items],
+            authorize=auth.require_license,
+        )
+        return pb.BatchIncrementUsageResponse(
+            results=[
+                pb.BatchIncrementUsageResult(
+                    request_id=item.request_id, **_outcome(answer, "BatchIncrementUsage")
+                )
+                for item, answer in zip(items, answers, strict=True)
+            ]
+        )
+
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.IncrementUsageRequest], context: Ctx
     ) -> AsyncIterator[pb.StreamUsageResponse]:
-        async for request in request_iterator:
+        """Up to STREAM_WINDOW requests in flight, answered in request order.
+
+        A reader task reads the requests and starts each one's increment as soon as it is read
+        (in read order, so the store sees them in stream order); it takes a window slot before
+        each read, so reading stops while STREAM_WINDOW requests are unanswered. This generator
+        awaits the answers in order and writes them, freeing a slot per answer written.
+        """
+        slots = asyncio.Semaphore(STREAM_WINDOW)
+        pending: asyncio.Queue[asyncio.Task[pb.StreamUsageResponse] | BaseException | None]
+        pending = asyncio.Queue()
+
+        async def answer(request: pb.IncrementUsageRequest) -> pb.StreamUsageResponse:
             try:
                 auth.require_license(request.license_id)
                 u = await self.metering.increment(
                     request.license_id, request.amount, request.request_id
                 )
-            except MeterError as err:
-                yield pb.StreamUsageResponse(
-                    request_id=request.request_id, error=to_status_proto(err)
+            except Exception as exc:  # one request's failure is its answer, never the stream's
+                return pb.StreamUsageResponse(
+                    request_id=request.request_id, **_outcome(exc, "StreamUsage")
                 )
-                continue
-            yield pb.StreamUsageResponse(
-                request_id=request.request_id,
-                result=pb.IncrementUsageResponse(**usage_fields(u), replayed=u.replayed),  # type: ignore[arg-type]
-            )
+            return pb.StreamUsageResponse(request_id=request.request_id, **_outcome(u, ""))
+
+        async def read() -> None:
+            try:
+                requests = request_iterator.__aiter__()
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await requests.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    pending.put_nowait(asyncio.ensure_future(answer(request)))
+                pending.put_nowait(None)
+            except BaseException as exc:  # the request stream failed: the call ends with it
+                pending.put_nowait(exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await pending.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield await item
+                slots.release()
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if isinstance(left, asyncio.Task):
+                    left.cancel()
 
     async def WatchUsage(
         self, request: pb.WatchUsageRequest, context: Ctx

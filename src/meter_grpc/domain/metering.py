@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meter_grpc.domain import periods
@@ -40,6 +41,21 @@ def _n(v: int | None) -> str:
     return "unlimited" if v is None else str(v)
 
 
+# BatchIncrementUsage: items per call.
+MAX_BATCH_ITEMS = 1000
+# StreamUsage: requests of one stream in flight at once (read, not yet answered).
+STREAM_WINDOW = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """One item of a batch: the arguments of one IncrementUsage."""
+
+    license_id: str
+    amount: int = 0
+    request_id: str = ""
+
+
 _EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 WATCH_BLOCK_MS = 5000
 # The position before every event of a stream: reading after it starts with the oldest one.
@@ -61,8 +77,54 @@ class Metering:
         if watchers:
             await asyncio.wait(watchers, timeout=timeout_s)
 
-    async def increment(self, license_id: str, amount: int, request_id: str = "") -> Usage:
-        return await self._run("inc", license_id, amount, request_id)
+    async def increment(
+        self, license_id: str, amount: int, request_id: str = "", *, field_prefix: str = ""
+    ) -> Usage:
+        """`field_prefix` names the message of the arguments in a bad-input error (a batch
+        item: "items[3].")."""
+        return await self._run("inc", license_id, amount, request_id, field_prefix)
+
+    async def batch_increment(
+        self,
+        items: Sequence[Increment],
+        authorize: Callable[[str], None] | None = None,
+    ) -> list[Usage | Exception]:
+        """Each item answered as increment() would answer it: its Usage, or the exception it
+        raised (a MeterError; anything else is a bug the caller logs), in the order of `items`.
+
+        `authorize(license_id)` raises for an item the caller may not touch (that item's
+        error; nothing of it reaches the store). Every item's script call is issued before any
+        reply is awaited, in item order: the transport writes them in that order on the one
+        pipelined connection of each node, so the items of one license apply in order while
+        those of different licenses (and nodes) are in flight together.
+        """
+        if len(items) > MAX_BATCH_ITEMS:
+            v = Violations()
+            v.add(
+                "items",
+                f"must have at most {MAX_BATCH_ITEMS} items per call (got {len(items)}); "
+                "send the rest in further calls",
+            )
+            v.raise_if_any()
+
+        async def one(i: int, item: Increment) -> Usage:
+            if authorize is not None:
+                authorize(item.license_id)
+            return await self._run(
+                "inc", item.license_id, item.amount, item.request_id, f"items[{i}]."
+            )
+
+        # gather starts one task per item in item order; each runs up to its store write
+        # before the next starts.
+        answers = await asyncio.gather(
+            *(one(i, item) for i, item in enumerate(items)), return_exceptions=True
+        )
+        out: list[Usage | Exception] = []
+        for a in answers:
+            if isinstance(a, BaseException) and not isinstance(a, Exception):
+                raise a  # cancellation
+            out.append(a)
+        return out
 
     async def decrement(self, license_id: str, amount: int, request_id: str = "") -> Usage:
         return await self._run("dec", license_id, amount, request_id)
@@ -167,11 +229,13 @@ class Metering:
             uses=uses,
         )
 
-    async def _run(self, op: str, license_id: str, amount: int, request_id: str) -> Usage:
+    async def _run(
+        self, op: str, license_id: str, amount: int, request_id: str, field_prefix: str = ""
+    ) -> Usage:
         v = Violations()
-        v.identifier("license_id", license_id)
-        v.amount("amount", amount)
-        v.request_id("request_id", request_id)
+        v.identifier(f"{field_prefix}license_id", license_id)
+        v.amount(f"{field_prefix}amount", amount)
+        v.request_id(f"{field_prefix}request_id", request_id)
         v.raise_if_any()
         amount = amount or 1
         now = self.clock.now_ms()
