@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from meter_grpc.domain.models import (
 from meter_grpc.domain.rules import MAX_COUNTER, MAX_SYNC_RECORDS, Violations
 
 if TYPE_CHECKING:
-    from meter_grpc.domain.ports import Store
+    from meter_grpc.domain.ports import Store, UsageResult
 
 
 # SyncUsage reports at most this many bad fields (the rest are summarized in the message), so
@@ -40,6 +40,8 @@ _OUTCOMES = {"APPLIED": RecordOutcome.APPLIED, "DUPLICATE": RecordOutcome.DUPLIC
 def _n(v: int | None) -> str:
     return "unlimited" if v is None else str(v)
 
+
+_PENDING = MeterError(Reason.INVALID_ARGUMENT, "not answered")  # a slot filled after the replies
 
 # BatchIncrementUsage: items per call.
 MAX_BATCH_ITEMS = 1000
@@ -107,23 +109,44 @@ class Metering:
             )
             v.raise_if_any()
 
-        async def one(i: int, item: Increment) -> Usage:
-            if authorize is not None:
-                authorize(item.license_id)
-            return await self._run(
-                "inc", item.license_id, item.amount, item.request_id, f"items[{i}]."
-            )
-
-        # gather starts one task per item in item order; each runs up to its store write
-        # before the next starts.
-        answers = await asyncio.gather(
-            *(one(i, item) for i, item in enumerate(items)), return_exceptions=True
-        )
+        now = self.clock.now_ms()  # one moment for the whole batch
+        bounds = periods.period_bounds_arg(now)
         out: list[Usage | Exception] = []
-        for a in answers:
-            if isinstance(a, BaseException) and not isinstance(a, Exception):
-                raise a  # cancellation
-            out.append(a)
+        sent: list[tuple[int, str, int, str]] = []  # (index, license_id, amount, request_id)
+        calls: list[Coroutine[Any, Any, UsageResult]] = []
+        for i, item in enumerate(items):
+            try:
+                if authorize is not None:
+                    authorize(item.license_id)
+                amount = _checked(item.license_id, item.amount, item.request_id, f"items[{i}].")
+            except MeterError as err:
+                out.append(err)
+                continue
+            out.append(_PENDING)
+            sent.append((i, item.license_id, amount, item.request_id))
+            calls.append(
+                self.store.usage(
+                    item.license_id,
+                    "inc",
+                    amount=amount,
+                    request_id=item.request_id,
+                    now_ms=now,
+                    periods=bounds,
+                )
+            )
+        # gather starts one task per call, in item order; each runs up to its store write
+        # before the next one starts.
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for (i, license_id, amount, request_id), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, Exception):
+                    raise reply  # cancellation
+                out[i] = reply
+                continue
+            try:
+                out[i] = _answer(reply, license_id, amount, request_id)
+            except MeterError as err:
+                out[i] = err
         return out
 
     async def decrement(self, license_id: str, amount: int, request_id: str = "") -> Usage:
@@ -232,12 +255,7 @@ class Metering:
     async def _run(
         self, op: str, license_id: str, amount: int, request_id: str, field_prefix: str = ""
     ) -> Usage:
-        v = Violations()
-        v.identifier(f"{field_prefix}license_id", license_id)
-        v.amount(f"{field_prefix}amount", amount)
-        v.request_id(f"{field_prefix}request_id", request_id)
-        v.raise_if_any()
-        amount = amount or 1
+        amount = _checked(license_id, amount, request_id, field_prefix)
         now = self.clock.now_ms()
         result = await self.store.usage(
             license_id,
@@ -247,37 +265,52 @@ class Metering:
             now_ms=now,
             periods=periods.period_bounds_arg(now),
         )
-        status, usage = result.status.name, result.usage
-        if status == "OK":
-            return usage
-        meta = {"license_id": license_id, "uses": str(usage.uses)}
-        if status == "LICENSE_NOT_FOUND":
-            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        if status == "USAGE_LIMIT_EXCEEDED":
-            limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
-            raise MeterError(
-                Reason.USAGE_LIMIT_EXCEEDED,
-                f"using {amount} more would pass the usage limit: {usage.uses} used of "
-                f"{_n(usage.max_uses)} (granted up to {limit})",
-                metadata={
-                    **meta,
-                    "limit": str(usage.max_uses if usage.max_uses is not None else limit),
-                    "overage_limit": str(limit),
-                    "requested": str(amount),
-                    "remaining": str(max(0, limit - usage.uses)),
-                },
-                quota_subject=f"license:{license_id}",
-            )
-        if status == "USAGE_UNDERFLOW":
-            raise MeterError(
-                Reason.USAGE_UNDERFLOW,
-                f"cannot decrement by {amount}: usage is {usage.uses}",
-                metadata={**meta, "requested": str(amount)},
-            )
-        if status == "LICENSE_SUSPENDED":
-            raise MeterError(Reason.LICENSE_SUSPENDED, "the license is suspended", metadata=meta)
-        if status == "LICENSE_EXPIRED":
-            raise MeterError(Reason.LICENSE_EXPIRED, "the license has expired", metadata=meta)
-        if status == "REQUEST_ID_REUSED":
-            raise request_id_reused(request_id, license_id=license_id)
-        raise AssertionError(f"unknown usage status {status}")
+        return _answer(result, license_id, amount, request_id)
+
+
+def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -> int:
+    """The amount to apply (0 means 1); INVALID_ARGUMENT naming each bad field."""
+    v = Violations()
+    v.identifier(f"{field_prefix}license_id", license_id)
+    v.amount(f"{field_prefix}amount", amount)
+    v.request_id(f"{field_prefix}request_id", request_id)
+    v.raise_if_any()
+    return amount or 1
+
+
+def _answer(result: UsageResult, license_id: str, amount: int, request_id: str) -> Usage:
+    """The Usage of a usage.lua answer, or the MeterError of its status."""
+    status, usage = result.status.name, result.usage
+    if status == "OK":
+        return usage
+    meta = {"license_id": license_id, "uses": str(usage.uses)}
+    if status == "LICENSE_NOT_FOUND":
+        raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+    if status == "USAGE_LIMIT_EXCEEDED":
+        limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
+        raise MeterError(
+            Reason.USAGE_LIMIT_EXCEEDED,
+            f"using {amount} more would pass the usage limit: {usage.uses} used of "
+            f"{_n(usage.max_uses)} (granted up to {limit})",
+            metadata={
+                **meta,
+                "limit": str(usage.max_uses if usage.max_uses is not None else limit),
+                "overage_limit": str(limit),
+                "requested": str(amount),
+                "remaining": str(max(0, limit - usage.uses)),
+            },
+            quota_subject=f"license:{license_id}",
+        )
+    if status == "USAGE_UNDERFLOW":
+        raise MeterError(
+            Reason.USAGE_UNDERFLOW,
+            f"cannot decrement by {amount}: usage is {usage.uses}",
+            metadata={**meta, "requested": str(amount)},
+        )
+    if status == "LICENSE_SUSPENDED":
+        raise MeterError(Reason.LICENSE_SUSPENDED, "the license is suspended", metadata=meta)
+    if status == "LICENSE_EXPIRED":
+        raise MeterError(Reason.LICENSE_EXPIRED, "the license has expired", metadata=meta)
+    if status == "REQUEST_ID_REUSED":
+        raise request_id_reused(request_id, license_id=license_id)
+    raise AssertionError(f"unknown usage status {status}")
