@@ -313,14 +313,15 @@ async def main(args: argparse.Namespace) -> None:
                 for name, rate in round_rates.items():
                     rates[name].append(rate)
                     ratios[name].append(rate / baseline)
-            print(f"{'scenario':42} {'calls/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7}")
-            for name, _, _ in scenarios:
-                lat = latencies[name]
-                print(
-                    f"{name:42} {statistics.median(rates[name]):9.0f} "
-                    f"{statistics.median(ratios[name]):7.2f} "
-                    f"{statistics.median(lat):7.2f} {pct(lat, 0.99):7.2f}"
-                )
+            if args.rounds:
+                print(f"{'scenario':42} {'calls/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7}")
+                for name, _, _ in scenarios:
+                    lat = latencies[name]
+                    print(
+                        f"{name:42} {statistics.median(rates[name]):9.0f} "
+                        f"{statistics.median(ratios[name]):7.2f} "
+                        f"{statistics.median(lat):7.2f} {pct(lat, 0.99):7.2f}"
+                    )
             if args.stream_rounds:
                 await bulk(args, bare_target, meter_target, policy.id)
         finally:
@@ -416,7 +417,9 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the unary scenarios (0: none)"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument(
