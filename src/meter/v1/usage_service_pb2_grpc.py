@@ -146,9 +146,10 @@ class UsageServiceServicer:
         Up to 256 requests of one stream are in flight at once (the window): the server reads
         ahead while earlier answers are pending and stops reading while 256 requests are
         unanswered (backpressure). Requests are sent to the store in the order they were read, so
-        the requests of one license apply in stream order. Any failure of one request (bad input,
-        a limit, an unknown license, the store unavailable) is that request's `error`; the stream
-        goes on.
+        the requests of one license apply in stream order (a store failover or slot migration
+        during the stream may re-send a request behind later ones; each still counts at most once).
+        Any failure of one request (bad input, a limit, an unknown license, the store unavailable)
+        is that request's `error`; the stream goes on.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

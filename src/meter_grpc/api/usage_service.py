@@ -135,6 +135,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
                 if not isinstance(exc, Exception):
                     raise
 
+        await self.metering.prepare_ordered()
         reader = asyncio.ensure_future(read())
         try:
             while True:

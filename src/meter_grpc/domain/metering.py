@@ -109,6 +109,8 @@ class Metering:
             )
             v.raise_if_any()
 
+        if len({item.license_id for item in items}) < len(items):
+            await self.prepare_ordered()  # one license's items must apply in item order
         now = self.clock.now_ms()  # one moment for the whole batch
         bounds = periods.period_bounds_arg(now)
         out: list[Usage | Exception] = []
@@ -148,6 +150,16 @@ class Metering:
             except MeterError as err:
                 out[i] = err
         return out
+
+    async def prepare_ordered(self) -> None:
+        """Before issuing calls of one license back to back (a stream, a batch): loads
+        usage.lua on every node, so that none of those calls is re-sent after a NOSCRIPT and
+        overtaken by the ones behind it. Best effort: if the store is down, each call fails
+        on its own."""
+        try:
+            await self.store.load_usage_script()
+        except MeterError:
+            pass
 
     async def decrement(self, license_id: str, amount: int, request_id: str = "") -> Usage:
         return await self._run("dec", license_id, amount, request_id)
