@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -99,13 +100,20 @@ class UsageService(pb_grpc.UsageServiceServicer):
         """Up to STREAM_WINDOW requests in flight, answered in request order.
 
         A reader task reads the requests and starts each one's increment as soon as it is read
-        (in read order, so the store sees them in stream order); it takes a window slot before
-        each read, so reading stops while STREAM_WINDOW requests are unanswered. This generator
-        awaits the answers in order and writes them, freeing a slot per answer written.
+        (in read order, so the store sees them in stream order); it reads nothing more while
+        STREAM_WINDOW requests are unanswered. This generator awaits the answers in order and
+        writes them, waking the reader for each answer written.
         """
-        slots = asyncio.Semaphore(STREAM_WINDOW)
-        pending: asyncio.Queue[asyncio.Task[pb.StreamUsageResponse] | BaseException | None]
-        pending = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        # The requests read and not yet answered, oldest first: each one's increment, running.
+        window: collections.deque[asyncio.Task[pb.StreamUsageResponse]] = collections.deque()
+        ended: list[BaseException | None] = []  # [None] once the requests end, [exc] on failure
+        waiting: dict[str, asyncio.Future[None]] = {}  # "reader" / "writer": parked until woken
+
+        def wake(who: str) -> None:
+            fut = waiting.pop(who, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
         async def answer(request: pb.IncrementUsageRequest) -> pb.StreamUsageResponse:
             try:
@@ -117,41 +125,47 @@ class UsageService(pb_grpc.UsageServiceServicer):
                 return pb.StreamUsageResponse(
                     request_id=request.request_id, **_outcome(exc, "StreamUsage")
                 )
-            return pb.StreamUsageResponse(request_id=request.request_id, **_outcome(u, ""))
+            return pb.StreamUsageResponse(
+                request_id=request.request_id,
+                result=pb.IncrementUsageResponse(**usage_fields(u), replayed=u.replayed),  # type: ignore[arg-type]
+            )
 
         async def read() -> None:
             try:
-                requests = request_iterator.__aiter__()
-                while True:
-                    await slots.acquire()
-                    try:
-                        request = await requests.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    pending.put_nowait(asyncio.ensure_future(answer(request)))
-                pending.put_nowait(None)
+                async for request in request_iterator:
+                    # Started in read order: the store sees one license's requests in order.
+                    window.append(loop.create_task(answer(request)))
+                    wake("writer")
+                    while len(window) >= STREAM_WINDOW:  # full: read nothing more for now
+                        waiting["reader"] = parked = loop.create_future()
+                        await parked
+                ended.append(None)
             except BaseException as exc:  # the request stream failed: the call ends with it
-                pending.put_nowait(exc)
+                ended.append(exc)
                 if not isinstance(exc, Exception):
                     raise
+            finally:
+                wake("writer")
 
         await self.metering.prepare_ordered()
-        reader = asyncio.ensure_future(read())
+        reader = loop.create_task(read())
         try:
             while True:
-                item = await pending.get()
-                if item is None:
+                if window:
+                    yield await window[0]
+                    window.popleft()
+                    wake("reader")
+                elif ended:
+                    if ended[0] is not None:
+                        raise ended[0]
                     break
-                if isinstance(item, BaseException):
-                    raise item
-                yield await item
-                slots.release()
+                else:
+                    waiting["writer"] = parked = loop.create_future()
+                    await parked
         finally:
             reader.cancel()
-            while not pending.empty():
-                left = pending.get_nowait()
-                if isinstance(left, asyncio.Task):
-                    left.cancel()
+            for task in window:
+                task.cancel()
 
     async def WatchUsage(
         self, request: pb.WatchUsageRequest, context: Ctx
