@@ -1,9 +1,11 @@
-"""The baseline: a bare grpc.aio server (uvloop) answering IncrementUsage with a constant,
-no auth, no storage. meter-grpc's throughput is reported as a ratio of this one's."""
+"""The baseline: a bare grpc.aio server (uvloop) answering IncrementUsage, GetUsage and each
+message of StreamUsage (a bidi echo) with a constant, no auth, no storage. meter-grpc's
+throughput is reported as a ratio of this one's."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
@@ -20,6 +22,16 @@ class Bare(pb_grpc.UsageServiceServicer):
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: object) -> pb.GetUsageResponse:
         return pb.GetUsageResponse(uses=1, max_uses=1_000_000, remaining=999_999)
+
+    async def StreamUsage(
+        self, request_iterator: AsyncIterator[pb.IncrementUsageRequest], context: object
+    ) -> AsyncIterator[pb.StreamUsageResponse]:
+        # A bidi echo: one constant answer per request, as soon as it is read.
+        async for request in request_iterator:
+            yield pb.StreamUsageResponse(
+                request_id=request.request_id,
+                result=pb.IncrementUsageResponse(uses=1, max_uses=1_000_000, remaining=999_999),
+            )
 
 
 async def main(listen: str) -> None:

@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 ADMIN_TOKEN = "test-admin-token"
+UNKNOWN_ID = "01900000-0000-7000-8000-000000000000"  # a well-formed id never minted here
 
 
 def admin_md() -> tuple[tuple[str, str], ...]:

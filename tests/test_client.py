@@ -74,6 +74,14 @@ async def test_async_client_end_to_end(running: Running) -> None:
 
         answers = [a async for a in client.stream_usage(more())]
         assert answers[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        batch = await client.batch_increment_usage(
+            [upb.IncrementUsageRequest(license_id=lic.id, amount=n) for n in (1, 0)]
+        )
+        assert [r.error.code for r in batch.results] == [
+            grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        ] * 2
+        with pytest.raises(PermissionDenied):  # a key batches only its own license
+            await client.batch_increment_usage([upb.IncrementUsageRequest(license_id="x")])
 
 
 async def test_sync_client_end_to_end(running: Running) -> None:
@@ -86,7 +94,12 @@ async def test_sync_client_end_to_end(running: Running) -> None:
             assert nf.value.code == grpc.StatusCode.NOT_FOUND
             assert nf.value.metadata["id"] == "01900000-0000-7000-8000-000000000000"
         with MeterClient(running.target, license_key=lic.key) as client:
-            assert client.increment_usage(lic.id, 5).uses == 5
+            assert client.increment_usage(lic.id, 4).uses == 4
+            batch = client.batch_increment_usage(
+                [upb.IncrementUsageRequest(license_id=lic.id, amount=1)] * 2
+            )
+            assert [r.WhichOneof("outcome") for r in batch.results] == ["result", "error"]
+            assert batch.results[0].result.uses == 5
             with pytest.raises(UsageLimitExceeded):
                 client.increment_usage(lic.id)
             with pytest.raises(PermissionDenied):

@@ -162,4 +162,8 @@ async def test_grpcio_reflection_client_builds_the_services(running: Running) ->
     assert (
         "IncrementUsage(meter.v1.IncrementUsageRequest) meter.v1.IncrementUsageResponse" in methods
     )
-    assert len(methods) == 7
+    assert (
+        "BatchIncrementUsage(meter.v1.BatchIncrementUsageRequest) "
+        "meter.v1.BatchIncrementUsageResponse" in methods
+    )
+    assert len(methods) == 8

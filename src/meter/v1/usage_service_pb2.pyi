@@ -445,6 +445,93 @@ class StreamUsageResponse(_message.Message):
 Global___StreamUsageResponse: _TypeAlias = StreamUsageResponse  # noqa: Y015
 
 @_typing.final
+class BatchIncrementUsageRequest(_message.Message):
+    """Request message for BatchIncrementUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncrementUsageRequest]:
+        """The increments, each with its own `license_id`, `amount` and `request_id` and the rules of
+        IncrementUsage. At most 1,000 items; more fail the whole call with INVALID_ARGUMENT naming
+        `items`. A bad field of one item is that item's error, naming it (e.g. `items[3].amount`).
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___IncrementUsageRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchIncrementUsageRequest: _TypeAlias = BatchIncrementUsageRequest  # noqa: Y015
+
+@_typing.final
+class BatchIncrementUsageResponse(_message.Message):
+    """Response message for BatchIncrementUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchIncrementUsageResult]:
+        """One result per item, in the order of `items`."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchIncrementUsageResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchIncrementUsageResponse: _TypeAlias = BatchIncrementUsageResponse  # noqa: Y015
+
+@_typing.final
+class BatchIncrementUsageResult(_message.Message):
+    """The answer to one item of BatchIncrementUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request_id of the item answered."""
+    @_builtins.property
+    def result(self) -> Global___IncrementUsageResponse:
+        """The increment's result."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """The error, as IncrementUsage would have returned it, with its details."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        result: Global___IncrementUsageResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___BatchIncrementUsageResult: _TypeAlias = BatchIncrementUsageResult  # noqa: Y015
+
+@_typing.final
 class WatchUsageRequest(_message.Message):
     """Request message for WatchUsage.
 

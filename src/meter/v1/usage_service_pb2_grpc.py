@@ -75,6 +75,11 @@ class UsageServiceStub:
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.IncrementUsageRequest.SerializeToString,
                 response_deserializer=meter_dot_v1_dot_usage__service__pb2.StreamUsageResponse.FromString,
                 _registered_method=True)
+        self.BatchIncrementUsage = channel.unary_unary(
+                '/meter.v1.UsageService/BatchIncrementUsage',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.BatchIncrementUsageRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.BatchIncrementUsageResponse.FromString,
+                _registered_method=True)
         self.WatchUsage = channel.unary_stream(
                 '/meter.v1.UsageService/WatchUsage',
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.WatchUsageRequest.SerializeToString,
@@ -137,9 +142,27 @@ class UsageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamUsage(self, request_iterator, context):
-        """Increments over one bidirectional stream: one response per request, in order.
+        """Increments over one bidirectional stream: one response per request, in request order.
+        Up to 256 requests of one stream are in flight at once (the window): the server reads
+        ahead while earlier answers are pending and stops reading while 256 requests are
+        unanswered (backpressure). Requests are sent to the store in the order they were read, so
+        the requests of one license apply in stream order (a store failover or slot migration
+        during the stream may re-send a request behind later ones; each still counts at most once).
+        Any failure of one request (bad input, a limit, an unknown license, the store unavailable)
+        is that request's `error`; the stream goes on.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchIncrementUsage(self, request, context):
+        """Up to 1,000 increments for any licenses in one call: one result per item, in order, each
+        exactly what IncrementUsage would have answered for that item (partial success). Items of
+        one license apply in the order of `items`; items of different licenses go to the store
+        concurrently. A license key may batch only its own license: a batch with an item naming
+        another license is refused whole with PERMISSION_DENIED (nothing applied).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +207,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.StreamUsage,
                     request_deserializer=meter_dot_v1_dot_usage__service__pb2.IncrementUsageRequest.FromString,
                     response_serializer=meter_dot_v1_dot_usage__service__pb2.StreamUsageResponse.SerializeToString,
+            ),
+            'BatchIncrementUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchIncrementUsage,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.BatchIncrementUsageRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.BatchIncrementUsageResponse.SerializeToString,
             ),
             'WatchUsage': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchUsage,
@@ -364,6 +392,33 @@ class UsageService:
             '/meter.v1.UsageService/StreamUsage',
             meter_dot_v1_dot_usage__service__pb2.IncrementUsageRequest.SerializeToString,
             meter_dot_v1_dot_usage__service__pb2.StreamUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchIncrementUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/BatchIncrementUsage',
+            meter_dot_v1_dot_usage__service__pb2.BatchIncrementUsageRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.BatchIncrementUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,9 +62,23 @@ class UsageServiceStub:
     already applied answer DUPLICATE.
     """
     StreamUsage: _grpc.StreamStreamMultiCallable[_usage_service_pb2.IncrementUsageRequest, _usage_service_pb2.StreamUsageResponse]
-    """Increments over one bidirectional stream: one response per request, in order.
+    """Increments over one bidirectional stream: one response per request, in request order.
+    Up to 256 requests of one stream are in flight at once (the window): the server reads
+    ahead while earlier answers are pending and stops reading while 256 requests are
+    unanswered (backpressure). Requests are sent to the store in the order they were read, so
+    the requests of one license apply in stream order (a store failover or slot migration
+    during the stream may re-send a request behind later ones; each still counts at most once).
+    Any failure of one request (bad input, a limit, an unknown license, the store unavailable)
+    is that request's `error`; the stream goes on.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    BatchIncrementUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.BatchIncrementUsageRequest, _usage_service_pb2.BatchIncrementUsageResponse]
+    """Up to 1,000 increments for any licenses in one call: one result per item, in order, each
+    exactly what IncrementUsage would have answered for that item (partial success). Items of
+    one license apply in the order of `items`; items of different licenses go to the store
+    concurrently. A license key may batch only its own license: a batch with an item naming
+    another license is refused whole with PERMISSION_DENIED (nothing applied).
     """
     WatchUsage: _grpc.UnaryStreamMultiCallable[_usage_service_pb2.WatchUsageRequest, _usage_service_pb2.WatchUsageResponse]
     """Streams the usage events of one license as they happen."""
@@ -103,9 +117,23 @@ class UsageServiceAsyncStub(UsageServiceStub):
     already applied answer DUPLICATE.
     """
     StreamUsage: _aio.StreamStreamMultiCallable[_usage_service_pb2.IncrementUsageRequest, _usage_service_pb2.StreamUsageResponse]  # type: ignore[assignment]
-    """Increments over one bidirectional stream: one response per request, in order.
+    """Increments over one bidirectional stream: one response per request, in request order.
+    Up to 256 requests of one stream are in flight at once (the window): the server reads
+    ahead while earlier answers are pending and stops reading while 256 requests are
+    unanswered (backpressure). Requests are sent to the store in the order they were read, so
+    the requests of one license apply in stream order (a store failover or slot migration
+    during the stream may re-send a request behind later ones; each still counts at most once).
+    Any failure of one request (bad input, a limit, an unknown license, the store unavailable)
+    is that request's `error`; the stream goes on.
     buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    BatchIncrementUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.BatchIncrementUsageRequest, _usage_service_pb2.BatchIncrementUsageResponse]  # type: ignore[assignment]
+    """Up to 1,000 increments for any licenses in one call: one result per item, in order, each
+    exactly what IncrementUsage would have answered for that item (partial success). Items of
+    one license apply in the order of `items`; items of different licenses go to the store
+    concurrently. A license key may batch only its own license: a batch with an item naming
+    another license is refused whole with PERMISSION_DENIED (nothing applied).
     """
     WatchUsage: _aio.UnaryStreamMultiCallable[_usage_service_pb2.WatchUsageRequest, _usage_service_pb2.WatchUsageResponse]  # type: ignore[assignment]
     """Streams the usage events of one license as they happen."""
@@ -177,9 +205,29 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_usage_service_pb2.IncrementUsageRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_usage_service_pb2.StreamUsageResponse], _abc.AsyncIterator[_usage_service_pb2.StreamUsageResponse]]:
-        """Increments over one bidirectional stream: one response per request, in order.
+        """Increments over one bidirectional stream: one response per request, in request order.
+        Up to 256 requests of one stream are in flight at once (the window): the server reads
+        ahead while earlier answers are pending and stops reading while 256 requests are
+        unanswered (backpressure). Requests are sent to the store in the order they were read, so
+        the requests of one license apply in stream order (a store failover or slot migration
+        during the stream may re-send a request behind later ones; each still counts at most once).
+        Any failure of one request (bad input, a limit, an unknown license, the store unavailable)
+        is that request's `error`; the stream goes on.
         buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def BatchIncrementUsage(
+        self,
+        request: _usage_service_pb2.BatchIncrementUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.BatchIncrementUsageResponse, _abc.Awaitable[_usage_service_pb2.BatchIncrementUsageResponse]]:
+        """Up to 1,000 increments for any licenses in one call: one result per item, in order, each
+        exactly what IncrementUsage would have answered for that item (partial success). Items of
+        one license apply in the order of `items`; items of different licenses go to the store
+        concurrently. A license key may batch only its own license: a batch with an item naming
+        another license is refused whole with PERMISSION_DENIED (nothing applied).
         """
 
     @_abc_1.abstractmethod

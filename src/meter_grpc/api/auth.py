@@ -60,6 +60,7 @@ LICENSE_KEY_METHODS: dict[str, Owns] = {
     LICENSE + "CheckOutLicense": Owns("id"),
     LICENSE + "GetPublicKey": Owns(None),
     USAGE + "IncrementUsage": Owns("license_id"),
+    USAGE + "BatchIncrementUsage": Owns("license_id", each="items"),
     USAGE + "GetUsage": Owns("license_id"),
     USAGE + "SyncUsage": Owns("license_id"),
     USAGE + "StreamUsage": Owns("license_id"),

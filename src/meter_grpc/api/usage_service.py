@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +17,26 @@ from meter_grpc.api.convert import (
     usage_fields,
     usage_record_from_proto,
 )
-from meter_grpc.api.errors import to_status_proto
+from meter_grpc.api.errors import internal_status, to_status_proto
 from meter_grpc.domain.errors import MeterError
-from meter_grpc.domain.metering import Metering
+from meter_grpc.domain.metering import STREAM_WINDOW, Increment, Metering
+from meter_grpc.domain.models import Usage
+
+log = logging.getLogger("meter_grpc.api")
 
 Ctx = Any
+
+
+def _outcome(answer: Usage | BaseException, method: str) -> dict[str, Any]:
+    """The `result` or `error` field of one per-request answer (StreamUsage, batches)."""
+    if isinstance(answer, Usage):
+        return {
+            "result": pb.IncrementUsageResponse(**usage_fields(answer), replayed=answer.replayed)  # type: ignore[arg-type]
+        }
+    if isinstance(answer, MeterError):
+        return {"error": to_status_proto(answer)}
+    log.error("unexpected error in %s", method, exc_info=answer)
+    return {"error": internal_status()}
 
 
 class UsageService(pb_grpc.UsageServiceServicer):
@@ -55,23 +73,93 @@ class UsageService(pb_grpc.UsageServiceServicer):
             results=[record_result_to_proto(r) for r in result.results], uses=result.uses
         )
 
+    async def BatchIncrementUsage(
+        self, request: pb.BatchIncrementUsageRequest, context: Ctx
+    ) -> pb.BatchIncrementUsageResponse:
+        items = request.items
+        answers = await self.metering.batch_increment(
+            [Increment(i.license_id, i.amount, i.request_id) for i in items]
+        )
+        return pb.BatchIncrementUsageResponse(
+            results=[
+                pb.BatchIncrementUsageResult(
+                    request_id=item.request_id, **_outcome(answer, "BatchIncrementUsage")
+                )
+                for item, answer in zip(items, answers, strict=True)
+            ]
+        )
+
     async def StreamUsage(
         self, request_iterator: AsyncIterator[pb.IncrementUsageRequest], context: Ctx
     ) -> AsyncIterator[pb.StreamUsageResponse]:
-        async for request in request_iterator:
+        """Up to STREAM_WINDOW requests in flight, answered in request order.
+
+        A reader task reads the requests and starts each one's increment as soon as it is read
+        (in read order, so the store sees them in stream order); it reads nothing more while
+        STREAM_WINDOW requests are unanswered. This generator awaits the answers in order and
+        writes them, waking the reader for each answer written.
+        """
+        loop = asyncio.get_running_loop()
+        # The requests read and not yet answered, oldest first: each one's increment, running.
+        window: collections.deque[asyncio.Task[pb.StreamUsageResponse]] = collections.deque()
+        ended: list[BaseException | None] = []  # [None] once the requests end, [exc] on failure
+        waiting: dict[str, asyncio.Future[None]] = {}  # "reader" / "writer": parked until woken
+
+        def wake(who: str) -> None:
+            fut = waiting.pop(who, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+        async def answer(request: pb.IncrementUsageRequest) -> pb.StreamUsageResponse:
             try:
                 u = await self.metering.increment(
                     request.license_id, request.amount, request.request_id
                 )
-            except MeterError as err:
-                yield pb.StreamUsageResponse(
-                    request_id=request.request_id, error=to_status_proto(err)
+            except Exception as exc:  # one request's failure is its answer, never the stream's
+                return pb.StreamUsageResponse(
+                    request_id=request.request_id, **_outcome(exc, "StreamUsage")
                 )
-                continue
-            yield pb.StreamUsageResponse(
+            return pb.StreamUsageResponse(
                 request_id=request.request_id,
                 result=pb.IncrementUsageResponse(**usage_fields(u), replayed=u.replayed),  # type: ignore[arg-type]
             )
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    # Started in read order: the store sees one license's requests in order.
+                    window.append(loop.create_task(answer(request)))
+                    wake("writer")
+                    while len(window) >= STREAM_WINDOW:  # full: read nothing more for now
+                        waiting["reader"] = parked = loop.create_future()
+                        await parked
+                ended.append(None)
+            except BaseException as exc:  # the request stream failed: the call ends with it
+                ended.append(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                wake("writer")
+
+        await self.metering.prepare_ordered()
+        reader = loop.create_task(read())
+        try:
+            while True:
+                if window:
+                    yield await window[0]
+                    window.popleft()
+                    wake("reader")
+                elif ended:
+                    if ended[0] is not None:
+                        raise ended[0]
+                    break
+                else:
+                    waiting["writer"] = parked = loop.create_future()
+                    await parked
+        finally:
+            reader.cancel()
+            for task in window:
+                task.cancel()
 
     async def WatchUsage(
         self, request: pb.WatchUsageRequest, context: Ctx

@@ -250,6 +250,14 @@ class AsyncMeterClient:
     async def get_usage(self, license_id: str) -> upb.GetUsageResponse:
         return await self._call(self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id))
 
+    async def batch_increment_usage(
+        self, items: Sequence[upb.IncrementUsageRequest]
+    ) -> upb.BatchIncrementUsageResponse:
+        """Up to 1,000 increments for any licenses: `results[i]` answers `items[i]` with its
+        `result` or its `error` (a google.rpc.Status), each as increment_usage would."""
+        req = upb.BatchIncrementUsageRequest(items=items)
+        return await self._call(self._usage.BatchIncrementUsage, req)
+
     async def sync_usage(
         self, license_id: str, records: Sequence[usage_pb2.UsageRecord]
     ) -> upb.SyncUsageResponse:

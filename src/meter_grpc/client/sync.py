@@ -241,6 +241,14 @@ class MeterClient:
     def get_usage(self, license_id: str) -> upb.GetUsageResponse:
         return self._call(self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id))
 
+    def batch_increment_usage(
+        self, items: Sequence[upb.IncrementUsageRequest]
+    ) -> upb.BatchIncrementUsageResponse:
+        """Up to 1,000 increments for any licenses: `results[i]` answers `items[i]` with its
+        `result` or its `error` (a google.rpc.Status), each as increment_usage would."""
+        req = upb.BatchIncrementUsageRequest(items=items)
+        return self._call(self._usage.BatchIncrementUsage, req)
+
     def sync_usage(
         self, license_id: str, records: Sequence[usage_pb2.UsageRecord]
     ) -> upb.SyncUsageResponse:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meter_grpc.domain import periods
@@ -27,7 +28,7 @@ from meter_grpc.domain.models import (
 from meter_grpc.domain.rules import MAX_COUNTER, MAX_SYNC_RECORDS, Violations
 
 if TYPE_CHECKING:
-    from meter_grpc.domain.ports import Store
+    from meter_grpc.domain.ports import Store, UsageResult
 
 
 # SyncUsage reports at most this many bad fields (the rest are summarized in the message), so
@@ -51,6 +52,23 @@ def is_event_id(value: str) -> bool:
     return m is not None and int(m[1]) <= _U64_MAX and int(m[2]) <= _U64_MAX
 
 
+_PENDING = MeterError(Reason.INVALID_ARGUMENT, "not answered")  # a slot filled after the replies
+
+# BatchIncrementUsage: items per call.
+MAX_BATCH_ITEMS = 1000
+# StreamUsage: requests of one stream in flight at once (read, not yet answered).
+STREAM_WINDOW = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """One item of a batch: the arguments of one IncrementUsage."""
+
+    license_id: str
+    amount: int = 0
+    request_id: str = ""
+
+
 WATCH_BLOCK_MS = 5000
 # The position before every event of a stream: reading after it starts with the oldest one.
 OLDEST_EVENT_ID = "0-0"
@@ -71,8 +89,80 @@ class Metering:
         if watchers:
             await asyncio.wait(watchers, timeout=timeout_s)
 
-    async def increment(self, license_id: str, amount: int, request_id: str = "") -> Usage:
-        return await self._run("inc", license_id, amount, request_id)
+    async def increment(
+        self, license_id: str, amount: int, request_id: str = "", *, field_prefix: str = ""
+    ) -> Usage:
+        """`field_prefix` names the message of the arguments in a bad-input error (a batch
+        item: "items[3].")."""
+        return await self._run("inc", license_id, amount, request_id, field_prefix)
+
+    async def batch_increment(self, items: Sequence[Increment]) -> list[Usage | Exception]:
+        """Each item answered as increment() would answer it: its Usage, or the exception it
+        raised (a MeterError; anything else is a bug the caller logs), in the order of `items`.
+
+        (Which licenses the caller may touch is checked before: api/auth.py.) Every item's script call is issued before any
+        reply is awaited, in item order: the transport writes them in that order on the one
+        pipelined connection of each node, so the items of one license apply in order while
+        those of different licenses (and nodes) are in flight together.
+        """
+        if len(items) > MAX_BATCH_ITEMS:
+            v = Violations()
+            v.add(
+                "items",
+                f"must have at most {MAX_BATCH_ITEMS} items per call (got {len(items)}); "
+                "send the rest in further calls",
+            )
+            v.raise_if_any()
+
+        if len({item.license_id for item in items}) < len(items):
+            await self.prepare_ordered()  # one license's items must apply in item order
+        now = self.clock.now_ms()  # one moment for the whole batch
+        bounds = periods.period_bounds_arg(now)
+        out: list[Usage | Exception] = []
+        sent: list[tuple[int, str, int, str]] = []  # (index, license_id, amount, request_id)
+        calls: list[Coroutine[Any, Any, UsageResult]] = []
+        for i, item in enumerate(items):
+            try:
+                amount = _checked(item.license_id, item.amount, item.request_id, f"items[{i}].")
+            except MeterError as err:
+                out.append(err)
+                continue
+            out.append(_PENDING)
+            sent.append((i, item.license_id, amount, item.request_id))
+            calls.append(
+                self.store.usage(
+                    item.license_id,
+                    "inc",
+                    amount=amount,
+                    request_id=item.request_id,
+                    now_ms=now,
+                    periods=bounds,
+                )
+            )
+        # gather starts one task per call, in item order; each runs up to its store write
+        # before the next one starts.
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for (i, license_id, amount, request_id), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, Exception):
+                    raise reply  # cancellation
+                out[i] = reply
+                continue
+            try:
+                out[i] = _answer(reply, license_id, amount, request_id)
+            except MeterError as err:
+                out[i] = err
+        return out
+
+    async def prepare_ordered(self) -> None:
+        """Before issuing calls of one license back to back (a stream, a batch): loads
+        usage.lua on every node, so that none of those calls is re-sent after a NOSCRIPT and
+        overtaken by the ones behind it. Best effort: if the store is down, each call fails
+        on its own."""
+        try:
+            await self.store.load_usage_script()
+        except MeterError:
+            pass
 
     async def decrement(self, license_id: str, amount: int, request_id: str = "") -> Usage:
         return await self._run("dec", license_id, amount, request_id)
@@ -181,13 +271,10 @@ class Metering:
             uses=uses,
         )
 
-    async def _run(self, op: str, license_id: str, amount: int, request_id: str) -> Usage:
-        v = Violations()
-        v.identifier("license_id", license_id)
-        v.amount("amount", amount)
-        v.request_id("request_id", request_id)
-        v.raise_if_any()
-        amount = amount or 1
+    async def _run(
+        self, op: str, license_id: str, amount: int, request_id: str, field_prefix: str = ""
+    ) -> Usage:
+        amount = _checked(license_id, amount, request_id, field_prefix)
         now = self.clock.now_ms()
         result = await self.store.usage(
             license_id,
@@ -197,37 +284,52 @@ class Metering:
             now_ms=now,
             periods=periods.period_bounds_arg(now),
         )
-        status, usage = result.status.name, result.usage
-        if status == "OK":
-            return usage
-        meta = {"license_id": license_id, "uses": str(usage.uses)}
-        if status == "LICENSE_NOT_FOUND":
-            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        if status == "USAGE_LIMIT_EXCEEDED":
-            limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
-            raise MeterError(
-                Reason.USAGE_LIMIT_EXCEEDED,
-                f"using {amount} more would pass the usage limit: {usage.uses} used of "
-                f"{_n(usage.max_uses)} (granted up to {limit})",
-                metadata={
-                    **meta,
-                    "limit": str(usage.max_uses if usage.max_uses is not None else limit),
-                    "overage_limit": str(limit),
-                    "requested": str(amount),
-                    "remaining": str(max(0, limit - usage.uses)),
-                },
-                quota_subject=f"license:{license_id}",
-            )
-        if status == "USAGE_UNDERFLOW":
-            raise MeterError(
-                Reason.USAGE_UNDERFLOW,
-                f"cannot decrement by {amount}: usage is {usage.uses}",
-                metadata={**meta, "requested": str(amount)},
-            )
-        if status == "LICENSE_SUSPENDED":
-            raise MeterError(Reason.LICENSE_SUSPENDED, "the license is suspended", metadata=meta)
-        if status == "LICENSE_EXPIRED":
-            raise MeterError(Reason.LICENSE_EXPIRED, "the license has expired", metadata=meta)
-        if status == "REQUEST_ID_REUSED":
-            raise request_id_reused(request_id, license_id=license_id)
-        raise AssertionError(f"unknown usage status {status}")
+        return _answer(result, license_id, amount, request_id)
+
+
+def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -> int:
+    """The amount to apply (0 means 1); INVALID_ARGUMENT naming each bad field."""
+    v = Violations()
+    v.identifier(f"{field_prefix}license_id", license_id)
+    v.amount(f"{field_prefix}amount", amount)
+    v.request_id(f"{field_prefix}request_id", request_id)
+    v.raise_if_any()
+    return amount or 1
+
+
+def _answer(result: UsageResult, license_id: str, amount: int, request_id: str) -> Usage:
+    """The Usage of a usage.lua answer, or the MeterError of its status."""
+    status, usage = result.status.name, result.usage
+    if status == "OK":
+        return usage
+    meta = {"license_id": license_id, "uses": str(usage.uses)}
+    if status == "LICENSE_NOT_FOUND":
+        raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+    if status == "USAGE_LIMIT_EXCEEDED":
+        limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
+        raise MeterError(
+            Reason.USAGE_LIMIT_EXCEEDED,
+            f"using {amount} more would pass the usage limit: {usage.uses} used of "
+            f"{_n(usage.max_uses)} (granted up to {limit})",
+            metadata={
+                **meta,
+                "limit": str(usage.max_uses if usage.max_uses is not None else limit),
+                "overage_limit": str(limit),
+                "requested": str(amount),
+                "remaining": str(max(0, limit - usage.uses)),
+            },
+            quota_subject=f"license:{license_id}",
+        )
+    if status == "USAGE_UNDERFLOW":
+        raise MeterError(
+            Reason.USAGE_UNDERFLOW,
+            f"cannot decrement by {amount}: usage is {usage.uses}",
+            metadata={**meta, "requested": str(amount)},
+        )
+    if status == "LICENSE_SUSPENDED":
+        raise MeterError(Reason.LICENSE_SUSPENDED, "the license is suspended", metadata=meta)
+    if status == "LICENSE_EXPIRED":
+        raise MeterError(Reason.LICENSE_EXPIRED, "the license has expired", metadata=meta)
+    if status == "REQUEST_ID_REUSED":
+        raise request_id_reused(request_id, license_id=license_id)
+    raise AssertionError(f"unknown usage status {status}")

@@ -200,6 +200,10 @@ class Store(Protocol):
     ) -> UsageResult:
         """Runs usage.lua: one round trip, one atomic check-and-move."""
 
+    async def load_usage_script(self) -> None:
+        """Makes sure every node has usage.lua, so the calls issued next are never re-sent
+        after a NOSCRIPT (a re-sent call would apply after calls issued later)."""
+
     async def last_event_id(self, license_id: str) -> str:
         """Id of the newest usage event of the license ("0-0" when there is none)."""
 

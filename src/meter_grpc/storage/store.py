@@ -433,6 +433,16 @@ class RedisStore:
             ),
         )
 
+    @storage_call
+    async def load_usage_script(self) -> None:
+        """SCRIPT LOAD of usage.lua on every primary: one round trip per node, nothing run.
+
+        The transport re-sends a call answered NOSCRIPT after loading the script, so that call
+        applies after the calls written behind it. StreamUsage and BatchIncrementUsage issue
+        one license's calls back to back and rely on their order; they load the script first.
+        """
+        await self.client.script_load(self.scripts.usage.source)
+
     # --- usage events ---------------------------------------------------------------------
 
     @storage_call
