@@ -312,6 +312,13 @@ async def test_license_lifecycle_and_not_found(running: Running) -> None:
     r = await cli(running, "policies", "delete", policy_id)
     assert r.status == EXIT_REFUSED and "POLICY_IN_USE" in r.error_line
 
+    old_key = (await cli(running, "licenses", "get", license_id, "--json")).json()["key"]
+    r = await cli(running, "licenses", "rotate-key", license_id, "--json")
+    assert r.status == 0, r.stderr
+    assert r.json()["key"] and r.json()["key"] != old_key
+    r = await cli(running, "licenses", "rotate-key", license_id, "--key", "K" * 20, "--json")
+    assert r.json()["key"] == "K" * 20
+
     r = await cli(running, "licenses", "delete", license_id)
     assert r.status == 0
     r = await cli(running, "licenses", "get", license_id)

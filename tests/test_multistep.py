@@ -365,3 +365,74 @@ async def test_activate_machine_request_id(
     assert err.reason == "REQUEST_ID_REUSED"
     replay = (await act("fp-a", "act-a")).machine
     assert replay.id == machine.id
+
+
+async def wait_refused(usage: ugrpc.UsageServiceStub, license_id: str, key: str) -> None:
+    """The key stops authenticating within a second or so (the key cache's bound)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while await key_works(usage, license_id, key):
+        assert loop.time() < deadline, "the old key still authenticates"
+        await asyncio.sleep(0.05)
+
+
+async def test_rotate_license_key(
+    licenses: lgrpc.LicenseServiceStub,
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+    redis: Any,
+) -> None:
+    """RotateLicenseKey: the new key works, the old one stops (within the cache's second);
+    a key another license holds is refused and changes nothing; a license key may not
+    rotate."""
+    lic = await make_license()
+    other = await make_license()
+    assert await key_works(usage, lic.id, lic.key)  # now in the key cache
+    rotated = (
+        await licenses.RotateLicenseKey(lpb.RotateLicenseKeyRequest(id=lic.id), metadata=admin_md())
+    ).license
+    assert rotated.id == lic.id and rotated.key and rotated.key != lic.key
+    assert await key_works(usage, lic.id, rotated.key)
+    await wait_refused(usage, lic.id, lic.key)
+    assert await redis.get(keys.license_by_key(lic.key)) is None
+    got = (await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())).license
+    assert got.key == rotated.key
+
+    err = await expect_error(
+        licenses.RotateLicenseKey(
+            lpb.RotateLicenseKeyRequest(id=lic.id, key=other.key), metadata=admin_md()
+        )
+    )
+    assert (err.reason, err.metadata["field"]) == ("LICENSE_KEY_TAKEN", "key")
+    assert await key_works(usage, lic.id, rotated.key)
+    assert await key_works(usage, other.id, other.key)
+    err = await expect_error(
+        licenses.RotateLicenseKey(
+            lpb.RotateLicenseKeyRequest(id=lic.id), metadata=license_md(rotated.key)
+        )
+    )
+    assert err.reason == "PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize("step", ["rotate_license_key.claimed", "rotate_license_key.updated"])
+async def test_rotate_license_key_cut_short(
+    licenses: lgrpc.LicenseServiceStub,
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+    failpoint: Any,
+    step: str,
+) -> None:
+    """Cut short between its steps, a rotation never lets two keys work; retried with the same
+    key it completes."""
+    lic = await make_license()
+    new_key = f"ROT-{lic.id}"
+    request = lpb.RotateLicenseKeyRequest(id=lic.id, key=new_key)
+    failpoint(step)
+    await expect_cut_short(licenses.RotateLicenseKey(request, metadata=admin_md()))
+    failpoints.arm({})
+    works = [await key_works(usage, lic.id, k) for k in (lic.key, new_key)]
+    assert works == ([True, False] if step.endswith("claimed") else [False, True])
+    rotated = (await licenses.RotateLicenseKey(request, metadata=admin_md())).license
+    assert rotated.key == new_key
+    assert await key_works(usage, lic.id, new_key)
+    await wait_refused(usage, lic.id, lic.key)

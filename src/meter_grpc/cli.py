@@ -444,6 +444,8 @@ def cmd_licenses(args: argparse.Namespace, out: Output) -> None:
         elif action == "delete":
             client.delete_license(args.id)
             out.record({"id": args.id, "deleted": True})
+        elif action == "rotate-key":
+            out.record(to_dict(client.rotate_license_key(args.id, args.key or "")), LICENSE_FIELDS)
         else:
             call = {
                 "suspend": client.suspend_license,
@@ -714,7 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
 
     # licenses
-    lic = group("licenses", "create, get, list, update, suspend, reinstate, renew, delete licenses")
+    lic = group(
+        "licenses",
+        "create, get, list, update, suspend, reinstate, renew, rotate-key, delete licenses",
+    )
     p = action(lic, "create", "create a license under a policy", cmd_licenses)
     p.add_argument("--policy", required=True, metavar="POLICY_ID")
     p.add_argument("--key", dest="key", metavar="LICENSE_KEY", help="default: generated")
@@ -740,6 +745,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = action(lic, name, help, cmd_licenses)
         p.add_argument("id")
+    p = action(
+        lic, "rotate-key", "give a license a new key (the old one stops working)", cmd_licenses
+    )
+    p.add_argument("id")
+    p.add_argument("--key", dest="key", metavar="LICENSE_KEY", help="default: generated")
 
     # usage
     use = group("usage", "get, increment, decrement, reset a license's usage")

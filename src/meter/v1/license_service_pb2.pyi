@@ -539,6 +539,56 @@ class DeleteLicenseResponse(_message.Message):
 Global___DeleteLicenseResponse: _TypeAlias = DeleteLicenseResponse  # noqa: Y015
 
 @_typing.final
+class RotateLicenseKeyRequest(_message.Message):
+    """Request message for RotateLicenseKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The license id."""
+    key: _builtins.str
+    """The new key (16 to 256 printable characters, unique); empty: one is generated."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateLicenseKeyRequest: _TypeAlias = RotateLicenseKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateLicenseKeyResponse(_message.Message):
+    """Response message for RotateLicenseKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LICENSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def license(self) -> _license_pb2.License:
+        """The license with its new `key`."""
+
+    def __init__(
+        self,
+        *,
+        license: _license_pb2.License | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["license", b"license"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license", b"license"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateLicenseKeyResponse: _TypeAlias = RotateLicenseKeyResponse  # noqa: Y015
+
+@_typing.final
 class SuspendLicenseRequest(_message.Message):
     """Request message for SuspendLicense."""
 

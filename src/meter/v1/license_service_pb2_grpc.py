@@ -93,6 +93,11 @@ class LicenseServiceStub:
                 request_serializer=meter_dot_v1_dot_license__service__pb2.DeleteLicenseRequest.SerializeToString,
                 response_deserializer=meter_dot_v1_dot_license__service__pb2.DeleteLicenseResponse.FromString,
                 _registered_method=True)
+        self.RotateLicenseKey = channel.unary_unary(
+                '/meter.v1.LicenseService/RotateLicenseKey',
+                request_serializer=meter_dot_v1_dot_license__service__pb2.RotateLicenseKeyRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_license__service__pb2.RotateLicenseKeyResponse.FromString,
+                _registered_method=True)
         self.SuspendLicense = channel.unary_unary(
                 '/meter.v1.LicenseService/SuspendLicense',
                 request_serializer=meter_dot_v1_dot_license__service__pb2.SuspendLicenseRequest.SerializeToString,
@@ -237,6 +242,15 @@ class LicenseServiceServicer:
 
     def DeleteLicense(self, request, context):
         """Deletes a license with its usage counter and machines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateLicenseKey(self, request, context):
+        """Gives a license a new key (admin only): the response is the only read that returns it;
+        the old key stops authenticating within a second on every replica.
+        License files already issued stay valid (an encrypted one still opens with the old key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -393,6 +407,11 @@ def add_LicenseServiceServicer_to_server(servicer, server):
                     servicer.DeleteLicense,
                     request_deserializer=meter_dot_v1_dot_license__service__pb2.DeleteLicenseRequest.FromString,
                     response_serializer=meter_dot_v1_dot_license__service__pb2.DeleteLicenseResponse.SerializeToString,
+            ),
+            'RotateLicenseKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateLicenseKey,
+                    request_deserializer=meter_dot_v1_dot_license__service__pb2.RotateLicenseKeyRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_license__service__pb2.RotateLicenseKeyResponse.SerializeToString,
             ),
             'SuspendLicense': grpc.unary_unary_rpc_method_handler(
                     servicer.SuspendLicense,
@@ -739,6 +758,33 @@ class LicenseService:
             '/meter.v1.LicenseService/DeleteLicense',
             meter_dot_v1_dot_license__service__pb2.DeleteLicenseRequest.SerializeToString,
             meter_dot_v1_dot_license__service__pb2.DeleteLicenseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateLicenseKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.LicenseService/RotateLicenseKey',
+            meter_dot_v1_dot_license__service__pb2.RotateLicenseKeyRequest.SerializeToString,
+            meter_dot_v1_dot_license__service__pb2.RotateLicenseKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

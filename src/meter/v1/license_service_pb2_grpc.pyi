@@ -62,6 +62,11 @@ class LicenseServiceStub:
     """Changes the fields named in `update_mask`."""
     DeleteLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.DeleteLicenseRequest, _license_service_pb2.DeleteLicenseResponse]
     """Deletes a license with its usage counter and machines."""
+    RotateLicenseKey: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.RotateLicenseKeyRequest, _license_service_pb2.RotateLicenseKeyResponse]
+    """Gives a license a new key (admin only): the response is the only read that returns it;
+    the old key stops authenticating within a second on every replica.
+    License files already issued stay valid (an encrypted one still opens with the old key).
+    """
     SuspendLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.SuspendLicenseRequest, _license_service_pb2.SuspendLicenseResponse]
     """Suspends a license: it validates as SUSPENDED and may not be used."""
     ReinstateLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.ReinstateLicenseRequest, _license_service_pb2.ReinstateLicenseResponse]
@@ -135,6 +140,11 @@ class LicenseServiceAsyncStub(LicenseServiceStub):
     """Changes the fields named in `update_mask`."""
     DeleteLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.DeleteLicenseRequest, _license_service_pb2.DeleteLicenseResponse]  # type: ignore[assignment]
     """Deletes a license with its usage counter and machines."""
+    RotateLicenseKey: _aio.UnaryUnaryMultiCallable[_license_service_pb2.RotateLicenseKeyRequest, _license_service_pb2.RotateLicenseKeyResponse]  # type: ignore[assignment]
+    """Gives a license a new key (admin only): the response is the only read that returns it;
+    the old key stops authenticating within a second on every replica.
+    License files already issued stay valid (an encrypted one still opens with the old key).
+    """
     SuspendLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.SuspendLicenseRequest, _license_service_pb2.SuspendLicenseResponse]  # type: ignore[assignment]
     """Suspends a license: it validates as SUSPENDED and may not be used."""
     ReinstateLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.ReinstateLicenseRequest, _license_service_pb2.ReinstateLicenseResponse]  # type: ignore[assignment]
@@ -265,6 +275,17 @@ class LicenseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_license_service_pb2.DeleteLicenseResponse, _abc.Awaitable[_license_service_pb2.DeleteLicenseResponse]]:
         """Deletes a license with its usage counter and machines."""
+
+    @_abc_1.abstractmethod
+    def RotateLicenseKey(
+        self,
+        request: _license_service_pb2.RotateLicenseKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_license_service_pb2.RotateLicenseKeyResponse, _abc.Awaitable[_license_service_pb2.RotateLicenseKeyResponse]]:
+        """Gives a license a new key (admin only): the response is the only read that returns it;
+        the old key stops authenticating within a second on every replica.
+        License files already issued stay valid (an encrypted one still opens with the old key).
+        """
 
     @_abc_1.abstractmethod
     def SuspendLicense(

@@ -158,11 +158,12 @@ def _unauthenticated(message: str) -> MeterError:
 
 
 class KeyCache:
-    """license key -> KeyHolder; ids are never reused and keys never change, so the id of a
-    hit stays right until the license is deleted (then every script answers
-    LICENSE_NOT_FOUND). Its expiry may have changed since: a refusal is always re-read."""
+    """license key -> KeyHolder, for at most a second: a rotated or deleted key stops
+    authenticating within that second on every replica (a deleted license's scripts answer
+    LICENSE_NOT_FOUND at once anyway). Its expiry may have changed since: a refusal is always
+    re-read."""
 
-    def __init__(self, size: int = 10_000, ttl_s: float = 60.0) -> None:
+    def __init__(self, size: int = 10_000, ttl_s: float = 1.0) -> None:
         self.size, self.ttl_s = size, ttl_s
         self._items: OrderedDict[str, tuple[KeyHolder, float]] = OrderedDict()
 

@@ -125,6 +125,12 @@ class LicenseService(MachineRpcs, OfflineRpcs, pb_grpc.LicenseServiceServicer):
         await self.licensing.delete_license(request.id)
         return pb.DeleteLicenseResponse()
 
+    async def RotateLicenseKey(
+        self, request: pb.RotateLicenseKeyRequest, context: Ctx
+    ) -> pb.RotateLicenseKeyResponse:
+        lic = await self.licensing.rotate_license_key(request.id, request.key)
+        return pb.RotateLicenseKeyResponse(license=license_to_proto(lic, self._now()))
+
     async def SuspendLicense(
         self, request: pb.SuspendLicenseRequest, context: Ctx
     ) -> pb.SuspendLicenseResponse:

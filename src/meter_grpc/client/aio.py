@@ -128,6 +128,11 @@ class AsyncMeterClient:
     async def delete_license(self, id: str) -> None:
         await self._call(self._licenses.DeleteLicense, lpb.DeleteLicenseRequest(id=id))
 
+    async def rotate_license_key(self, id: str, key: str = "") -> license_pb2.License:
+        """A new key for the license (generated unless given); the old one stops working."""
+        req = lpb.RotateLicenseKeyRequest(id=id, key=key)
+        return (await self._call(self._licenses.RotateLicenseKey, req)).license
+
     async def suspend_license(self, id: str) -> license_pb2.License:
         req = lpb.SuspendLicenseRequest(id=id)
         return (await self._call(self._licenses.SuspendLicense, req)).license

@@ -124,6 +124,11 @@ class MeterClient:
     def delete_license(self, id: str) -> None:
         self._call(self._licenses.DeleteLicense, lpb.DeleteLicenseRequest(id=id))
 
+    def rotate_license_key(self, id: str, key: str = "") -> license_pb2.License:
+        """A new key for the license (generated unless given); the old one stops working."""
+        req = lpb.RotateLicenseKeyRequest(id=id, key=key)
+        return self._call(self._licenses.RotateLicenseKey, req).license
+
     def suspend_license(self, id: str) -> license_pb2.License:
         return self._call(self._licenses.SuspendLicense, lpb.SuspendLicenseRequest(id=id)).license
 

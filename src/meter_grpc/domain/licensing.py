@@ -315,19 +315,49 @@ class Licensing:
             await self.store.unindex([], [license_id])
         return created
 
-    async def _claim_key(self, lic: License) -> None:
+    async def _claim_key(self, lic: License, *, field: str = "license.key") -> None:
         """Points the key at the license; takes it over from a ghost (a license that will
-        never exist), else LICENSE_KEY_TAKEN (and the license leaves its policy's list)."""
+        never exist), else LICENSE_KEY_TAKEN (and a license being created leaves its
+        policy's list)."""
         holder = await self.store.claim_key(lic.key, lic.id)
         if holder and is_ghost(holder, (await self.store.license_states([holder]))[0]):
             holder = await self.store.claim_key(lic.key, lic.id, ghost=holder)
         if holder:
-            await self.store.detach_license(lic.policy_id, lic.id)
+            if field == "license.key":
+                await self.store.detach_license(lic.policy_id, lic.id)
             raise MeterError(
                 Reason.LICENSE_KEY_TAKEN,
                 "another license has this key",
-                metadata={"field": "license.key"},
+                metadata={"field": field},
             )
+
+    async def rotate_license_key(self, license_id: str, key: str = "") -> License:
+        """Gives the license a new key: the new key's entry first, then the license, then the
+        old entry goes. Cut short, the old key already fails (authentication also checks that
+        the license holds the key it was found by) and a retry with the same key completes."""
+        v = Violations()
+        v.identifier("id", license_id)
+        if key:
+            check_key(v, "key", key)
+        v.raise_if_any()
+        lic = await self.store.get_license(license_id)
+        if lic is None:
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        old = lic.key
+        if key == old:
+            return periods.as_read_now(lic, self.clock.now_ms())
+        new = dataclasses.replace(lic, key=key or ids.new_license_key())
+        await self._claim_key(new, field="key")
+        await failpoints.hit("rotate_license_key.claimed")
+        try:
+            rotated = await self._set(license_id, {"key": new.key})
+        except MeterError as err:
+            if err.reason == Reason.LICENSE_NOT_FOUND:  # deleted meanwhile
+                await self.store.release_key(new.key, license_id)
+            raise
+        await failpoints.hit("rotate_license_key.updated")
+        await self.store.release_key(old, license_id)
+        return rotated
 
     async def get_license(self, license_id: str, field: str = "id") -> License:
         v = Violations()

@@ -71,6 +71,7 @@ _UPDATABLE: dict[str, tuple[str, Any]] = {
     "entitlements": ("ents", json.dumps),
     "metadata": ("meta", lambda m: json.dumps(m, sort_keys=True)),
     "suspended": ("suspended", lambda b: "1" if b else "0"),
+    "key": ("key", str),  # RotateLicenseKey only (UpdateLicense's mask never names it)
     "last_check_in_ms": ("check_in", _opt),
 }
 
