@@ -10,7 +10,6 @@ split per slot; blocking reads (xread with `block`) go to a dedicated connection
 from __future__ import annotations
 
 import asyncio
-import builtins
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -109,10 +108,6 @@ class RedisClient:
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         return self.router.call(command, str(keys[0]) if keys else None, source=source)
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        key = str(keys_and_args[0]) if numkeys > 0 else None
-        return await self.router.call(("EVALSHA", sha, numkeys, *keys_and_args), key)
-
     async def script_load(self, source: str) -> str:
         nodes = await self.router.primaries()
         shas = await asyncio.gather(
@@ -170,20 +165,6 @@ class RedisClient:
     async def incr(self, name: str, amount: int = 1) -> int:
         return await self._call("INCRBY", name, amount)  # type: ignore[no-any-return]
 
-    incrby = incr
-
-    async def expire(self, name: str, time: int | timedelta) -> bool:
-        return bool(await self._call("EXPIRE", name, _s(time)))
-
-    async def pexpire(self, name: str, time: int | timedelta) -> bool:
-        return bool(await self._call("PEXPIRE", name, _ms(time)))
-
-    async def ttl(self, name: str) -> int:
-        return await self._call("TTL", name)  # type: ignore[no-any-return]
-
-    async def pttl(self, name: str) -> int:
-        return await self._call("PTTL", name)  # type: ignore[no-any-return]
-
     # hashes
     async def hget(self, name: str, key: str) -> str | None:
         return await self._call("HGET", name, key)  # type: ignore[no-any-return]
@@ -213,33 +194,7 @@ class RedisClient:
     async def hdel(self, name: str, *keys: str) -> int:
         return await self._call("HDEL", name, *keys)  # type: ignore[no-any-return]
 
-    async def hincrby(self, name: str, key: str, amount: int = 1) -> int:
-        return await self._call("HINCRBY", name, key, amount)  # type: ignore[no-any-return]
-
-    async def hexists(self, name: str, key: str) -> bool:
-        return bool(await self._call("HEXISTS", name, key))
-
-    async def hlen(self, name: str) -> int:
-        return await self._call("HLEN", name)  # type: ignore[no-any-return]
-
-    async def hkeys(self, name: str) -> list[str]:
-        return await self._call("HKEYS", name)  # type: ignore[no-any-return]
-
     # sets
-    async def sadd(self, name: str, *values: Any) -> int:
-        return await self._call("SADD", name, *values)  # type: ignore[no-any-return]
-
-    async def srem(self, name: str, *values: Any) -> int:
-        return await self._call("SREM", name, *values)  # type: ignore[no-any-return]
-
-    async def smembers(self, name: str) -> builtins.set[str]:
-        return set(await self._call("SMEMBERS", name))
-
-    async def sismember(self, name: str, value: Any) -> bool:
-        return bool(await self._call("SISMEMBER", name, value))
-
-    async def scard(self, name: str) -> int:
-        return await self._call("SCARD", name)  # type: ignore[no-any-return]
 
     # sorted sets
     async def zadd(
@@ -285,26 +240,6 @@ class RedisClient:
         limit = ["LIMIT", start, num] if start is not None and num is not None else []
         return await self._call("ZRANGEBYLEX", name, min, max, *limit)  # type: ignore[no-any-return]
 
-    async def zrangebyscore(
-        self,
-        name: str,
-        min: float | str,
-        max: float | str,
-        start: int | None = None,
-        num: int | None = None,
-        withscores: bool = False,
-    ) -> list[Any]:
-        args: list[Any] = ["ZRANGEBYSCORE", name, min, max]
-        if withscores:
-            args.append("WITHSCORES")
-        if start is not None and num is not None:
-            args += ["LIMIT", start, num]
-        reply = await self._call(*args)
-        return [(m, float(s)) for m, s in _pairs(reply).items()] if withscores else reply
-
-    async def zremrangebyscore(self, name: str, min: float | str, max: float | str) -> int:
-        return await self._call("ZREMRANGEBYSCORE", name, min, max)  # type: ignore[no-any-return]
-
     # streams
     async def xadd(
         self,
@@ -317,9 +252,6 @@ class RedisClient:
         trim = ["MAXLEN", "~" if approximate else "=", maxlen] if maxlen is not None else []
         flat = [x for kv in fields.items() for x in kv]
         return await self._call("XADD", name, *trim, id, *flat)  # type: ignore[no-any-return]
-
-    async def xlen(self, name: str) -> int:
-        return await self._call("XLEN", name)  # type: ignore[no-any-return]
 
     async def xrange(
         self, name: str, min: str = "-", max: str = "+", count: int | None = None

@@ -44,7 +44,6 @@ from meter_grpc.storage.transport import MaybeSent, NotSent, Unavailable
 P = ParamSpec("P")
 T = TypeVar("T")
 
-USAGE_OPS = ("inc", "dec", "reset", "get")
 # Fingerprints of dead machines remembered per license (validation answers HEARTBEAT_DEAD).
 DEAD_FINGERPRINTS_KEPT = 1000
 _MACHINE_UPDATE_RETRIES = 20
