@@ -326,7 +326,14 @@ async def test_sigterm_drains_in_flight_increments(proc: ServiceProcess) -> None
     assert "draining" in log
     # Calls that reach a stopping server are refused (gRPC answers CANCELLED or UNAVAILABLE);
     # the counts below show that none of them was counted.
-    assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, refused
+    # A call that opens a connection while the server stops listening can also wait out its
+    # deadline (seen about once in six runs: the handshake hangs until the process exits).
+    # Either way it is not acknowledged; the counts below show that none of them was counted.
+    assert set(refused) <= {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }, refused
     await proc.start()
     async with grpc.aio.insecure_channel(proc.target) as ch:
         got = await ugrpc.UsageServiceStub(ch).GetUsage(
