@@ -26,7 +26,9 @@ from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
 from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import ManualClock
+from meter_grpc.domain.keysecret import KeySecret
 from meter_grpc.server import Service, build_server
+from meter_grpc.storage import keys
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.transport import is_cluster_url
 from tests.cluster import LocalCluster, redis_py_cluster
@@ -95,6 +97,11 @@ class Running:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def key_secret_file(self) -> Path:
+        """The server secret of the service (another server on its store must share it)."""
+        return self.service.settings.data_dir / "key-secret"
+
 
 @pytest.fixture(scope="session")
 async def running(
@@ -113,6 +120,14 @@ async def running(
     await service.start()
     yield Running(service, port, clock, redis_url)
     await service.stop(1)
+
+
+@pytest.fixture
+def key_index(running: Running) -> Any:
+    """key_index(license_key) -> the name of its index entry (named by its digest under the
+    service's key secret)."""
+    secret = KeySecret.load(running.key_secret_file)
+    return lambda key: keys.license_by_key(secret.digest(key))
 
 
 @pytest.fixture

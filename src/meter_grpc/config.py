@@ -80,6 +80,8 @@ class Settings:
     tls_client_ca: Path | None = None
     metrics_listen: str = ""
     signing_key_file: Path | None = None
+    # 32 random bytes (or 64 hex digits): license keys are stored as HMACs under it
+    key_secret_file: Path | None = None
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
@@ -144,6 +146,7 @@ class Settings:
             tls_client_ca=path("METER_TLS_CLIENT_CA"),
             metrics_listen=metrics_listen,
             signing_key_file=path("METER_SIGNING_KEY_FILE"),
+            key_secret_file=path("METER_KEY_SECRET_FILE"),
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=log_level,
@@ -186,10 +189,22 @@ class Settings:
         ):
             if file is not None:
                 _check_pem(name, file, kind)
+        if self.key_secret_file is not None:
+            from meter_grpc.domain.keysecret import KeySecret, KeySecretError
+
+            try:
+                KeySecret.load(self.key_secret_file)
+            except KeySecretError as exc:
+                raise ConfigError(f"METER_KEY_SECRET_FILE: {_one_line(exc)}") from None
         _check_bindable("METER_LISTEN", self.listen)
         if self.metrics_listen:
             _check_bindable("METER_METRICS_LISTEN", self.metrics_listen)
-        uses_data_dir = not self.redis_url or self.signing_key_file is None or not self.admin_tokens
+        uses_data_dir = (
+            not self.redis_url
+            or self.signing_key_file is None
+            or self.key_secret_file is None
+            or not self.admin_tokens
+        )
         if uses_data_dir:
             _check_data_dir(self.data_dir)
 

@@ -3,6 +3,8 @@
 A policy is stored as JSON. A license is a hash whose fields the scripts read directly:
 the license's own fields, its limit overrides (`o_*`), a snapshot of its policy (`p_*`,
 with the full policy JSON in `p_json`) and its counters (`uses`, `period`, `machines`, `cores`).
+Its key is never stored: only `kd`, the key's digest, and `kf`, SHA-256(key) sealed under the
+server secret (domain/keysecret.py).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ _UPDATABLE: dict[str, tuple[str, Any]] = {
     "entitlements": ("ents", json.dumps),
     "metadata": ("meta", lambda m: json.dumps(m, sort_keys=True)),
     "suspended": ("suspended", lambda b: "1" if b else "0"),
-    "key": ("key", str),  # RotateLicenseKey only (UpdateLicense's mask never names it)
+    # RotateLicenseKey only (UpdateLicense's mask never names them); the key is never stored
+    "key_digest": ("kd", str),
+    "sealed_file_key": ("kf", str),
     "last_check_in_ms": ("check_in", _opt),
 }
 
@@ -88,7 +92,6 @@ def license_fields(changes: dict[str, object]) -> dict[str, str]:
 def license_to_hash(lic: License) -> dict[str, str]:
     return {
         "id": lic.id,
-        "key": lic.key,
         "policy_id": lic.policy_id,
         **license_fields({attr: getattr(lic, attr) for attr in _UPDATABLE}),
         "created": str(lic.create_time_ms),
@@ -105,7 +108,6 @@ def license_to_hash(lic: License) -> dict[str, str]:
 def license_from_hash(h: dict[str, str]) -> License:
     return License(
         id=h["id"],
-        key=h["key"],
         policy_id=h["policy_id"],
         name=h.get("name", ""),
         suspended=h.get("suspended") == "1",
@@ -123,6 +125,8 @@ def license_from_hash(h: dict[str, str]) -> License:
         create_time_ms=int(h.get("created") or 0),
         update_time_ms=int(h.get("updated") or 0),
         policy=policy_from_json(h["p_json"]),
+        key_digest=h.get("kd", ""),
+        sealed_file_key=h.get("kf", ""),
     )
 
 

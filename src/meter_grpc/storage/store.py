@@ -20,7 +20,9 @@ from typing import Any, ParamSpec, TypeVar
 
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.models import (
+    ExpirationStrategy,
     FingerprintState,
+    KeyHolder,
     License,
     Machine,
     Policy,
@@ -309,21 +311,22 @@ class RedisStore:
     # --- licenses -------------------------------------------------------------------------
 
     @storage_call
-    async def claim_key(self, key: str, license_id: str, ghost: str = "") -> str:
-        """Reserves a license key for a license. Returns "" when the license holds it now,
-        else the id of the license holding it. With `ghost`, takes it over from that holder
-        (whose license does not exist) only if it still holds it."""
+    async def claim_key(self, digest: str, license_id: str, ghost: str = "") -> str:
+        """Reserves a license key (by its digest) for a license. Returns "" when the license
+        holds it now, else the id of the license holding it. With `ghost`, takes it over from
+        that holder (whose license does not exist) only if it still holds it."""
         row = await self.scripts.cas(
-            keys=[keys.license_by_key(key)], args=["set", ghost, license_id, ""]
+            keys=[keys.license_by_key(digest)], args=["set", ghost, license_id, ""]
         )
         if row[0] or row[1] == license_id:
             return ""
         return str(row[1] or "")
 
     @storage_call
-    async def release_key(self, key: str, license_id: str) -> None:
+    async def release_key(self, digest: str, license_id: str) -> None:
         """Drops a key's entry if it still points at this license."""
-        await self.scripts.cas(keys=[keys.license_by_key(key)], args=["del", license_id])
+        if digest:
+            await self.scripts.cas(keys=[keys.license_by_key(digest)], args=["del", license_id])
 
     @storage_call
     async def create_license(
@@ -346,9 +349,29 @@ class RedisStore:
         return int(row[0]), codec.license_from_hash(codec.flat_to_dict(row[1]))
 
     @storage_call
-    async def license_id_by_key(self, key: str) -> str | None:
-        value: str | None = await self.client.get(keys.license_by_key(key))
+    async def license_id_by_key(self, digest: str) -> str | None:
+        """The id of the license whose key has this digest (an index entry: a create or
+        delete cut short may leave one pointing at a license without this key)."""
+        value: str | None = await self.client.get(keys.license_by_key(digest))
         return value
+
+    @storage_call
+    async def key_holder(self, digest: str) -> KeyHolder | None:
+        """What license-key authentication reads: one GET of the index entry, then one HMGET
+        of the three fields the check needs. None unless the license holds this key."""
+        license_id: str | None = await self.client.get(keys.license_by_key(digest))
+        if license_id is None:
+            return None
+        kd, expire, strategy = await self.client.hmget(
+            keys.license(license_id), ["kd", "expire", "p_expiry_strategy"]
+        )
+        if kd != digest:  # an entry left by a create, rotation or delete cut short
+            return None
+        return KeyHolder(
+            license_id,
+            int(expire) if expire else None,
+            ExpirationStrategy(int(strategy or 0)),
+        )
 
     @storage_call
     async def get_license(self, license_id: str) -> License | None:
@@ -386,7 +409,7 @@ class RedisStore:
     @storage_call
     async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
         """Deletes the license with all its keys (license_delete.lua) and leaves a tombstone:
-        its (key, policy id), for the caller to drop it from the key lookup and the indexes;
+        its (key digest, policy id), for the caller to drop it from the key lookup and the indexes;
         None if it is gone."""
         row = await self.scripts.license_delete(
             keys=[

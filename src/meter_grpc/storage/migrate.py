@@ -1,0 +1,130 @@
+"""On start: the server secret's check, then the move of license keys stored in clear (an
+earlier format) to keys at rest as digests (domain/keysecret.py).
+
+The earlier format kept a license's key in its hash (field `key`), indexed it under
+`meter:{key:<sha256(key)>}` (SHA-256(key) being also the AES key of its encrypted license
+files) and kept the key a create generated in clear in its create record (`secret`, and in the
+stored `answer`). `migrate` SCANs every primary and, per license still holding `key`: points
+the new index entry (by digest) at it, then replaces `key` by `kd` and `kf` in one script, then
+drops the old entry; then seals every create record's key and rewrites its answer; then drops
+the old index entries left (their licenses are migrated or gone). Every step is idempotent, so
+several replicas may run it at once, and a start cut short anywhere is completed by the next.
+Replicas of the earlier version must be stopped before the first replica of this one starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from meter_grpc.domain import failpoints
+from meter_grpc.domain.keysecret import CREATE_SECRET, KeySecret
+from meter_grpc.storage import keys
+from meter_grpc.storage.store import RedisStore, storage_call
+
+log = logging.getLogger(__name__)
+
+_LICENSE_NAME = re.compile(re.escape(keys.PREFIX) + r":\{lic:[^}]*\}")
+
+
+class KeySecretMismatch(Exception):
+    """The server secret differs from the one the data in Redis was written under."""
+
+
+@storage_call
+async def check_secret(store: RedisStore, secret: KeySecret) -> None:
+    """Records the secret's check value in Redis (the first replica), or KeySecretMismatch
+    when another replica wrote a different one: keys digested under one secret would not
+    authenticate under the other."""
+    name = keys.key_secret_check()
+    await store.client.set(name, secret.check, nx=True)
+    stored = await store.client.get(name)
+    if stored != secret.check:
+        raise KeySecretMismatch(
+            "the license key secret differs from the one this Redis was written with "
+            f"({name}): give every replica the same METER_KEY_SECRET_FILE"
+        )
+
+
+@dataclass
+class Migrated:
+    licenses: int = 0
+    create_records: int = 0
+    old_index_entries: int = 0
+
+
+async def _license(store: RedisStore, secret: KeySecret, name: str, done: Migrated) -> None:
+    license_id, key = await store.client.hmget(name, ["id", "key"])
+    if license_id is None or key is None:
+        return
+    digest = secret.digest(key)
+    holder = await store.claim_key(digest, license_id)
+    if holder:
+        log.warning("license %s: its key is also indexed for license %s", license_id, holder)
+    await failpoints.hit("migrate_keys.claimed")
+    changed = await store.scripts.key_migrate(
+        keys=[name], args=["license", digest, secret.seal_file_key(license_id, key)]
+    )
+    done.licenses += int(changed)
+    await failpoints.hit("migrate_keys.license")
+    await store.scripts.cas(keys=[keys.license_by_key_sha256(key)], args=["del", license_id])
+
+
+def _answer(secret: KeySecret, text: str) -> str | None:
+    """A stored CreateLicense answer in the current format (None: it already is)."""
+    d: dict[str, Any] = json.loads(text)
+    h = d.get("license")
+    if not isinstance(h, dict) or "key" not in h:
+        return None
+    key = h.pop("key")
+    h["kd"] = secret.digest(key)
+    h["kf"] = secret.seal_file_key(h["id"], key)
+    return json.dumps(d)
+
+
+async def _create_record(store: RedisStore, secret: KeySecret, name: str, done: Migrated) -> None:
+    plain, answer = await store.client.hmget(name, ["secret", "answer"])
+    sealed = secret.seal(plain.encode(), CREATE_SECRET) if plain else ""
+    new_answer = _answer(secret, answer) if answer else None
+    if not sealed and new_answer is None:
+        if plain == "":
+            await store.client.hdel(name, "secret")
+        return
+    read = hashlib.sha1(answer.encode()).hexdigest() if answer and new_answer else ""
+    changed = await store.scripts.key_migrate(
+        keys=[name], args=["create", sealed, read, new_answer or ""]
+    )
+    done.create_records += int(changed)
+
+
+async def migrate(store: RedisStore, secret: KeySecret) -> Migrated:
+    """Moves every record of the earlier format; returns how many it changed."""
+    done = Migrated()
+    await _migrate(store, secret, done)
+    if done.licenses or done.create_records or done.old_index_entries:
+        log.info(
+            "license keys now stored as digests: %d licenses, %d create records, "
+            "%d old index entries",
+            done.licenses,
+            done.create_records,
+            done.old_index_entries,
+        )
+    return done
+
+
+@storage_call
+async def _migrate(store: RedisStore, secret: KeySecret, done: Migrated) -> None:
+    async for name in store.client.scan_iter(keys.LICENSE_PATTERN):
+        if _LICENSE_NAME.fullmatch(name):
+            await _license(store, secret, name, done)
+    async for name in store.client.scan_iter(keys.LICENSE_CREATE_PATTERN):
+        await _create_record(store, secret, name, done)
+    async for name in store.client.scan_iter(keys.OLD_KEY_INDEX_PATTERN):
+        license_id = await store.client.get(name)
+        if license_id is not None:  # its license may still hold `key` (written meanwhile)
+            await _license(store, secret, keys.license(license_id), done)
+        done.old_index_entries += await store.client.delete(name)
