@@ -439,6 +439,39 @@ async def test_an_unknown_key_then_created_works_at_once(
     assert await _key_works(usage, lic.id, later)
 
 
+async def test_an_unknown_key_created_on_another_replica_works_within_the_bound(
+    running: Running,
+    licenses: lgrpc.LicenseServiceStub,
+    make_policy: Any,
+    tmp_path: Path,
+) -> None:
+    """Replica B remembers a key as unknown; replica A creates a license with it: B accepts
+    it once its entry is older than the unknown-key bound (a second), as the loop shows."""
+    policy = await make_policy(name="negative cache, two replicas")
+    key = f"ELSEWHERE-{os.urandom(8).hex()}"
+    settings = Settings(
+        listen="127.0.0.1:0",
+        redis_url=running.redis_url,
+        data_dir=tmp_path,
+        admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=running.key_secret_file,
+    )
+    service, port = await build_server(settings)
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            other = ugrpc.UsageServiceStub(ch)
+            assert not await _key_works(other, "x", key)  # now remembered as unknown on B
+            lic = await _create(licenses, policy.id, key=key)  # on A
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10 * auth.UNKNOWN_KEY_TTL_S
+            while not await _key_works(other, lic.id, key):
+                assert loop.time() < deadline, "B still refuses the key"
+                await asyncio.sleep(0.05)
+    finally:
+        await service.stop(1)
+
+
 class _Counting:
     def __init__(self, store: RedisStore, delay_s: float = 0) -> None:
         self.store, self.delay_s, self.reads = store, delay_s, 0
