@@ -278,8 +278,7 @@ async def _prepare(store: RedisStore, secret: KeySecret) -> bool:
     before the server serves. False when the store did not answer (Service.start retries in
     the background); KeySecretMismatch when the secret is not the one of this Redis."""
     try:
-        await migrate.check_secret(store, secret)
-        await migrate.migrate(store, secret)
+        await migrate.prepare(store, secret)
     except MeterError as exc:
         if exc.reason != Reason.STORAGE_UNAVAILABLE:
             raise

@@ -112,6 +112,12 @@ LICENSE_PATTERN = f"{PREFIX}:{{lic:*}}"
 LICENSE_CREATE_PATTERN = f"{PREFIX}:{{req:license:*}}"
 
 
+def keys_migrated() -> str:
+    """String: set once every record of the earlier format (keys in clear) was migrated, so
+    later starts skip the SCAN (storage/migrate.py)."""
+    return f"{PREFIX}:keys-migrated"
+
+
 def key_secret_check() -> str:
     """String: an HMAC of a fixed label under the server secret, written by the first replica;
     a replica whose secret disagrees refuses to start."""

@@ -9,15 +9,18 @@ the new index entry (by digest) at it, then replaces `key` by `kd` and `kf` in o
 drops the old entry; then seals every create record's key and rewrites its answer; then drops
 the old index entries left (their licenses are migrated or gone). Every step is idempotent, so
 several replicas may run it at once, and a start cut short anywhere is completed by the next.
-Replicas of the earlier version must be stopped before the first replica of this one starts.
+Once a migration completes, `meter:keys-migrated` is set and later starts skip it. Replicas of
+the earlier version must be stopped before the first replica of this one starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,8 @@ from meter_grpc.storage.store import RedisStore, storage_call
 log = logging.getLogger(__name__)
 
 _LICENSE_NAME = re.compile(re.escape(keys.PREFIX) + r":\{lic:[^}]*\}")
+# Records migrated at once (pipelined on the connection of their node).
+BATCH = 256
 
 
 class KeySecretMismatch(Exception):
@@ -101,6 +106,44 @@ async def _create_record(store: RedisStore, secret: KeySecret, name: str, done: 
     done.create_records += int(changed)
 
 
+async def prepare(store: RedisStore, secret: KeySecret) -> None:
+    """What a start does before serving: the secret's check, then the migration unless a
+    completed one is recorded."""
+    await check_secret(store, secret)
+    if await _migrated(store):
+        return
+    await migrate(store, secret)
+    await _mark_migrated(store)
+
+
+@storage_call
+async def _migrated(store: RedisStore) -> bool:
+    return await store.client.get(keys.keys_migrated()) is not None
+
+
+@storage_call
+async def _mark_migrated(store: RedisStore) -> None:
+    await store.client.set(keys.keys_migrated(), "1")
+
+
+async def _batches(
+    names: AsyncIterator[str], keep: Callable[[str], bool]
+) -> AsyncIterator[list[str]]:
+    batch: list[str] = []
+    async for name in names:
+        if keep(name):
+            batch.append(name)
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def _each(names: list[str], step: Callable[[str], Awaitable[None]]) -> None:
+    await asyncio.gather(*(step(name) for name in names))
+
+
 async def migrate(store: RedisStore, secret: KeySecret) -> Migrated:
     """Moves every record of the earlier format; returns how many it changed."""
     done = Migrated()
@@ -118,13 +161,28 @@ async def migrate(store: RedisStore, secret: KeySecret) -> Migrated:
 
 @storage_call
 async def _migrate(store: RedisStore, secret: KeySecret, done: Migrated) -> None:
-    async for name in store.client.scan_iter(keys.LICENSE_PATTERN):
-        if _LICENSE_NAME.fullmatch(name):
-            await _license(store, secret, name, done)
-    async for name in store.client.scan_iter(keys.LICENSE_CREATE_PATTERN):
+    async def license_step(name: str) -> None:
+        await _license(store, secret, name, done)
+
+    async def record_step(name: str) -> None:
         await _create_record(store, secret, name, done)
-    async for name in store.client.scan_iter(keys.OLD_KEY_INDEX_PATTERN):
+
+    async def old_entry_step(name: str) -> None:
         license_id = await store.client.get(name)
         if license_id is not None:  # its license may still hold `key` (written meanwhile)
             await _license(store, secret, keys.license(license_id), done)
         done.old_index_entries += await store.client.delete(name)
+
+    def a_license(name: str) -> bool:
+        return _LICENSE_NAME.fullmatch(name) is not None
+
+    def any_name(name: str) -> bool:
+        return True
+
+    for pattern, keep, step in (
+        (keys.LICENSE_PATTERN, a_license, license_step),
+        (keys.LICENSE_CREATE_PATTERN, any_name, record_step),
+        (keys.OLD_KEY_INDEX_PATTERN, any_name, old_entry_step),
+    ):
+        async for batch in _batches(store.client.scan_iter(pattern), keep):
+            await _each(batch, step)
