@@ -35,6 +35,7 @@ from meter_grpc.domain.models import ExpirationStrategy, KeyHolder
 from meter_grpc.server import build_server
 from meter_grpc.storage import keys, migrate
 from meter_grpc.storage.commands import RedisClient
+from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.store import RedisStore
 from meter_grpc.storage.transport import is_cluster_url
 from tests.conftest import Running
@@ -345,6 +346,70 @@ async def test_a_migration_killed_midway_completes_on_restart(
         assert code == 0
     finally:
         await proc.close()
+
+
+async def test_a_start_the_store_did_not_answer_migrates_once_it_does(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The store is down when a replica starts on data of the earlier format: it serves
+    (NOT_SERVING, calls UNAVAILABLE), and migrates as soon as the store answers again."""
+    settings = Settings(
+        listen="127.0.0.1:0",
+        redis_url=server.url,
+        data_dir=tmp_path / "data",
+        admin_tokens=[ADMIN_TOKEN],
+        shutdown_grace_s=1,
+    )
+    service, port = await build_server(settings)
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = lgrpc.LicenseServiceStub(ch)
+            policy = (
+                await stub.CreatePolicy(
+                    lpb.CreatePolicyRequest(policy={"name": "p"}), metadata=admin_md()
+                )
+            ).policy
+            lic = await _create(stub, policy.id)
+    finally:
+        await service.stop(1)
+    secret = KeySecret.configured(None, tmp_path / "data")
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        await _to_old_format(client, secret, lic)
+        await client.delete(keys.keys_migrated())
+    finally:
+        await client.aclose()
+    await server.stop()
+    service, port = await build_server(settings)
+    assert not service.prepared
+    await service.start()
+    try:
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            usage = ugrpc.UsageServiceStub(ch)
+
+            async def works() -> bool:
+                try:
+                    return await _key_works(usage, lic.id, lic.key)
+                except AssertionError:  # UNAVAILABLE until the store answers
+                    return False
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not await works():
+                assert loop.time() < deadline, "the key of the earlier format never worked"
+                await asyncio.sleep(0.1)
+        assert service.prepared
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            assert not await client.hexists(keys.license(lic.id), "key")
+            assert not await client.exists(keys.license_by_key_sha256(lic.key))
+            assert await client.get(keys.keys_migrated()) == "1"
+        finally:
+            await client.aclose()
+    finally:
+        await service.stop(1)
 
 
 # --- the server secret ----------------------------------------------------------------------
