@@ -31,7 +31,7 @@ from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import policy_pb2, usage_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
-from meter_grpc.config import Settings
+from meter_grpc.config import ConfigError, Settings
 from meter_grpc.domain import watching
 from meter_grpc.domain.watching import DEFAULT_WATCH_PER_KEY, WatchHub
 from meter_grpc.server import Service, build_server
@@ -451,3 +451,16 @@ async def test_embedded_store_restart_ends_watchers_with_unavailable_then_watchi
         )
         resumed.cancel()
         live.cancel()
+
+
+def test_watch_settings_parse_and_refuse_what_cannot_be_used() -> None:
+    s = Settings.from_env({})
+    assert (s.watch_per_key, s.watch_max) == (DEFAULT_WATCH_PER_KEY, watching.DEFAULT_WATCH_MAX)
+    s = Settings.from_env({"METER_WATCH_PER_KEY": " 4 ", "METER_WATCH_MAX": "250"})
+    assert (s.watch_per_key, s.watch_max) == (4, 250)
+    for name in ("METER_WATCH_PER_KEY", "METER_WATCH_MAX"):
+        for bad in ("0", "-1", "1.5", "lots", "1e3", "1234567890"):
+            with pytest.raises(ConfigError) as info:
+                Settings.from_env({name: bad})
+            assert str(info.value).startswith(f"{name}={bad!r} ")
+            assert "whole number >= 1" in str(info.value)
