@@ -31,6 +31,7 @@ from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import policy_pb2, usage_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
+from meter_grpc.client import AsyncMeterClient, WatchLimitExceeded
 from meter_grpc.config import ConfigError, Settings
 from meter_grpc.domain import watching
 from meter_grpc.domain.watching import DEFAULT_WATCH_PER_KEY, WatchHub
@@ -212,6 +213,27 @@ async def test_slots_come_back_after_cancel_and_disconnect_with_no_leak(
     for call in calls:
         call.cancel()
     await until(lambda: lic.id not in hub.by_key, WAIT_S, "the slots to come back")
+
+
+async def test_the_python_client_raises_watch_limit_exceeded(
+    usage: ugrpc.UsageServiceStub, make_license: Any, running: Running
+) -> None:
+    lic = await make_license()
+    calls = [
+        await subscribe(usage, lic.id, license_md(lic.key)) for _ in range(DEFAULT_WATCH_PER_KEY)
+    ]
+    async with AsyncMeterClient(running.target, license_key=lic.key) as client:
+        with pytest.raises(WatchLimitExceeded) as info:
+            async for _ in client.watch_usage(lic.id):
+                pass
+    err = info.value
+    assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LIMIT_EXCEEDED")
+    assert (err.metadata["scope"], err.metadata["setting"]) == (
+        "license_key",
+        "METER_WATCH_PER_KEY",
+    )
+    for call in calls:
+        call.cancel()
 
 
 async def test_a_slow_watcher_reads_on_its_own_and_misses_nothing(
