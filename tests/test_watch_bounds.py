@@ -371,6 +371,49 @@ async def test_the_process_cap_counts_admin_and_key_streams(redis_url: str, tmp_
         await until(lambda: service.metering.hub.streams == 0, WAIT_S, "every slot back")
 
 
+async def test_licenses_watched_at_once_are_capped_and_idle_readers_make_room(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for 3 watched licenses: a 4th is refused (scope "licenses") while more
+    watchers of the 3 are welcome; once one license has no watcher left, its reader (still
+    in its blocking read) gives its connection to the next license."""
+    monkeypatch.setattr(watching, "WATCH_LICENSES_MAX", 3)
+    async with own_server(redis_url, tmp_path / "d") as (service, channel):
+        usage = ugrpc.UsageServiceStub(channel)
+        lics = [await new_license(channel) for _ in range(4)]
+        calls = {lic.id: [await subscribe(usage, lic.id, admin_md())] for lic in lics[:3]}
+        err = await refused(
+            usage.WatchUsage(upb.WatchUsageRequest(license_id=lics[3].id), metadata=admin_md())
+        )
+        assert (err.code, err.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "WATCH_LIMIT_EXCEEDED",
+        )
+        assert err.metadata == {"scope": "licenses", "limit": "3", "watched_licenses": "3"}
+        calls[lics[0].id].append(await subscribe(usage, lics[0].id, license_md(lics[0].key)))
+        hub = service.metering.hub
+        for call in calls.pop(lics[0].id):
+            call.cancel()
+        await until(lambda: lics[0].id not in hub.licenses, WAIT_S, "license 0 unwatched")
+        assert lics[0].id in hub.feeds  # its reader lingers in its blocking read
+        calls[lics[3].id] = [await subscribe(usage, lics[3].id, admin_md())]
+        assert lics[0].id not in hub.feeds and len(hub.feeds) == 3
+        err = await refused(
+            usage.WatchUsage(upb.WatchUsageRequest(license_id=lics[0].id), metadata=admin_md())
+        )
+        assert err.metadata["scope"] == "licenses"
+        for lic in lics[1:]:
+            await usage.IncrementUsage(
+                upb.IncrementUsageRequest(license_id=lic.id, amount=2), metadata=admin_md()
+            )
+            (event,) = await asyncio.wait_for(collect(calls[lic.id][0], 1), WAIT_S)
+            assert event.uses == 2
+        for group in calls.values():
+            for call in group:
+                call.cancel()
+        await until(lambda: hub.streams == 0 and not hub.licenses, WAIT_S, "every slot back")
+
+
 async def _store_clients(url: str) -> tuple[int, int]:
     """(connections blocked in XREAD, all connections) on the store, over every node of a
     Cluster (CLIENT LIST; the connection asking is not counted)."""

@@ -220,7 +220,7 @@ class Metering:
                 '(from_oldest reads like after_event_id "0-0")',
             )
         v.raise_if_any()
-        self.hub.acquire(key_license_id)
+        self.hub.acquire(key_license_id, license_id)
         task = asyncio.current_task()
         if task is not None:
             self._watchers.add(task)
@@ -236,7 +236,7 @@ class Metering:
                     yield event
         finally:
             self._watchers.discard(task)
-            self.hub.release(key_license_id)
+            self.hub.release(key_license_id, license_id)
 
     async def sync(self, license_id: str, records: Sequence[UsageRecord]) -> SyncResult:
         """Applies offline records in order, each at most once by id, in one atomic script run.

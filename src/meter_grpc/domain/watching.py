@@ -27,8 +27,11 @@ next watcher of that license starts a new one.
 
 Caps (RESOURCE_EXHAUSTED, reason WATCH_LIMIT_EXCEEDED, checked before anything is read):
 at most `per_key` streams at once per license key (callers authenticated by a license key;
-admin streams are not counted per key), and at most `total` streams at once in the process,
-admin streams included.
+admin streams are not counted per key), at most `total` streams at once in the process,
+admin streams included, and at most WATCH_LICENSES_MAX licenses watched at once (so the
+blocking reads stay within the transport's pool). A feed whose last watcher left keeps its
+read until it returns (a watcher coming back soon finds it), unless its connection is
+needed for another license.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ WATCH_BLOCK_MS = 5000
 WATCH_BATCH = 100
 # Events queued per watcher; a watcher whose queue is full reads the store by itself.
 WATCH_QUEUE = 256
+# Licenses watched at once per process: each has one blocking read, on one of the
+# transport's blocking connections (storage/transport.py: 1,024 per node).
+WATCH_LICENSES_MAX = 1000
 # Defaults of METER_WATCH_PER_KEY and METER_WATCH_MAX.
 DEFAULT_WATCH_PER_KEY = 16
 DEFAULT_WATCH_MAX = 10_000
@@ -183,43 +189,53 @@ class WatchHub:
         self.feeds: dict[str, Feed] = {}
         self.streams = 0  # WatchUsage streams open (admin and license keys)
         self.by_key: dict[str, int] = {}  # license id of a license key -> its streams open
+        self.licenses: dict[str, int] = {}  # license id -> its streams open
 
-    def acquire(self, key_license_id: str) -> None:
-        """Counts one more stream, or refuses it (RESOURCE_EXHAUSTED, nothing counted).
-        `key_license_id`: the license of the calling license key; "" for an admin."""
+    def acquire(self, key_license_id: str, license_id: str) -> None:
+        """Counts one more stream of `license_id`, or refuses it (RESOURCE_EXHAUSTED, nothing
+        counted). `key_license_id`: the license of the calling license key; "" for an admin."""
         if self.streams >= self.total:
             raise _limit(
                 f"this server already has {self.streams} WatchUsage streams open, its maximum",
-                setting="METER_WATCH_MAX",
-                limit=self.total,
-                open_streams=self.streams,
                 scope="process",
+                limit=self.total,
+                metadata={"open_streams": str(self.streams), "setting": "METER_WATCH_MAX"},
+                subject="process",
+            )
+        n = self.by_key.get(key_license_id, 0) if key_license_id else 0
+        if key_license_id and n >= self.per_key:
+            raise _limit(
+                f"this license key already has {n} WatchUsage streams open, its maximum; "
+                "end one first",
+                scope="license_key",
+                limit=self.per_key,
+                metadata={
+                    "open_streams": str(n),
+                    "setting": "METER_WATCH_PER_KEY",
+                    "license_id": key_license_id,
+                },
+                subject=f"license:{key_license_id}",
+            )
+        watched = len(self.licenses)
+        if license_id not in self.licenses and watched >= WATCH_LICENSES_MAX:
+            raise _limit(
+                f"this server already watches {watched} licenses, its maximum (one store "
+                "connection each); watch through another replica, or later",
+                scope="licenses",
+                limit=WATCH_LICENSES_MAX,
+                metadata={"watched_licenses": str(watched)},
                 subject="process",
             )
         if key_license_id:
-            n = self.by_key.get(key_license_id, 0)
-            if n >= self.per_key:
-                raise _limit(
-                    f"this license key already has {n} WatchUsage streams open, its maximum; "
-                    "end one first",
-                    setting="METER_WATCH_PER_KEY",
-                    limit=self.per_key,
-                    open_streams=n,
-                    scope="license_key",
-                    subject=f"license:{key_license_id}",
-                    license_id=key_license_id,
-                )
             self.by_key[key_license_id] = n + 1
+        self.licenses[license_id] = self.licenses.get(license_id, 0) + 1
         self.streams += 1
 
-    def release(self, key_license_id: str) -> None:
+    def release(self, key_license_id: str, license_id: str) -> None:
         self.streams -= 1
+        _decrement(self.licenses, license_id)
         if key_license_id:
-            n = self.by_key[key_license_id] - 1
-            if n:
-                self.by_key[key_license_id] = n
-            else:
-                del self.by_key[key_license_id]
+            _decrement(self.by_key, key_license_id)
 
     async def events(
         self, license_id: str, start: str, newest: str
@@ -231,6 +247,8 @@ class WatchHub:
         feed = self.feeds.get(license_id)
         if feed is None or feed.ended:
             feed = self.feeds[license_id] = Feed(self, license_id, newest)
+            if len(self.feeds) > WATCH_LICENSES_MAX:
+                self._evict_idle()
         feed.watchers.add(w)
         loop = asyncio.get_running_loop()
         try:
@@ -262,6 +280,15 @@ class WatchHub:
         if w.tail_pos < feed.pos_key:  # its stream was cut while it read: level with the feed
             w.tail, w.tail_pos = feed.pos, feed.pos_key
 
+    def _evict_idle(self) -> None:
+        """Stops a feed that no watcher uses any more (it waits for its read to end before
+        it goes by itself), so that the blocking reads stay within WATCH_LICENSES_MAX."""
+        for feed in self.feeds.values():
+            if not feed.watchers and feed.license_id not in self.licenses:
+                feed._retire()
+                feed.task.cancel()
+                return
+
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stops every feed (a shutdown): their watchers end with STORAGE_UNAVAILABLE."""
         tasks = [f.task for f in self.feeds.values()]
@@ -271,24 +298,20 @@ class WatchHub:
             await asyncio.wait(tasks, timeout=timeout_s)
 
 
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts[key] - 1
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]
+
+
 def _limit(
-    message: str,
-    *,
-    setting: str,
-    limit: int,
-    open_streams: int,
-    scope: str,
-    subject: str,
-    license_id: str = "",
+    message: str, *, scope: str, limit: int, metadata: dict[str, str], subject: str
 ) -> MeterError:
-    metadata = {
-        "limit": str(limit),
-        "open_streams": str(open_streams),
-        "scope": scope,
-        "setting": setting,
-    }
-    if license_id:
-        metadata["license_id"] = license_id
     return MeterError(
-        Reason.WATCH_LIMIT_EXCEEDED, message, metadata=metadata, quota_subject=subject
+        Reason.WATCH_LIMIT_EXCEEDED,
+        message,
+        metadata={"scope": scope, "limit": str(limit), **metadata},
+        quota_subject=subject,
     )
