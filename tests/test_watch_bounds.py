@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
@@ -36,7 +37,9 @@ from meter_grpc.config import ConfigError, Settings
 from meter_grpc.domain import watching
 from meter_grpc.domain.watching import DEFAULT_WATCH_PER_KEY, WatchHub
 from meter_grpc.server import Service, build_server
+from meter_grpc.storage import keys
 from meter_grpc.storage.transport import is_cluster_url
+from tests.cluster import SLOTS, LocalCluster
 from tests.conftest import Running
 from tests.support import ADMIN_TOKEN, admin_md, license_md, rich_error, until
 
@@ -529,3 +532,68 @@ def test_watch_settings_parse_and_refuse_what_cannot_be_used() -> None:
                 Settings.from_env({name: bad})
             assert str(info.value).startswith(f"{name}={bad!r} ")
             assert "whole number >= 1" in str(info.value)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+async def test_cluster_node_restart_ends_its_watchers_then_watching_resumes(
+    tmp_path: Path,
+) -> None:
+    """A Cluster primary stops under the watchers of a license it holds: they get the
+    events made before, then UNAVAILABLE; once it is back, watching resumes after the last
+    event received and misses nothing, and the license's reader works again. A watcher of a
+    license on another node keeps its stream through it all."""
+    cluster = LocalCluster(tmp_path / "nodes", persistent=True)
+    await cluster.start()
+    try:
+        async with own_server(cluster.url, tmp_path / "d") as (service, channel):
+            usage = ugrpc.UsageServiceStub(channel)
+            per = SLOTS // len(cluster.ports)
+
+            def node_of(license_id: str) -> int:
+                slot = key_slot(keys.license(license_id).encode())
+                return min(slot // per, len(cluster.ports) - 1)
+
+            lics = [await new_license(channel) for _ in range(12)]
+            victim = next(lic for lic in lics if node_of(lic.id) == 0)
+            other = next(lic for lic in lics if node_of(lic.id) != 0)
+            md = admin_md()
+            calls = [await subscribe(usage, victim.id, md) for _ in range(4)]
+            bystander = await subscribe(usage, other.id, md)
+            await increment_all(usage, victim.id, 5, 1, "v")
+            got = await asyncio.wait_for(asyncio.gather(*(collect(c, 5) for c in calls)), WAIT_S)
+            for events in got:
+                assert_complete(events, 5)
+            await cluster.stop_node(0)
+            try:
+                for call in calls:
+                    err = await asyncio.wait_for(refused(call), WAIT_S)
+                    assert (err.code, err.reason) == (
+                        grpc.StatusCode.UNAVAILABLE,
+                        "STORAGE_UNAVAILABLE",
+                    )
+            finally:
+                await cluster.start_node(0)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                try:
+                    await usage.GetUsage(upb.GetUsageRequest(license_id=victim.id), metadata=md)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            resumed = await subscribe(usage, victim.id, md, after_event_id=got[0][-1].event_id)
+            await increment_all(usage, victim.id, 5, 1, "w")
+            tail = await asyncio.wait_for(collect(resumed, 5), WAIT_S)
+            assert_complete([*got[0], *tail], 10)
+            assert not service.metering.hub.feeds[victim.id].ended  # a new reader, working
+            await usage.IncrementUsage(
+                upb.IncrementUsageRequest(license_id=other.id, amount=4), metadata=md
+            )
+            (event,) = await asyncio.wait_for(collect(bystander, 1), WAIT_S)
+            assert event.uses == 4
+            resumed.cancel()
+            bystander.cancel()
+    finally:
+        await cluster.stop()
