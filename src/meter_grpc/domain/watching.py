@@ -37,7 +37,9 @@ needed for another license.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import dataclasses
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
@@ -87,21 +89,17 @@ class Watcher:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def take(self, events: list[UsageEvent]) -> None:
-        """Queues the events after this watcher's position, as many as there is room for."""
+    def take(self, events: list[UsageEvent], positions: list[Position]) -> None:
+        """Queues the events after this watcher's position, as many as there is room for
+        (`positions`: those of the events)."""
         room = WATCH_QUEUE - len(self.queue)
-        taken = 0
-        for event in events:
-            if taken >= room:
-                break
-            pos = position(event.event_id)
-            if pos <= self.tail_pos:
-                continue
-            self.queue.append(event)
-            self.tail, self.tail_pos = event.event_id, pos
-            taken += 1
-        if taken:
-            self.wake()
+        if room <= 0 or positions[-1] <= self.tail_pos:
+            return
+        first = bisect.bisect_right(positions, self.tail_pos)
+        last = min(len(events), first + room)
+        self.queue.extend(events[first:last])
+        self.tail, self.tail_pos = events[last - 1].event_id, positions[last - 1]
+        self.wake()
 
 
 class Feed:
@@ -144,11 +142,11 @@ class Feed:
         """Hands a batch (the events right after self.pos, in order) to every watcher that is
         level with the feed; those behind read by themselves."""
         start = self.pos_key
+        positions = [position(e.event_id) for e in events]
         for w in self.watchers:
             if w.tail_pos >= start:
-                w.take(events)
-        self.pos = events[-1].event_id
-        self.pos_key = position(self.pos)
+                w.take(events, positions)
+        self.pos, self.pos_key = events[-1].event_id, positions[-1]
 
     def _fail(self, error: Exception) -> None:
         self._retire()
@@ -257,7 +255,10 @@ class WatchHub:
                     yield w.queue.popleft()
                     continue
                 if w.error is not None:
-                    raise w.error
+                    # A fresh exception per watcher (one shared by many streams would collect
+                    # all of their tracebacks).
+                    err = w.error
+                    raise (dataclasses.replace(err) if isinstance(err, MeterError) else err)
                 if w.tail_pos < feed.pos_key:
                     await self._catch_up(w, license_id, feed)
                     continue
@@ -271,7 +272,7 @@ class WatchHub:
         feed's): on the request path's connection, never a blocking one."""
         events = await self.store.read_events(license_id, w.tail, None, WATCH_BATCH)
         if events:
-            w.take(events)
+            w.take(events, [position(e.event_id) for e in events])
             return
         # Nothing after its position although the feed read an event after it: that event is
         # gone from the store, which happens when the license is deleted (with its events).
