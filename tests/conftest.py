@@ -32,13 +32,19 @@ from meter_grpc.storage import keys
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.transport import is_cluster_url
 from tests.cluster import LocalCluster, redis_py_cluster
-from tests.support import ADMIN_TOKEN, admin_md
+from tests.support import ADMIN_TOKEN, admin_md, shared_key_secret_file
 
 BACKENDS = [
     "embedded",
     pytest.param("cluster", marks=pytest.mark.cluster),
     *(["external"] if os.environ.get("METER_TEST_REDIS_URL") else []),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _key_secret_file_removed() -> Iterator[None]:
+    yield
+    shared_key_secret_file().unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +106,9 @@ class Running:
     @property
     def key_secret_file(self) -> Path:
         """The server secret of the service (another server on its store must share it)."""
-        return self.service.settings.data_dir / "key-secret"
+        path = self.service.settings.key_secret_file
+        assert path is not None
+        return path
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +123,7 @@ async def running(
         admin_tokens=[ADMIN_TOKEN],
         clock=clock,
         shutdown_grace_s=2,
+        key_secret_file=shared_key_secret_file(),
     )
     service, port = await build_server(settings)
     await service.start()

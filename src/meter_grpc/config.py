@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import Clock, SystemClock
+from meter_grpc.domain.watching import DEFAULT_WATCH_MAX, DEFAULT_WATCH_PER_KEY
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class Settings:
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # WatchUsage streams open at once: per license key, and in the whole process (admin too).
+    watch_per_key: int = DEFAULT_WATCH_PER_KEY
+    watch_max: int = DEFAULT_WATCH_MAX
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
     clock: Clock = field(default_factory=SystemClock)
@@ -108,6 +112,17 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a number: {expected}") from None
             if value <= 0 or not math.isfinite(value):
+                raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
+            return value
+
+        def count(name: str, default: int) -> int:
+            raw = get(name, str(default))
+            expected = f"expected a whole number >= 1 (default {default})"
+            if not raw.isdigit() or len(raw) > 9:
+                why = "is not a whole number" if not raw.isdigit() else "is out of range"
+                raise ConfigError(f"{name}={raw!r} {why}: {expected}")
+            value = int(raw)
+            if value < 1:
                 raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
             return value
 
@@ -150,6 +165,8 @@ class Settings:
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=log_level,
+            watch_per_key=count("METER_WATCH_PER_KEY", DEFAULT_WATCH_PER_KEY),
+            watch_max=count("METER_WATCH_MAX", DEFAULT_WATCH_MAX),
         )
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))

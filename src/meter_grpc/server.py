@@ -188,14 +188,20 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     store: RedisStore | None = None
     metrics: Metrics | None = None
     try:
-        # One pipelined connection per node for every command; blocking reads (WatchUsage)
-        # take dedicated connections from the transport's bounded pool.
+        # One pipelined connection per node for every command; blocking reads (WatchUsage:
+        # one per watched license, shared by its watchers) take dedicated connections from
+        # the transport's bounded pool.
         store = RedisStore(RedisClient(url, timeout_s=settings.redis_timeout_s))
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request
         prepared = await _prepare(store, secret)
         licensing = Licensing(store, settings.clock, secret)
-        metering = Metering(store, settings.clock)
+        metering = Metering(
+            store,
+            settings.clock,
+            watch_per_key=settings.watch_per_key,
+            watch_max=settings.watch_max,
+        )
         authenticator = Authenticator(
             admin_tokens(settings), licensing.key_holder, settings.clock, licensing.key_digest
         )

@@ -72,6 +72,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ALREADY_EXISTS: another license already has this key."""
     ERROR_REASON_LICENSE_NOT_RENEWABLE: _ErrorReason.ValueType  # 18
     """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
+    ERROR_REASON_WATCH_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: WatchUsage beyond the streams open at once that a license key
+    (METER_WATCH_PER_KEY) or the server (METER_WATCH_MAX, admin streams included) allows;
+    nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
+    `open_streams`, `setting` (the variable that sets the limit); with a QuotaFailure.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -141,4 +147,10 @@ ERROR_REASON_LICENSE_KEY_TAKEN: ErrorReason.ValueType  # 17
 """ALREADY_EXISTS: another license already has this key."""
 ERROR_REASON_LICENSE_NOT_RENEWABLE: ErrorReason.ValueType  # 18
 """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
+ERROR_REASON_WATCH_LIMIT_EXCEEDED: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: WatchUsage beyond the streams open at once that a license key
+(METER_WATCH_PER_KEY) or the server (METER_WATCH_MAX, admin streams included) allows;
+nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
+`open_streams`, `setting` (the variable that sets the limit); with a QuotaFailure.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -213,9 +213,10 @@ class Store(Protocol):
         """Id of the newest usage event of the license ("0-0" when there is none)."""
 
     async def read_events(
-        self, license_id: str, after: str, block_ms: int, count: int = 100
+        self, license_id: str, after: str, block_ms: int | None, count: int = 100
     ) -> list[UsageEvent]:
-        """Usage events after `after`, waiting up to `block_ms` for the first one."""
+        """Usage events after `after`, waiting up to `block_ms` for the first one; None: no
+        wait (what is there now)."""
 
     async def license_exists(self, license_id: str) -> bool: ...
 

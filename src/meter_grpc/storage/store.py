@@ -475,9 +475,10 @@ class RedisStore:
 
     @storage_call
     async def read_events(
-        self, license_id: str, after: str, block_ms: int, count: int = 100
+        self, license_id: str, after: str, block_ms: int | None, count: int = 100
     ) -> list[UsageEvent]:
-        """Usage events after `after`, waiting up to `block_ms` for the first one."""
+        """Usage events after `after`, waiting up to `block_ms` for the first one (on a
+        connection of the blocking pool); `block_ms` None: no wait, on the pipelined one."""
         stream = keys.license_events(license_id)
         reply = await self.client.xread({stream: after}, count=count, block=block_ms)
         if not reply:
