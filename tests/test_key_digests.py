@@ -284,8 +284,27 @@ async def test_old_format_is_migrated_on_start(
                 assert await _key_works(other, lic.id, lic.key)
         await _assert_migrated(running, redis, licenses, usage, policy.id, made, rids)
         assert await redis.get(keys.keys_migrated()) == "1"  # later starts skip the SCAN
+        if running.redis_url.startswith("unix://"):  # the embedded server: its files are here
+            await _assert_not_in_append_only_file(running, redis, [lic.key for lic in made])
     finally:
         await service.stop(1)
+
+
+async def _assert_not_in_append_only_file(running: Running, redis: Any, secrets: list[str]) -> None:
+    """The migration had the append-only file rewritten: the commands that wrote the keys in
+    clear are gone from the store's files."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        info = await redis.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            break
+        assert loop.time() < deadline, "the append-only file was not rewritten"
+        await asyncio.sleep(0.05)
+    data_dir = Path(running.redis_url.removeprefix("unix://")).parent
+    files = [p.read_bytes() for p in data_dir.rglob("*.aof")]
+    assert files  # the files were found: the check below can fail
+    assert _revealed(files, secrets) == []
 
 
 async def test_replicas_migrating_at_once_each_license_once(

@@ -112,8 +112,20 @@ async def prepare(store: RedisStore, secret: KeySecret) -> None:
     await check_secret(store, secret)
     if await _migrated(store):
         return
-    await migrate(store, secret)
+    done = await migrate(store, secret)
     await _mark_migrated(store)
+    if done.licenses or done.create_records or done.old_index_entries:
+        await _rewrite_append_only_files(store)
+
+
+async def _rewrite_append_only_files(store: RedisStore) -> None:
+    """BGREWRITEAOF on every primary: the append-only file still holds the commands that
+    wrote keys in clear until it is rewritten. Best effort (a managed Redis may refuse it)."""
+    for node in await store.client.router.primaries():
+        try:
+            await store.client.router.call(("BGREWRITEAOF",), node=node)
+        except Exception as exc:  # logged: the migration itself is done
+            log.warning("BGREWRITEAOF on %s: %s", node.name, exc)
 
 
 @storage_call
