@@ -83,6 +83,17 @@ class Settings:
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Bounds (README "Limits and bounds").
+    max_machines_per_license: int = 10_000
+    max_concurrent_rpcs: int = 10_000
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 10.0
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 300.0
+    checkout_threads: int = 2
+    redis_max_inflight: int = 10_000
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
     clock: Clock = field(default_factory=SystemClock)
@@ -106,6 +117,17 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a number: {expected}") from None
             if value <= 0 or not math.isfinite(value):
+                raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
+            return value
+
+        def count(name: str, default: int, *, minimum: int = 1) -> int:
+            raw = get(name, str(default))
+            expected = f"expected a whole number >= {minimum} (default {default})"
+            try:
+                value = int(raw.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a whole number: {expected}") from None
+            if value < minimum:
                 raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
             return value
 
@@ -147,6 +169,18 @@ class Settings:
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=log_level,
+            max_machines_per_license=count("METER_MAX_MACHINES_PER_LICENSE", 10_000),
+            max_concurrent_rpcs=count("METER_MAX_CONCURRENT_RPCS", 10_000),
+            max_receive_message_bytes=count(
+                "METER_MAX_RECEIVE_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=64 * 1024
+            ),
+            keepalive_time_s=number("METER_KEEPALIVE_TIME", "60", float),
+            keepalive_timeout_s=number("METER_KEEPALIVE_TIMEOUT", "20", float),
+            min_client_ping_interval_s=number("METER_MIN_CLIENT_PING_INTERVAL", "10", float),
+            max_connection_age_s=number("METER_MAX_CONNECTION_AGE", "1800", float),
+            max_connection_age_grace_s=number("METER_MAX_CONNECTION_AGE_GRACE", "300", float),
+            checkout_threads=count("METER_CHECKOUT_THREADS", 2),
+            redis_max_inflight=count("METER_REDIS_MAX_INFLIGHT", 10_000, minimum=16),
         )
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))

@@ -46,7 +46,32 @@ SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 HEALTH_PROBE_INTERVAL_S = 1.0
-_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC core options of the server's bounds (README "Limits and bounds")."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # The server pings an idle connection every keepalive_time and closes it when no
+        # answer comes within keepalive_timeout: dead peers do not hold connections forever.
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Clients may ping this often (also without calls); more often is a ping strike, and
+        # two strikes close the connection (GOAWAY too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.min_time_between_pings_ms", ms(settings.min_client_ping_interval_s)),
+        # Connections are recycled (GOAWAY) after max_connection_age (+-10% jitter), so load
+        # spreads over new replicas; calls still running get the grace, then are cancelled.
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+    ]
 
 
 def admin_tokens(settings: Settings) -> list[str]:
@@ -90,6 +115,7 @@ class Service:
     embedded: EmbeddedServer | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    license_files: LicenseFiles | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -142,6 +168,8 @@ class Service:
         await self.licensing.propagator.close()  # pending marks let the next start resume
         await self.metering.close()  # WatchUsage streams still blocked in the store
         await self.store.close()
+        if self.license_files is not None:
+            self.license_files.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.embedded is not None:
@@ -177,12 +205,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         metrics = Metrics() if settings.metrics_listen else None
         server = aio.server(
             interceptors=[MeterInterceptor(authenticator, metrics)],
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=grpc_options(settings),
+            # Beyond this many calls in progress (streams included), a new call is answered
+            # RESOURCE_EXHAUSTED at once by gRPC core.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        machines = Machines(store, settings.clock)
+        machines = Machines(store, settings.clock, settings.max_machines_per_license)
+        license_files = LicenseFiles(licensing, machines, signer, threads=settings.checkout_threads)
         # auth.guard: an RPC refuses a call no interceptor authenticated (deny by default)
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
             auth.guard(
@@ -190,7 +219,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                     licensing,
                     machines=machines,
                     validator=Validator(store, settings.clock),
-                    license_files=LicenseFiles(licensing, machines, signer),
+                    license_files=license_files,
                 ),
                 license_service_pb2.DESCRIPTOR.services_by_name["LicenseService"],
             ),
@@ -240,6 +269,16 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             await embedded.stop()
         raise
     service = Service(
-        server, port, settings, store, licensing, metering, health, embedded, metrics, metrics_port
+        server,
+        port,
+        settings,
+        store,
+        licensing,
+        metering,
+        health,
+        embedded,
+        metrics,
+        metrics_port,
+        license_files,
     )
     return service, port

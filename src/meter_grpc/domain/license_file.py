@@ -9,6 +9,10 @@
 12-byte IV and a 16-byte tag). `sig` is base64 of the Ed25519 signature of b"license/" + enc.
 
 Both sides live here: `issue` for the server, `verify` for clients (no network needed).
+`issue` runs in a worker thread on the server (domain/offline.py) and works in small steps
+(JSON one item at a time, base64 and AES-GCM by chunks; Ed25519 releases the GIL), so that
+issuing a large file never holds the GIL, and so the event loop, for more than a few
+milliseconds at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 BEGIN = "-----BEGIN LICENSE FILE-----"
@@ -34,6 +39,10 @@ SIGNED_PREFIX = b"license/"
 LINE_LENGTH = 60
 IV_BYTES = 12
 TAG_BYTES = 16
+# Bytes handed to one C call (base64, AES) while issuing: a few milliseconds of work each.
+_CHUNK = 3 * 256 * 1024
+# Lists longer than this are JSON-encoded one item at a time.
+_ITEMS_AT_ONCE = 16
 # A file issued further in the future than this (by the verifier's clock) is refused.
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 
@@ -70,12 +79,40 @@ def ms_of_iso(text: str) -> int:
 
 def encode64(data: bytes) -> str:
     """Base64 in lines of 60 characters, each ending in a newline (Ruby's Base64.encode64)."""
-    text = base64.b64encode(data).decode()
+    text = _b64(data)
     return "".join(text[i : i + LINE_LENGTH] + "\n" for i in range(0, len(text), LINE_LENGTH))
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    if len(data) <= _CHUNK:
+        return base64.b64encode(data).decode()
+    # _CHUNK is a multiple of 3: the pieces' base64 concatenate to the whole's
+    return "".join(
+        base64.b64encode(data[i : i + _CHUNK]).decode() for i in range(0, len(data), _CHUNK)
+    )
+
+
+def _dumps(value: Any, depth: int = 0) -> str:
+    """json.dumps(value, separators=(",", ":")), the same text, but a long list (within the
+    first levels of dicts) is encoded one item at a time (each a short C call) instead of in
+    one call holding the GIL."""
+    if isinstance(value, dict) and value and depth < 4:
+        return (
+            "{"
+            + ",".join(json.dumps(k) + ":" + _dumps(v, depth + 1) for k, v in value.items())
+            + "}"
+        )
+    if isinstance(value, list) and len(value) > _ITEMS_AT_ONCE:
+        return "[" + ",".join(json.dumps(v, separators=(",", ":")) for v in value) + "]"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _seal(key: bytes, iv: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+    """AES-256-GCM (ciphertext, tag), as AESGCM.encrypt gives them, by chunks."""
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(iv)).encryptor()
+    parts = [encryptor.update(plaintext[i : i + _CHUNK]) for i in range(0, len(plaintext), _CHUNK)]
+    parts.append(encryptor.finalize())
+    return b"".join(parts), encryptor.tag
 
 
 def _aes_key(license_key: str) -> bytes:
@@ -88,16 +125,16 @@ def issue(
     license_key: str | None = None,
 ) -> str:
     """The armored license file of `payload`, encrypted when a license key is given."""
-    plaintext = json.dumps(payload, separators=(",", ":")).encode()
+    plaintext = _dumps(payload).encode()
     if license_key is None:
         alg, enc = ALG_PLAIN, _b64(plaintext)
     else:
         iv = os.urandom(IV_BYTES)
-        sealed = AESGCM(_aes_key(license_key)).encrypt(iv, plaintext, None)
-        ciphertext, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
+        ciphertext, tag = _seal(_aes_key(license_key), iv, plaintext)
         alg, enc = ALG_ENCRYPTED, ".".join((_b64(ciphertext), _b64(iv), _b64(tag)))
     sig = _b64(sign(SIGNED_PREFIX + enc.encode()))
-    body = json.dumps({"enc": enc, "sig": sig, "alg": alg}, separators=(",", ":")).encode()
+    # enc, sig and alg are base64 and '.', '+', '-' only: nothing to escape in JSON
+    body = ('{"enc":"' + enc + '","sig":"' + sig + '","alg":"' + alg + '"}').encode()
     return f"{BEGIN}\n{encode64(body)}{END}\n"
 
 
