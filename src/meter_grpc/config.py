@@ -92,7 +92,7 @@ class Settings:
     min_client_ping_interval_s: float = 10.0
     max_connection_age_s: float = 1800.0
     max_connection_age_grace_s: float = 300.0
-    checkout_threads: int = 2
+    checkout_workers: int = 2
     redis_max_inflight: int = 10_000
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
@@ -179,7 +179,7 @@ class Settings:
             min_client_ping_interval_s=number("METER_MIN_CLIENT_PING_INTERVAL", "10", float),
             max_connection_age_s=number("METER_MAX_CONNECTION_AGE", "1800", float),
             max_connection_age_grace_s=number("METER_MAX_CONNECTION_AGE_GRACE", "300", float),
-            checkout_threads=count("METER_CHECKOUT_THREADS", 2),
+            checkout_workers=count("METER_CHECKOUT_WORKERS", 2),
             redis_max_inflight=count("METER_REDIS_MAX_INFLIGHT", 10_000, minimum=16),
         )
         try:

@@ -195,7 +195,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     try:
         # One pipelined connection per node for every command; blocking reads (WatchUsage)
         # take dedicated connections from the transport's bounded pool.
-        store = RedisStore(RedisClient(url, timeout_s=settings.redis_timeout_s))
+        store = RedisStore(
+            RedisClient(
+                url,
+                timeout_s=settings.redis_timeout_s,
+                max_inflight=settings.redis_max_inflight,
+            )
+        )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request
         licensing = Licensing(store, settings.clock)
@@ -211,7 +217,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         machines = Machines(store, settings.clock, settings.max_machines_per_license)
-        license_files = LicenseFiles(licensing, machines, signer, threads=settings.checkout_threads)
+        license_files = LicenseFiles(licensing, machines, signer, workers=settings.checkout_workers)
         # auth.guard: an RPC refuses a call no interceptor authenticated (deny by default)
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
             auth.guard(

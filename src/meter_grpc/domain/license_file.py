@@ -9,10 +9,9 @@
 12-byte IV and a 16-byte tag). `sig` is base64 of the Ed25519 signature of b"license/" + enc.
 
 Both sides live here: `issue` for the server, `verify` for clients (no network needed).
-`issue` runs in a worker thread on the server (domain/offline.py) and works in small steps
+`issue` runs in a worker process of the server (domain/offline.py); it works in small steps
 (JSON one item at a time, base64 and AES-GCM by chunks; Ed25519 releases the GIL), so that
-issuing a large file never holds the GIL, and so the event loop, for more than a few
-milliseconds at a time.
+it never holds the GIL for more than a few milliseconds at a time wherever it runs.
 """
 
 from __future__ import annotations

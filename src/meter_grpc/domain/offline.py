@@ -5,25 +5,34 @@ with its effective limits, entitlements and usage at issue time as `attributes`;
 holds its policy and machines; `meta` holds `issued`, `expiry` (ISO 8601, UTC) and `ttl`
 (seconds), `expiry` and `ttl` being null for a file that never expires.
 
-Building, encoding, encrypting and signing a file runs on a small thread pool
-(METER_CHECKOUT_THREADS, default 2), never on the event loop: a license with thousands of
-machines takes tens of milliseconds of CPU, during which other calls go on. Check-outs beyond
-the pool's size wait for a free thread.
+Building, encoding, encrypting and signing a file runs in worker processes
+(METER_CHECKOUT_WORKERS, default 2, started on the first check-out), never on the event loop
+nor in a thread of the service's process: a license with thousands of machines takes a few
+hundred milliseconds of CPU, which would hold the GIL against every other call. Check-outs
+beyond the workers wait for a free one. The service only reads the license and its machines,
+CHECKOUT_PAGE_SIZE machines a round trip, so that the event loop is never held for long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meter_grpc.domain import license_file, periods
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.license_file import iso
 from meter_grpc.domain.models import License, Machine, Policy, overage_ceiling
-from meter_grpc.domain.rules import MAX_DURATION_MS, MAX_PAGE_SIZE, Violations
+from meter_grpc.domain.rules import MAX_DURATION_MS, Violations
 from meter_grpc.domain.signing import Signer
 
 if TYPE_CHECKING:
@@ -31,6 +40,11 @@ if TYPE_CHECKING:
     from meter_grpc.domain.machines import Machines
 
 log = logging.getLogger(__name__)
+
+# Machines read per round trip while checking out (short turns of the event loop).
+CHECKOUT_PAGE_SIZE = 200
+# Niceness added to the worker processes that make license files.
+CHECKOUT_NICE = 10
 
 HOUR_MS = 3_600_000
 DEFAULT_TTL_MS = 30 * 24 * HOUR_MS
@@ -152,19 +166,82 @@ def license_payload(
     }
 
 
+def certificate(
+    lic: License,
+    live: list[Machine],
+    issued_ms: int,
+    ttl_ms: int | None,
+    license_key: str | None,
+    sign: Callable[[bytes], bytes],
+) -> str:
+    """The license file of `lic` with its `live` machines."""
+    machines = [machine_resource(m) for m in live]
+    payload = license_payload(lic, machines, issued_ms=issued_ms, ttl_ms=ttl_ms)
+    return license_file.issue(payload, sign, license_key)
+
+
+_worker_signer: Signer | None = None
+
+
+def _start_worker(raw_private_key: bytes) -> None:
+    global _worker_signer
+    # Below the service's priority: when CPU is short, calls go first and files wait.
+    with contextlib.suppress(OSError):
+        os.nice(CHECKOUT_NICE)
+    _worker_signer = Signer(Ed25519PrivateKey.from_private_bytes(raw_private_key))
+
+
+def _certificate_in_worker(
+    lic: License, live: list[Machine], issued_ms: int, ttl_ms: int | None, key: str | None
+) -> str:
+    assert _worker_signer is not None
+    return certificate(lic, live, issued_ms, ttl_ms, key, _worker_signer.sign)
+
+
 class LicenseFiles:
     """CheckOutLicense and GetPublicKey."""
 
     def __init__(
-        self, licensing: Licensing, machines: Machines, signer: Signer, *, threads: int = 2
+        self, licensing: Licensing, machines: Machines, signer: Signer, *, workers: int = 2
     ) -> None:
         self.licensing = licensing
         self.machines = machines
         self.signer = signer
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="meter-checkout")
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.signer.raw_private_key(),),
+            )
+        return self._pool
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _certificate(
+        self, lic: License, live: list[Machine], issued: int, ttl: int | None, key: str | None
+    ) -> str:
+        """The license file, made by a worker process (a broken pool is started anew once)."""
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._executor()
+            try:
+                return await loop.run_in_executor(
+                    pool, _certificate_in_worker, lic, live, issued, ttl, key
+                )
+            except BrokenProcessPool:  # a worker died (killed, out of memory)
+                if self._pool is pool:
+                    self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     @property
     def public_key(self) -> bytes:
@@ -203,27 +280,15 @@ class LicenseFiles:
                 )
         issued = self.licensing.clock.now_ms()
         ttl = ttl_ms or None
-        loop = asyncio.get_running_loop()
-        key = lic.key if encrypt else None
-        certificate = await loop.run_in_executor(
-            self._pool, self._issue, lic, live, issued, ttl, key
-        )
-        return CheckedOut(certificate, issued, None if ttl is None else issued + ttl)
-
-    def _issue(
-        self, lic: License, live: list[Machine], issued: int, ttl: int | None, key: str | None
-    ) -> str:
-        """The certificate (in a pool thread)."""
-        machines = [machine_resource(m) for m in live]
-        payload = license_payload(lic, machines, issued_ms=issued, ttl_ms=ttl)
-        return license_file.issue(payload, self.signer.sign, key)
+        cert = await self._certificate(lic, live, issued, ttl, lic.key if encrypt else None)
+        return CheckedOut(cert, issued, None if ttl is None else issued + ttl)
 
     async def _live_machines(self, license_id: str) -> list[Machine]:
         """Every live machine of the license, in activation order (dead ones left out)."""
         out: list[Machine] = []
         token = ""
         while True:
-            page, token = await self.machines.list(license_id, MAX_PAGE_SIZE, token)
+            page, token = await self.machines.list(license_id, CHECKOUT_PAGE_SIZE, token)
             out += page
             if not token:
                 return out
