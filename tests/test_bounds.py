@@ -484,6 +484,68 @@ async def test_checkout_of_a_large_license_leaves_other_calls_fast(
     assert _quantile(during, 0.5) < statistics.median(checkouts) / 2
 
 
+@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
+async def test_a_license_file_past_the_size_limit_is_refused(bounded: Any) -> None:
+    """The limit is exact: a file of S bytes is issued under a limit of S and refused, before
+    it is encrypted and signed, under S - 1; one machine's file still fits."""
+    srv = await bounded()
+    async with srv.channel() as ch:
+        licenses = lgrpc.LicenseServiceStub(ch)
+        lic = await _license(licenses, **FLOATING)
+        meta = {f"k{i}": "v" * 500 for i in range(3)}
+        for start in range(0, 60, 20):
+            await asyncio.gather(
+                *(
+                    licenses.ActivateMachine(
+                        lpb.ActivateMachineRequest(
+                            license_id=lic.id, fingerprint=f"f{i}", metadata=meta
+                        ),
+                        metadata=admin_md(),
+                    )
+                    for i in range(start, start + 20)
+                )
+            )
+        srv.clock.set(srv.clock.now_ms())  # the same issue time: the same size
+        sizes = {}
+        for encrypt in (False, True):
+            resp = await licenses.CheckOutLicense(
+                lpb.CheckOutLicenseRequest(id=lic.id, encrypt=encrypt), metadata=admin_md()
+            )
+            sizes[encrypt] = len(resp.certificate)
+        assert sizes[True] > 64 * 1024
+    files = srv.service.license_files
+    assert files is not None
+    files.max_file_bytes = sizes[True]
+    async with srv.channel() as ch:
+        licenses = lgrpc.LicenseServiceStub(ch)
+        ok = await licenses.CheckOutLicense(
+            lpb.CheckOutLicenseRequest(id=lic.id, encrypt=True), metadata=admin_md()
+        )
+        assert len(ok.certificate) == sizes[True]
+        files.max_file_bytes = sizes[True] - 1
+        err = await expect_error(
+            licenses.CheckOutLicense(
+                lpb.CheckOutLicenseRequest(id=lic.id, encrypt=True),
+                metadata=license_md(lic.key),
+            )
+        )
+        assert (err.code, err.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "LICENSE_FILE_TOO_LARGE",
+        )
+        assert err.metadata == {
+            "license_id": lic.id,
+            "size": str(sizes[True]),
+            "limit": str(sizes[True] - 1),
+            "machines": "60",
+        }
+        one = await licenses.CheckOutLicense(
+            lpb.CheckOutLicenseRequest(id=lic.id, encrypt=True, fingerprint="f7"),
+            metadata=admin_md(),
+        )
+        assert len(one.certificate) < 8 * 1024
+
+
 # --- gRPC server bounds -------------------------------------------------------------------
 
 

@@ -93,6 +93,7 @@ class Settings:
     max_connection_age_s: float = 1800.0
     max_connection_age_grace_s: float = 300.0
     checkout_workers: int = 2
+    max_license_file_bytes: int = 32 * 1024 * 1024
     redis_max_inflight: int = 10_000
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
@@ -180,6 +181,9 @@ class Settings:
             max_connection_age_s=number("METER_MAX_CONNECTION_AGE", "1800", float),
             max_connection_age_grace_s=number("METER_MAX_CONNECTION_AGE_GRACE", "300", float),
             checkout_workers=count("METER_CHECKOUT_WORKERS", 2),
+            max_license_file_bytes=count(
+                "METER_MAX_LICENSE_FILE_BYTES", 32 * 1024 * 1024, minimum=64 * 1024
+            ),
             redis_max_inflight=count("METER_REDIS_MAX_INFLIGHT", 10_000, minimum=16),
         )
         try:

@@ -217,7 +217,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         machines = Machines(store, settings.clock, settings.max_machines_per_license)
-        license_files = LicenseFiles(licensing, machines, signer, workers=settings.checkout_workers)
+        license_files = LicenseFiles(
+            licensing,
+            machines,
+            signer,
+            workers=settings.checkout_workers,
+            max_file_bytes=settings.max_license_file_bytes,
+        )
         # auth.guard: an RPC refuses a call no interceptor authenticated (deny by default)
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
             auth.guard(

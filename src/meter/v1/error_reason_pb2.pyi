@@ -72,6 +72,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ALREADY_EXISTS: another license already has this key."""
     ERROR_REASON_LICENSE_NOT_RENEWABLE: _ErrorReason.ValueType  # 18
     """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
+    ERROR_REASON_LICENSE_FILE_TOO_LARGE: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: CheckOutLicense's file would pass the server's size limit
+    (METER_MAX_LICENSE_FILE_BYTES); check out one machine's file with `fingerprint` instead.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -141,4 +145,8 @@ ERROR_REASON_LICENSE_KEY_TAKEN: ErrorReason.ValueType  # 17
 """ALREADY_EXISTS: another license already has this key."""
 ERROR_REASON_LICENSE_NOT_RENEWABLE: ErrorReason.ValueType  # 18
 """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
+ERROR_REASON_LICENSE_FILE_TOO_LARGE: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: CheckOutLicense's file would pass the server's size limit
+(METER_MAX_LICENSE_FILE_BYTES); check out one machine's file with `fingerprint` instead.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -34,6 +34,7 @@ class Reason(enum.StrEnum):
     LICENSE_KEY_TAKEN = "LICENSE_KEY_TAKEN"
     # RenewLicense on a license whose policy has no duration.
     LICENSE_NOT_RENEWABLE = "LICENSE_NOT_RENEWABLE"
+    LICENSE_FILE_TOO_LARGE = "LICENSE_FILE_TOO_LARGE"
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,34 @@ _ITEMS_AT_ONCE = 16
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 
 
+class FileTooLarge(ValueError):
+    """`issue` stopped before encrypting and signing: the file would be `size` bytes."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size, limit)  # the args, so that it pickles (from a worker process)
+        self.size, self.limit = size, limit
+
+    def __str__(self) -> str:
+        return f"the license file would be {self.size} bytes, more than {self.limit}"
+
+
+def file_size(plaintext_bytes: int, encrypted: bool) -> int:
+    """The exact length (characters) of the license file `issue` makes of a payload whose
+    JSON is `plaintext_bytes` long."""
+
+    def b64(n: int) -> int:
+        return 4 * ((n + 2) // 3)
+
+    enc = b64(plaintext_bytes)
+    alg = ALG_PLAIN
+    if encrypted:  # "ciphertext.iv.tag"; AES-GCM keeps the length
+        enc, alg = enc + 1 + b64(IV_BYTES) + 1 + b64(TAG_BYTES), ALG_ENCRYPTED
+    body = len('{"enc":"","sig":"","alg":""}') + enc + b64(64) + len(alg)
+    text = b64(body)
+    lines = (text + LINE_LENGTH - 1) // LINE_LENGTH
+    return len(BEGIN) + 1 + text + lines + len(END) + 1
+
+
 class LicenseFileError(ValueError):
     """A license file that must not be trusted; `reason` says why.
 
@@ -122,9 +150,16 @@ def issue(
     payload: Mapping[str, Any],
     sign: Callable[[bytes], bytes],
     license_key: str | None = None,
+    *,
+    max_bytes: int | None = None,
 ) -> str:
-    """The armored license file of `payload`, encrypted when a license key is given."""
+    """The armored license file of `payload`, encrypted when a license key is given.
+    FileTooLarge when it would be longer than `max_bytes` (checked before encrypting)."""
     plaintext = _dumps(payload).encode()
+    if max_bytes is not None:
+        size = file_size(len(plaintext), license_key is not None)
+        if size > max_bytes:
+            raise FileTooLarge(size, max_bytes)
     if license_key is None:
         alg, enc = ALG_PLAIN, _b64(plaintext)
     else:

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Machines read per round trip while checking out (short turns of the event loop).
 CHECKOUT_PAGE_SIZE = 200
+# Longest license file issued (METER_MAX_LICENSE_FILE_BYTES): 10,000 machines with 1 KB of
+# metadata each make about 27 MB.
+DEFAULT_MAX_FILE_BYTES = 32 * 1024 * 1024
 # Niceness added to the worker processes that make license files.
 CHECKOUT_NICE = 10
 
@@ -173,11 +176,12 @@ def certificate(
     ttl_ms: int | None,
     license_key: str | None,
     sign: Callable[[bytes], bytes],
+    max_bytes: int | None = None,
 ) -> str:
-    """The license file of `lic` with its `live` machines."""
+    """The license file of `lic` with its `live` machines (FileTooLarge past max_bytes)."""
     machines = [machine_resource(m) for m in live]
     payload = license_payload(lic, machines, issued_ms=issued_ms, ttl_ms=ttl_ms)
-    return license_file.issue(payload, sign, license_key)
+    return license_file.issue(payload, sign, license_key, max_bytes=max_bytes)
 
 
 _worker_signer: Signer | None = None
@@ -192,22 +196,34 @@ def _start_worker(raw_private_key: bytes) -> None:
 
 
 def _certificate_in_worker(
-    lic: License, live: list[Machine], issued_ms: int, ttl_ms: int | None, key: str | None
+    lic: License,
+    live: list[Machine],
+    issued_ms: int,
+    ttl_ms: int | None,
+    key: str | None,
+    max_bytes: int,
 ) -> str:
     assert _worker_signer is not None
-    return certificate(lic, live, issued_ms, ttl_ms, key, _worker_signer.sign)
+    return certificate(lic, live, issued_ms, ttl_ms, key, _worker_signer.sign, max_bytes)
 
 
 class LicenseFiles:
     """CheckOutLicense and GetPublicKey."""
 
     def __init__(
-        self, licensing: Licensing, machines: Machines, signer: Signer, *, workers: int = 2
+        self,
+        licensing: Licensing,
+        machines: Machines,
+        signer: Signer,
+        *,
+        workers: int = 2,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         self.licensing = licensing
         self.machines = machines
         self.signer = signer
         self.workers = workers
+        self.max_file_bytes = max_file_bytes
         self._pool: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -234,8 +250,29 @@ class LicenseFiles:
             pool = self._executor()
             try:
                 return await loop.run_in_executor(
-                    pool, _certificate_in_worker, lic, live, issued, ttl, key
+                    pool,
+                    _certificate_in_worker,
+                    lic,
+                    live,
+                    issued,
+                    ttl,
+                    key,
+                    self.max_file_bytes,
                 )
+            except license_file.FileTooLarge as exc:
+                raise MeterError(
+                    Reason.LICENSE_FILE_TOO_LARGE,
+                    f"the license file would be {exc.size} bytes, more than the server's limit "
+                    f"of {exc.limit} ({len(live)} machines): check out one machine's file with "
+                    "`fingerprint`",
+                    metadata={
+                        "license_id": lic.id,
+                        "size": str(exc.size),
+                        "limit": str(exc.limit),
+                        "machines": str(len(live)),
+                    },
+                    quota_subject=f"license:{lic.id}",
+                ) from None
             except BrokenProcessPool:  # a worker died (killed, out of memory)
                 if self._pool is pool:
                     self.close()
