@@ -579,11 +579,13 @@ async def test_calls_beyond_max_concurrent_rpcs_are_refused_not_dropped(bounded:
 
 
 class _TcpCounter:
-    """A byte-for-byte TCP forwarder that counts the connections it accepted."""
+    """A byte-for-byte TCP forwarder that counts the connections it accepted; `frozen` stops
+    forwarding (the sockets stay open: a peer that went silent)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.accepted = 0
+        self.frozen = False
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -600,6 +602,8 @@ class _TcpCounter:
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await r.read(65536):
+                    if self.frozen:
+                        continue
                     w.write(data)
                     await w.drain()
             w.close()
@@ -637,6 +641,40 @@ async def test_old_connections_are_recycled_without_a_failed_call(bounded: Any) 
             got = await usage.GetUsage(upb.GetUsageRequest(license_id=lic.id), metadata=admin_md())
         assert got.uses == calls
         assert proxy.accepted >= 3
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
+async def test_keepalive_drops_a_silent_peer_and_frees_its_calls(bounded: Any) -> None:
+    """A client whose network goes silent holds the only call slot; the server's keepalive
+    ping goes unanswered, the connection is closed and its call ends, and the slot is free
+    again (without keepalive it would stay taken for as long as the socket stays open)."""
+    srv = await bounded(max_concurrent_rpcs=1, keepalive_time_s=0.5, keepalive_timeout_s=0.5)
+    proxy = await _TcpCounter(srv.port).start()
+    try:
+        async with srv.channel() as direct:
+            usage = ugrpc.UsageServiceStub(direct)
+            lic = await _license(lgrpc.LicenseServiceStub(direct))
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}") as far:
+                held = ugrpc.UsageServiceStub(far).StreamUsage(metadata=admin_md())
+                await held.write(upb.IncrementUsageRequest(license_id=lic.id))
+                await asyncio.wait_for(held.read(), 10)
+                request = upb.GetUsageRequest(license_id=lic.id)
+                err = await expect_error(usage.GetUsage(request, metadata=admin_md()))
+                assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                proxy.frozen = True
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 15
+                while True:
+                    got = await _outcome(usage.GetUsage(request, metadata=admin_md()))
+                    if isinstance(got, upb.GetUsageResponse):
+                        break
+                    assert got.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert loop.time() < deadline, "the silent peer's call was never dropped"
+                    await asyncio.sleep(0.1)
+                assert got.uses == 1
+                held.cancel()
     finally:
         await proxy.close()
 

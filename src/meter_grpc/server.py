@@ -57,16 +57,18 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ("grpc.so_reuseport", 0),
-        # The server pings an idle connection every keepalive_time and closes it when no
-        # answer comes within keepalive_timeout: dead peers do not hold connections forever.
+        # The server pings a connection every keepalive_time (with or without calls) and
+        # closes it when no ack comes within keepalive_timeout, ending its calls: a silent peer
+        # does not hold a connection or a call slot. (grpc core enforces the ack timeout
+        # through ping_timeout; keepalive_timeout alone does not close the connection.)
         ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.http2.ping_timeout_ms", ms(settings.keepalive_timeout_s)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Clients may ping this often (also without calls); more often is a ping strike, and
         # two strikes close the connection (GOAWAY too_many_pings).
         ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
-        ("grpc.http2.min_time_between_pings_ms", ms(settings.min_client_ping_interval_s)),
         # Connections are recycled (GOAWAY) after max_connection_age (+-10% jitter), so load
         # spreads over new replicas; calls still running get the grace, then are cancelled.
         ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
