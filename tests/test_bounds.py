@@ -54,6 +54,21 @@ class Bounded:
 
 @pytest.fixture
 async def bounded(redis_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """start(**settings): a server of the test's own on the backend of the test."""
+    async for start in _servers(redis_url, tmp_path):
+        yield start
+
+
+@pytest.fixture
+async def bounded_embedded(
+    embedded_url: str, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """The same on the embedded server only, for bounds of the gRPC side."""
+    async for start in _servers(embedded_url, tmp_path):
+        yield start
+
+
+async def _servers(redis_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     started: list[Service] = []
 
     async def start(**bounds: Any) -> Bounded:
@@ -415,17 +430,17 @@ while time.perf_counter() < end:
 """
 
 
-@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
 async def test_checkout_of_a_large_license_leaves_other_calls_fast(
-    running: Any, make_license: Any
+    bounded_embedded: Any,
 ) -> None:
     """Two clients (other processes) check out a license of 2,000 machines (1 KB metadata
     each) in a loop; another license's IncrementUsage latency, measured before and during,
     stays low."""
-    async with grpc.aio.insecure_channel(running.target) as ch:
+    srv = await bounded_embedded()
+    async with srv.channel() as ch:
         licenses = lgrpc.LicenseServiceStub(ch)
         usage = ugrpc.UsageServiceStub(ch)
-        big = await make_license(policy_fields=FLOATING)
+        big = await _license(licenses, **FLOATING)
         meta = {f"k{i}": "v" * 100 for i in range(9)}
         for start in range(0, 2000, 100):
             await asyncio.gather(
@@ -439,7 +454,7 @@ async def test_checkout_of_a_large_license_leaves_other_calls_fast(
                     for i in range(start, start + 100)
                 )
             )
-        other = await make_license()
+        other = await _license(licenses)
 
         async def increments(seconds: float) -> list[float]:
             latencies = []
@@ -458,7 +473,7 @@ async def test_checkout_of_a_large_license_leaves_other_calls_fast(
                 sys.executable,
                 "-c",
                 _CHECKOUT_LOOP,
-                running.target,
+                srv.target,
                 ADMIN_TOKEN,
                 big.id,
                 "4",
@@ -484,11 +499,10 @@ async def test_checkout_of_a_large_license_leaves_other_calls_fast(
     assert _quantile(during, 0.5) < statistics.median(checkouts) / 2
 
 
-@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
-async def test_a_license_file_past_the_size_limit_is_refused(bounded: Any) -> None:
+async def test_a_license_file_past_the_size_limit_is_refused(bounded_embedded: Any) -> None:
     """The limit is exact: a file of S bytes is issued under a limit of S and refused, before
     it is encrypted and signed, under S - 1; one machine's file still fits."""
-    srv = await bounded()
+    srv = await bounded_embedded()
     async with srv.channel() as ch:
         licenses = lgrpc.LicenseServiceStub(ch)
         lic = await _license(licenses, **FLOATING)
@@ -615,11 +629,10 @@ class _TcpCounter:
         self._server.close()
 
 
-@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
-async def test_old_connections_are_recycled_without_a_failed_call(bounded: Any) -> None:
+async def test_old_connections_are_recycled_without_a_failed_call(bounded_embedded: Any) -> None:
     """With a max connection age of 0.5 s, a client calling for 4 s is moved to new
     connections (GOAWAY) again and again, and no call fails."""
-    srv = await bounded(max_connection_age_s=0.5, max_connection_age_grace_s=5)
+    srv = await bounded_embedded(max_connection_age_s=0.5, max_connection_age_grace_s=5)
     proxy = await _TcpCounter(srv.port).start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}") as ch:
@@ -645,12 +658,13 @@ async def test_old_connections_are_recycled_without_a_failed_call(bounded: Any) 
         await proxy.close()
 
 
-@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
-async def test_keepalive_drops_a_silent_peer_and_frees_its_calls(bounded: Any) -> None:
+async def test_keepalive_drops_a_silent_peer_and_frees_its_calls(bounded_embedded: Any) -> None:
     """A client whose network goes silent holds the only call slot; the server's keepalive
     ping goes unanswered, the connection is closed and its call ends, and the slot is free
     again (without keepalive it would stay taken for as long as the socket stays open)."""
-    srv = await bounded(max_concurrent_rpcs=1, keepalive_time_s=0.5, keepalive_timeout_s=0.5)
+    srv = await bounded_embedded(
+        max_concurrent_rpcs=1, keepalive_time_s=0.5, keepalive_timeout_s=0.5
+    )
     proxy = await _TcpCounter(srv.port).start()
     try:
         async with srv.channel() as direct:
@@ -679,9 +693,8 @@ async def test_keepalive_drops_a_silent_peer_and_frees_its_calls(bounded: Any) -
         await proxy.close()
 
 
-@pytest.mark.parametrize("redis_url", ["embedded"], indirect=True)
-async def test_a_message_above_the_receive_limit_is_refused(bounded: Any) -> None:
-    srv = await bounded(max_receive_message_bytes=64 * 1024)
+async def test_a_message_above_the_receive_limit_is_refused(bounded_embedded: Any) -> None:
+    srv = await bounded_embedded(max_receive_message_bytes=64 * 1024)
     async with srv.channel() as ch:
         usage = ugrpc.UsageServiceStub(ch)
         err = await expect_error(
@@ -770,3 +783,28 @@ async def test_the_service_under_a_small_inflight_bound_counts_exactly(bounded: 
     finally:
         for ch in channels:
             await ch.close()
+
+
+async def test_calls_waiting_for_room_keep_their_order_and_may_give_up(redis_url: str) -> None:
+    """200 INCRs through a connection bounded to 4 in flight: those that waited are written
+    in the order they were issued (their replies increase with it), and 50 that gave up while
+    waiting were never written."""
+    client = RedisClient(redis_url, timeout_s=10, max_inflight=4)
+    key = f"meter:{{bounds-test}}:{random.randrange(1 << 60)}"
+    try:
+        tasks = [asyncio.create_task(client.incr(key)) for _ in range(200)]
+        await asyncio.sleep(0)  # every call issued: 4 in flight, 196 waiting for room
+        given_up = tasks[100:150]
+        for task in given_up:
+            task.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        replies = [r for r in done if not isinstance(r, BaseException)]
+        assert all(isinstance(r, asyncio.CancelledError) for r in done[100:150])
+        assert replies == list(range(1, 151))  # in issue order, none of the 50 counted
+        assert int(await client.get(key) or 0) == 150
+        for node in await client.router.primaries():
+            assert node.conn.inflight == 0 and not node.conn._room
+            assert node.conn.peak_inflight <= 4
+    finally:
+        await client.delete(key)
+        await client.close()

@@ -20,6 +20,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -192,6 +195,18 @@ def _start_worker(raw_private_key: bytes) -> None:
     # Below the service's priority: when CPU is short, calls go first and files wait.
     with contextlib.suppress(OSError):
         os.nice(CHECKOUT_NICE)
+    # A terminal's Ctrl-C or a signal to the process group is for the service, which stops
+    # its workers itself; a worker whose service died without doing so exits on its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, name="meter-checkout-parent", daemon=True).start()
     _worker_signer = Signer(Ed25519PrivateKey.from_private_bytes(raw_private_key))
 
 
