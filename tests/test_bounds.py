@@ -234,6 +234,20 @@ def test_the_machine_cap_is_a_setting() -> None:
     for bad in ("0", "-1", "ten", "1.5"):
         with pytest.raises(ConfigError, match="METER_MAX_MACHINES_PER_LICENSE"):
             Settings.from_env({"METER_MAX_MACHINES_PER_LICENSE": bad})
+    for name, bad in (
+        ("METER_CHECKOUT_WORKERS", "0"),
+        ("METER_MAX_CONCURRENT_RPCS", "none"),
+        ("METER_MAX_RECEIVE_MESSAGE_BYTES", "1000"),
+        ("METER_MAX_LICENSE_FILE_BYTES", "4096"),
+        ("METER_REDIS_MAX_INFLIGHT", "8"),
+        ("METER_KEEPALIVE_TIME", "0"),
+        ("METER_KEEPALIVE_TIMEOUT", "-5"),
+        ("METER_MIN_CLIENT_PING_INTERVAL", "x"),
+        ("METER_MAX_CONNECTION_AGE", "inf"),
+        ("METER_MAX_CONNECTION_AGE_GRACE", "0"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: bad})
 
 
 # --- metadata size ------------------------------------------------------------------------
