@@ -167,7 +167,10 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     try:
         # One pipelined connection per node for every command; blocking reads (WatchUsage)
         # take dedicated connections from the transport's bounded pool.
-        store = RedisStore(RedisClient(url, timeout_s=settings.redis_timeout_s))
+        store = RedisStore(
+            RedisClient(url, timeout_s=settings.redis_timeout_s),
+            event_retention=settings.event_retention,
+        )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request
         licensing = Licensing(store, settings.clock)

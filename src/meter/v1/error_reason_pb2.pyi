@@ -72,6 +72,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ALREADY_EXISTS: another license already has this key."""
     ERROR_REASON_LICENSE_NOT_RENEWABLE: _ErrorReason.ValueType  # 18
     """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
+    ERROR_REASON_USAGE_EVENTS_DISABLED: _ErrorReason.ValueType  # 19
+    """FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
+    (METER_EVENT_RETENTION=0).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -141,4 +145,8 @@ ERROR_REASON_LICENSE_KEY_TAKEN: ErrorReason.ValueType  # 17
 """ALREADY_EXISTS: another license already has this key."""
 ERROR_REASON_LICENSE_NOT_RENEWABLE: ErrorReason.ValueType  # 18
 """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
+ERROR_REASON_USAGE_EVENTS_DISABLED: ErrorReason.ValueType  # 19
+"""FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
+(METER_EVENT_RETENTION=0).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

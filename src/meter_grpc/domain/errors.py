@@ -34,6 +34,8 @@ class Reason(enum.StrEnum):
     LICENSE_KEY_TAKEN = "LICENSE_KEY_TAKEN"
     # RenewLicense on a license whose policy has no duration.
     LICENSE_NOT_RENEWABLE = "LICENSE_NOT_RENEWABLE"
+    # WatchUsage on a server that keeps no usage events (METER_EVENT_RETENTION=0).
+    USAGE_EVENTS_DISABLED = "USAGE_EVENTS_DISABLED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,6 +205,13 @@ class Metering:
                 '(from_oldest reads like after_event_id "0-0")',
             )
         v.raise_if_any()
+        if self.store.event_retention == 0:
+            raise MeterError(
+                Reason.USAGE_EVENTS_DISABLED,
+                "this server keeps no usage events (METER_EVENT_RETENTION=0): WatchUsage has "
+                "nothing to deliver; read the counter with GetUsage",
+                metadata={"license_id": license_id, "event_retention": "0"},
+            )
         task = asyncio.current_task()
         if task is not None:
             self._watchers.add(task)

@@ -33,6 +33,7 @@ from meter_grpc.domain.ports import CreateRecord, LicenseRead, MachineResult, Us
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.scripts import (
+    EVENTS_MAXLEN,
     REQUEST_RECORD_TTL_MS,
     MachineStatus,
     Scripts,
@@ -111,9 +112,11 @@ class RedisStore:
     """Every command goes through `client`; blocking reads (WatchUsage) take dedicated
     connections of the transport's blocking pool, never the request path's."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, event_retention: int = EVENTS_MAXLEN) -> None:
         self.client = client
-        self.scripts = Scripts(client)
+        # Usage events kept per license (METER_EVENT_RETENTION); 0: none are written.
+        self.event_retention = event_retention
+        self.scripts = Scripts(client, event_retention)
 
     async def close(self) -> None:
         await self.client.close()
