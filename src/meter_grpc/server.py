@@ -29,6 +29,7 @@ from meter_grpc.api.metrics import Metrics
 from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings, mask_url
 from meter_grpc.domain import failpoints
+from meter_grpc.domain.errors import MeterError
 from meter_grpc.domain.licensing import Licensing
 from meter_grpc.domain.machines import Machines
 from meter_grpc.domain.metering import Metering
@@ -98,7 +99,24 @@ class Service:
         self._tasks.append(
             asyncio.create_task(self.licensing.propagator.run(), name="meter-propagation")
         )
+        self._tasks.append(asyncio.create_task(self._migrate(), name="meter-migrate"))
         log.info("meter-grpc serving on port %d", self.port)
+
+    async def _migrate(self) -> None:
+        """Licenses written by earlier versions lose their copy of the whole policy (memory
+        only: reads ignore it); retried while the store is unreachable."""
+        while True:
+            try:
+                dropped = await self.store.drop_legacy_policy_copies()
+            except MeterError:
+                await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+                continue
+            except Exception:  # memory only: serving goes on, the next start tries again
+                log.warning("license migration failed; retried on the next start", exc_info=True)
+                return
+            if dropped:
+                log.info("migrated %d licenses: policy copies removed", dropped)
+            return
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
