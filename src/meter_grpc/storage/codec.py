@@ -93,8 +93,15 @@ def license_fields(changes: dict[str, object]) -> dict[str, str]:
     return out
 
 
+# Values a new license hash leaves out: every reader (the scripts' opt(), license_from_hash)
+# takes a missing field for unset, and each field left out keeps the listpack smaller.
+_EMPTY_JSON = {"ents": "[]", "meta": "{}"}
+
+
 def license_to_hash(lic: License) -> dict[str, str]:
-    return {
+    """The hash of a new license, without its unset fields (`uses` is always there: the
+    scripts take it for the license's existence)."""
+    h = {
         "id": lic.id,
         "key": lic.key,
         "policy_id": lic.policy_id,
@@ -108,6 +115,7 @@ def license_to_hash(lic: License) -> dict[str, str]:
         "p_rev": str(lic.policy.revision),
         **policy_snapshot_fields(lic.policy),
     }
+    return {k: v for k, v in h.items() if v != "" and _EMPTY_JSON.get(k) != v}
 
 
 def policy_rev(h: dict[str, str]) -> int:
@@ -145,7 +153,7 @@ def license_from_hash(h: dict[str, str], policy: Policy | None = None) -> Licens
     """The License of a hash; `policy`: its policy as stored (see snapshot_policy)."""
     return License(
         id=h["id"],
-        key=h["key"],
+        key=h.get("key", ""),
         policy_id=h["policy_id"],
         name=h.get("name", ""),
         suspended=h.get("suspended") == "1",
