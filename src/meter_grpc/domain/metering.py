@@ -25,7 +25,13 @@ from meter_grpc.domain.models import (
     UsageEvent,
     UsageRecord,
 )
-from meter_grpc.domain.rules import MAX_COUNTER, MAX_SYNC_RECORDS, Violations
+from meter_grpc.domain.rules import (
+    MAX_AMOUNT,
+    MAX_COUNTER,
+    MAX_SYNC_RECORDS,
+    Violations,
+    is_minted_id,
+)
 
 if TYPE_CHECKING:
     from meter_grpc.domain.ports import Store, UsageResult
@@ -296,6 +302,8 @@ class Metering:
 
 def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -> int:
     """The amount to apply (0 means 1); INVALID_ARGUMENT naming each bad field."""
+    if not request_id and 0 <= amount <= MAX_AMOUNT and is_minted_id(license_id):
+        return amount or 1  # the common call, valid: no Violations to build
     v = Violations()
     v.identifier(f"{field_prefix}license_id", license_id)
     v.amount(f"{field_prefix}amount", amount)
@@ -306,9 +314,9 @@ def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -
 
 def _answer(result: UsageResult, license_id: str, amount: int, request_id: str) -> Usage:
     """The Usage of a usage.lua answer, or the MeterError of its status."""
+    if result.status == 0:  # UsageStatus.OK, compared as the integer it is
+        return result.usage
     status, usage = result.status.name, result.usage
-    if status == "OK":
-        return usage
     meta = {"license_id": license_id, "uses": str(usage.uses)}
     if status == "LICENSE_NOT_FOUND":
         raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)

@@ -77,6 +77,10 @@ def storage_call(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corouti
     return wrapper
 
 
+# usage.lua's status codes (0 .. 6) to UsageStatus, by index: no enum lookup per call.
+_USAGE_STATUSES = tuple(UsageStatus(i) for i in range(len(UsageStatus)))
+
+
 def _opt(v: int) -> int | None:
     return None if v < 0 else v
 
@@ -481,13 +485,13 @@ class RedisStore:
         )
         status, uses, max_uses, ceiling, period_end, replayed = row
         return UsageResult(
-            UsageStatus(status),
+            _USAGE_STATUSES[status],
             Usage(
-                uses=uses,
-                max_uses=_opt(max_uses),
-                overage_limit=_opt(ceiling),
-                period_end_ms=_opt(period_end),
-                replayed=bool(replayed),
+                uses,
+                None if max_uses < 0 else max_uses,
+                None if ceiling < 0 else ceiling,
+                None if period_end < 0 else period_end,
+                replayed == 1,
             ),
         )
 
