@@ -65,6 +65,8 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py
 	$(PY) bench/propagation.py
+	$(PY) bench/watch.py
+	$(PY) bench/keycheck.py
 
 # The optional extra `glide` (valkey-glide) is installed for this target only.
 $(GLIDE_STAMP): $(STAMP) pyproject.toml

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from meter.v1 import usage_service_pb2 as upb  # noqa: E402
 from meter.v1 import usage_service_pb2_grpc as ugrpc  # noqa: E402
 from meter_grpc.domain.clock import SystemClock  # noqa: E402
+from meter_grpc.domain.keysecret import KeySecret  # noqa: E402
 from meter_grpc.domain.licensing import Licensing  # noqa: E402
 from meter_grpc.domain.models import License, Policy  # noqa: E402
 from meter_grpc.storage import keys  # noqa: E402
@@ -137,7 +138,9 @@ async def key_shares(r: aioredis.Redis, store: RedisStore, license_id: str) -> d
     assert lic is not None
     out = {
         "license hash": int(await r.memory_usage(keys.license(license_id), samples=0) or 0),
-        "key lookup": int(await r.memory_usage(keys.license_by_key(lic.key), samples=0) or 0),
+        "key lookup": int(
+            await r.memory_usage(keys.license_by_key(lic.key_digest), samples=0) or 0
+        ),
     }
     out["encoding"] = await r.object("encoding", keys.license(license_id))
     return out
@@ -169,7 +172,9 @@ async def main(args: argparse.Namespace) -> None:
         proc = spawn_meter(target, url, Path(tmp) / "data")
         r = aioredis.Redis.from_url(url, decode_responses=True)
         store = RedisStore(RedisClient(url, timeout_s=30))
-        licensing = Licensing(store, SystemClock())
+        # The server's key secret (created in its data dir): keys digest the same on both sides.
+        secret = KeySecret.configured(None, Path(tmp) / "data")
+        licensing = Licensing(store, SystemClock(), secret)
         try:
             policy = await licensing.create_policy(Policy(name="bench"))
             await wait_serving(target)

@@ -26,17 +26,25 @@ from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
 from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import ManualClock
+from meter_grpc.domain.keysecret import KeySecret
 from meter_grpc.server import Service, build_server
+from meter_grpc.storage import keys
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.transport import is_cluster_url
 from tests.cluster import LocalCluster, redis_py_cluster
-from tests.support import ADMIN_TOKEN, admin_md
+from tests.support import ADMIN_TOKEN, admin_md, shared_key_secret_file
 
 BACKENDS = [
     "embedded",
     pytest.param("cluster", marks=pytest.mark.cluster),
     *(["external"] if os.environ.get("METER_TEST_REDIS_URL") else []),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _key_secret_file_removed() -> Iterator[None]:
+    yield
+    shared_key_secret_file().unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +103,13 @@ class Running:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def key_secret_file(self) -> Path:
+        """The server secret of the service (another server on its store must share it)."""
+        path = self.service.settings.key_secret_file
+        assert path is not None
+        return path
+
 
 @pytest.fixture(scope="session")
 async def running(
@@ -108,11 +123,20 @@ async def running(
         admin_tokens=[ADMIN_TOKEN],
         clock=clock,
         shutdown_grace_s=2,
+        key_secret_file=shared_key_secret_file(),
     )
     service, port = await build_server(settings)
     await service.start()
     yield Running(service, port, clock, redis_url)
     await service.stop(1)
+
+
+@pytest.fixture
+def key_index(running: Running) -> Any:
+    """key_index(license_key) -> the name of its index entry (named by its digest under the
+    service's key secret)."""
+    secret = KeySecret.load(running.key_secret_file)
+    return lambda key: keys.license_by_key(secret.digest(key))
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,17 @@ from grpc_status import rpc_status
 
 ADMIN_TOKEN = "test-admin-token"
 UNKNOWN_ID = "01900000-0000-7000-8000-000000000000"  # a well-formed id never minted here
+
+
+def shared_key_secret_file() -> Path:
+    """The server secret of every service the tests run on a shared store (the session's
+    embedded server and cluster): replicas of one store must share it (storage/migrate.py)."""
+    path = Path(tempfile.gettempdir()) / f"meter-test-key-secret-{os.getpid()}"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    return path
 
 
 def admin_md() -> tuple[tuple[str, str], ...]:

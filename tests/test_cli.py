@@ -158,6 +158,8 @@ def _bad_values(tmp: Path) -> list[tuple[dict[str, str], str]]:
         ({"METER_SIGNING_KEY_FILE": missing}, "cannot read"),
         ({"METER_SIGNING_KEY_FILE": str(junk)}, "Ed25519"),
         ({"METER_SIGNING_KEY_FILE": str(ec_key)}, "Ed25519"),
+        ({"METER_KEY_SECRET_FILE": missing}, "cannot read"),
+        ({"METER_KEY_SECRET_FILE": str(junk)}, "expected 32 random bytes or 64 hex digits"),
         ({"METER_TLS_CERT": missing, "METER_TLS_KEY": missing}, "cannot read"),
         ({"METER_TLS_CERT": str(junk), "METER_TLS_KEY": str(ec_key)}, "PEM certificate"),
         ({"METER_TLS_CERT": str(junk)}, "METER_TLS_KEY"),

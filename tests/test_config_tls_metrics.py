@@ -104,6 +104,7 @@ async def test_mutual_tls(tmp_path: Path, running: Running) -> None:
         redis_url=running.redis_url,
         data_dir=tmp_path,
         admin_tokens=["test-admin-token"],
+        key_secret_file=running.key_secret_file,
         tls_cert=tmp_path / "server.pem",
         tls_key=tmp_path / "server.key",
         tls_client_ca=tmp_path / "ca.pem",
@@ -137,6 +138,7 @@ async def test_metrics_endpoint_counts_calls(tmp_path: Path, running: Running) -
         redis_url=running.redis_url,
         data_dir=tmp_path,
         admin_tokens=["test-admin-token"],
+        key_secret_file=running.key_secret_file,
         metrics_listen="127.0.0.1:0",
     )
     service, port = await build_server(settings)

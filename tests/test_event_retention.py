@@ -21,7 +21,13 @@ from meter_grpc.config import ConfigError, Settings
 from meter_grpc.server import build_server
 from meter_grpc.storage import keys
 from tests.conftest import Running
-from tests.support import ADMIN_TOKEN, admin_md, license_md, rich_error
+from tests.support import (
+    ADMIN_TOKEN,
+    admin_md,
+    license_md,
+    rich_error,
+    shared_key_secret_file,
+)
 
 # Stream nodes hold up to 100 entries (stream-node-max-entries); approximate trimming drops
 # whole nodes only, so a stream keeps between N and N + 100 events.
@@ -37,6 +43,7 @@ async def serving(
         redis_url=running.redis_url,
         data_dir=data_dir,
         admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=shared_key_secret_file(),
         event_retention=retention,
     )
     service, port = await build_server(settings)

@@ -465,7 +465,7 @@ async def test_a_batch_entry_checks_every_element(monkeypatch: pytest.MonkeyPatc
     async def no_key(key: str) -> None:
         return None
 
-    authenticator = auth.Authenticator([], no_key, SystemClock())  # type: ignore[arg-type]
+    authenticator = auth.Authenticator([], no_key, SystemClock(), str)  # type: ignore[arg-type]
     monkeypatch.setitem(auth.LICENSE_KEY_METHODS, "/t/Batch", auth.Owns("id", each="records"))
     mine = auth.Principal(UNKNOWN_ID)
     batch = upb.SyncUsageRequest(records=[usage_pb2.UsageRecord(id=UNKNOWN_ID)] * 2)

@@ -113,7 +113,8 @@ async def test_license_file_verifies_and_carries_the_license(
     data = payload["data"]
     assert (data["type"], data["id"]) == ("licenses", lic.id)
     attrs = data["attributes"]
-    assert attrs["key"] == lic.key and attrs["name"] == "acme"
+    # keys are stored only as digests: the file carries the key only for its own holder
+    assert attrs["key"] is None and attrs["name"] == "acme"
     assert (attrs["uses"], attrs["maxUses"], attrs["usesLimit"]) == (3, 10, 12)
     assert attrs["maxCores"] == 64
     assert attrs["maxMachines"] == 1  # node-locked (floating = false): exactly one machine
@@ -251,6 +252,7 @@ async def test_license_key_checks_out_its_own_license_only(
     resp = await check_out(licenses, mine.id, md=license_md(mine.key), encrypt=True)
     _, payload = open_license_file(resp.certificate, key, mine.key)
     assert payload["data"]["id"] == mine.id
+    assert payload["data"]["attributes"]["key"] == mine.key  # the caller's own key
     err = await expect_error(check_out(licenses, other.id, md=license_md(mine.key)))
     assert err.code == grpc.StatusCode.PERMISSION_DENIED
     err = await expect_error(check_out(licenses, "01900000-0000-7000-8000-000000000000"))
@@ -275,6 +277,7 @@ def _settings(running: Running, data_dir: Path, **fields: Any) -> Settings:
         redis_url=running.redis_url,
         data_dir=data_dir,
         admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=running.key_secret_file,
         **fields,
     )
 
@@ -317,6 +320,7 @@ async def test_signing_key_file_setting_is_honored(running: Running, tmp_path: P
         "METER_DATA_DIR": str(tmp_path / "data"),
         "METER_ADMIN_TOKENS": ADMIN_TOKEN,
         "METER_SIGNING_KEY_FILE": str(path),
+        "METER_KEY_SECRET_FILE": str(running.key_secret_file),
     }
     expected = key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw

@@ -21,8 +21,9 @@ from meter_grpc.config import Settings
 from meter_grpc.domain.clock import ManualClock
 from meter_grpc.server import build_server
 from meter_grpc.storage import keys
+from meter_grpc.storage.store import LISTPACK_VALUE_NEEDED
 from tests.conftest import Running
-from tests.support import ADMIN_TOKEN, admin_md, expect_error
+from tests.support import ADMIN_TOKEN, admin_md, expect_error, shared_key_secret_file
 
 NOW_MS = 1_900_000_000_000
 RICH_POLICY: dict[str, Any] = {
@@ -82,8 +83,9 @@ async def test_license_hash_holds_no_policy_copy_and_responses_carry_the_policy(
     h = await redis.hgetall(keys.license(lic.id))  # type: ignore[misc]
     assert "p_json" not in h
     assert (h["p_uses"], h["p_machines"], h["p_cores"], h["p_overage"]) == ("40", "3", "16", "3")
-    # Every value fits a listpack entry (hash-max-listpack-value 64): the hash stays compact.
-    assert all(len(v.encode()) <= 64 for v in h.values())
+    # Every value fits a listpack entry (hash-max-listpack-value 128, as the embedded store and
+    # the test cluster are configured): the hash stays compact.
+    assert all(len(v.encode()) <= LISTPACK_VALUE_NEEDED for v in h.values())
     assert len(h) * 2 <= 128
     assert await redis.object("encoding", keys.license(lic.id)) == "listpack"  # type: ignore[misc]
 
@@ -194,6 +196,7 @@ async def test_licenses_written_with_the_policy_copy_are_migrated_on_start(
         redis_url=running.redis_url,
         data_dir=running.service.settings.data_dir,  # the same signing key
         admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=shared_key_secret_file(),
         clock=ManualClock(fixed_ms=NOW_MS),
     )
     service, port = await build_server(settings)

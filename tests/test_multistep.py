@@ -381,6 +381,7 @@ async def test_rotate_license_key(
     usage: ugrpc.UsageServiceStub,
     make_license: Any,
     redis: Any,
+    key_index: Any,
 ) -> None:
     """RotateLicenseKey: the new key works, the old one stops (within the cache's second);
     a key another license holds is refused and changes nothing; a license key may not
@@ -394,9 +395,10 @@ async def test_rotate_license_key(
     assert rotated.id == lic.id and rotated.key and rotated.key != lic.key
     assert await key_works(usage, lic.id, rotated.key)
     await wait_refused(usage, lic.id, lic.key)
-    assert await redis.get(keys.license_by_key(lic.key)) is None
+    assert await redis.get(key_index(lic.key)) is None
+    assert await redis.get(key_index(rotated.key)) == lic.id
     got = (await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())).license
-    assert got.key == rotated.key
+    assert got.key == ""  # returned by the rotation only: stored as a digest
 
     err = await expect_error(
         licenses.RotateLicenseKey(

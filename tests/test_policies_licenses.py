@@ -227,14 +227,16 @@ async def test_delete_policy_refused_while_licenses_use_it(
 
 
 async def test_create_license_generates_key_and_id(
-    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: aioredis.Redis
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: aioredis.Redis, key_index: Any
 ) -> None:
     lic = await make_license(name="acme", metadata={"customer": "acme"})
     assert KEY_FORMAT.fullmatch(lic.key), lic.key
     assert lic.status == license_pb2.LICENSE_STATUS_ACTIVE
     assert (lic.uses, lic.machines_count, lic.cores_count) == (0, 0, 0)
-    assert await redis.get(keys.license_by_key(lic.key)) == lic.id
+    assert await redis.get(key_index(lic.key)) == lic.id
     got = (await licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())).license
+    assert got.key == ""  # returned once, by CreateLicense: stored only as a digest
+    got.key = lic.key
     assert got == lic
     other = await make_license()
     assert other.key != lic.key
@@ -405,12 +407,14 @@ async def test_delete_license_removes_every_key(
     usage: ugrpc.UsageServiceStub,
     make_license: Any,
     redis: aioredis.Redis,
+    key_index: Any,
 ) -> None:
     lic = await make_license()
+    assert await redis.exists(key_index(lic.key))
     await usage.IncrementUsage(upb.IncrementUsageRequest(license_id=lic.id), metadata=admin_md())
     await licenses.DeleteLicense(lpb.DeleteLicenseRequest(id=lic.id), metadata=admin_md())
     assert not await redis.exists(keys.license(lic.id), keys.license_events(lic.id))
-    assert not await redis.exists(keys.license_by_key(lic.key))
+    assert not await redis.exists(key_index(lic.key))
     assert await redis.zscore(keys.all_licenses(), lic.id) is None
     err = await expect_error(
         licenses.GetLicense(lpb.GetLicenseRequest(id=lic.id), metadata=admin_md())

@@ -32,9 +32,11 @@ from collections.abc import Sequence
 
 from meter_grpc import cli
 from meter_grpc.config import ConfigError, Settings
+from meter_grpc.domain.keysecret import KeySecretError
 from meter_grpc.domain.signing import SigningKeyError
 from meter_grpc.server import build_server
 from meter_grpc.storage.embedded import DataDirLocked
+from meter_grpc.storage.migrate import KeySecretMismatch
 
 log = logging.getLogger("meter_grpc")
 
@@ -129,6 +131,12 @@ def run_server() -> None:
         sys.exit(2)
     except SigningKeyError as exc:  # check_files saw it fine: the file changed since
         print(f"meter-grpc: METER_SIGNING_KEY_FILE: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeySecretError as exc:  # check_files saw it fine: the file changed since
+        print(f"meter-grpc: METER_KEY_SECRET_FILE: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeySecretMismatch as exc:
+        print(f"meter-grpc: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import Clock, SystemClock
+from meter_grpc.domain.watching import DEFAULT_WATCH_MAX, DEFAULT_WATCH_PER_KEY
 
 
 class ConfigError(ValueError):
@@ -80,11 +81,16 @@ class Settings:
     tls_client_ca: Path | None = None
     metrics_listen: str = ""
     signing_key_file: Path | None = None
+    # 32 random bytes (or 64 hex digits): license keys are stored as HMACs under it
+    key_secret_file: Path | None = None
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     # Usage events kept per license for WatchUsage (at least the newest N); 0 = none written.
     event_retention: int = 1000
     log_level: str = "INFO"
+    # WatchUsage streams open at once: per license key, and in the whole process (admin too).
+    watch_per_key: int = DEFAULT_WATCH_PER_KEY
+    watch_max: int = DEFAULT_WATCH_MAX
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
     clock: Clock = field(default_factory=SystemClock)
@@ -108,6 +114,17 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a number: {expected}") from None
             if value <= 0 or not math.isfinite(value):
+                raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
+            return value
+
+        def count(name: str, default: int) -> int:
+            raw = get(name, str(default))
+            expected = f"expected a whole number >= 1 (default {default})"
+            if not raw.isdigit() or len(raw) > 9:
+                why = "is not a whole number" if not raw.isdigit() else "is out of range"
+                raise ConfigError(f"{name}={raw!r} {why}: {expected}")
+            value = int(raw)
+            if value < 1:
                 raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
             return value
 
@@ -146,10 +163,13 @@ class Settings:
             tls_client_ca=path("METER_TLS_CLIENT_CA"),
             metrics_listen=metrics_listen,
             signing_key_file=path("METER_SIGNING_KEY_FILE"),
+            key_secret_file=path("METER_KEY_SECRET_FILE"),
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=log_level,
             event_retention=_event_retention(get("METER_EVENT_RETENTION")),
+            watch_per_key=count("METER_WATCH_PER_KEY", DEFAULT_WATCH_PER_KEY),
+            watch_max=count("METER_WATCH_MAX", DEFAULT_WATCH_MAX),
         )
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))
@@ -189,10 +209,22 @@ class Settings:
         ):
             if file is not None:
                 _check_pem(name, file, kind)
+        if self.key_secret_file is not None:
+            from meter_grpc.domain.keysecret import KeySecret, KeySecretError
+
+            try:
+                KeySecret.load(self.key_secret_file)
+            except KeySecretError as exc:
+                raise ConfigError(f"METER_KEY_SECRET_FILE: {_one_line(exc)}") from None
         _check_bindable("METER_LISTEN", self.listen)
         if self.metrics_listen:
             _check_bindable("METER_METRICS_LISTEN", self.metrics_listen)
-        uses_data_dir = not self.redis_url or self.signing_key_file is None or not self.admin_tokens
+        uses_data_dir = (
+            not self.redis_url
+            or self.signing_key_file is None
+            or self.key_secret_file is None
+            or not self.admin_tokens
+        )
         if uses_data_dir:
             _check_data_dir(self.data_dir)
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +30,18 @@ from meter_grpc.api.metrics import Metrics
 from meter_grpc.api.usage_service import UsageService
 from meter_grpc.config import Settings, mask_url
 from meter_grpc.domain import failpoints
-from meter_grpc.domain.errors import MeterError
+from meter_grpc.domain.errors import MeterError, Reason
+from meter_grpc.domain.keysecret import KeySecret
 from meter_grpc.domain.licensing import Licensing
 from meter_grpc.domain.machines import Machines
 from meter_grpc.domain.metering import Metering
 from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.signing import Signer
 from meter_grpc.domain.validation import Validator
+from meter_grpc.storage import migrate
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.embedded import EmbeddedServer
-from meter_grpc.storage.store import RedisStore
+from meter_grpc.storage.store import LISTPACK_VALUE_NEEDED, RedisStore
 
 log = logging.getLogger("meter_grpc")
 
@@ -91,10 +94,15 @@ class Service:
     embedded: EmbeddedServer | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    secret: KeySecret | None = None
+    # False while the key secret check and migration (storage/migrate.py) have not run
+    prepared: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.server.start()
+        if not self.prepared:
+            self._tasks.append(asyncio.create_task(self._prepare_later(), name="meter-migrate"))
         self._tasks.append(asyncio.create_task(self._watch_storage(), name="meter-health"))
         self._tasks.append(
             asyncio.create_task(self.licensing.propagator.run(), name="meter-propagation")
@@ -116,7 +124,31 @@ class Service:
                 return
             if dropped:
                 log.info("migrated %d licenses: policy copies removed", dropped)
-            return
+            break
+        with contextlib.suppress(Exception):
+            limits = await self.store.listpack_value_limits()
+            if any(n < LISTPACK_VALUE_NEEDED for n in limits):
+                log.warning(
+                    "the store's hash-max-listpack-value is %d, below %d: license hashes are "
+                    "stored as hashtables, about twice the memory; set "
+                    "hash-max-listpack-value %d in its configuration",
+                    min(limits),
+                    LISTPACK_VALUE_NEEDED,
+                    LISTPACK_VALUE_NEEDED,
+                )
+
+    async def _prepare_later(self) -> None:
+        """The secret check and key migration of a start the store did not answer; a secret
+        mismatch found now stops the server (SIGTERM) as it would have refused to start."""
+        assert self.secret is not None
+        while not self.prepared:
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+            try:
+                self.prepared = await _prepare(self.store, self.secret)
+            except migrate.KeySecretMismatch as exc:
+                log.critical("%s: stopping", exc)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
@@ -177,23 +209,34 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         embedded.lock()  # first: a second instance on the data dir stops here, touching nothing
     failpoints.arm(settings.failpoints)
     signer = Signer.configured(settings.signing_key_file, settings.data_dir)
+    secret = KeySecret.configured(settings.key_secret_file, settings.data_dir)
     url = settings.redis_url
     if embedded is not None:
         url = await embedded.start()
     store: RedisStore | None = None
     metrics: Metrics | None = None
     try:
-        # One pipelined connection per node for every command; blocking reads (WatchUsage)
-        # take dedicated connections from the transport's bounded pool.
+        # One pipelined connection per node for every command; blocking reads (WatchUsage:
+        # one per watched license, shared by its watchers) take dedicated connections from
+        # the transport's bounded pool.
         store = RedisStore(
             RedisClient(url, timeout_s=settings.redis_timeout_s),
             event_retention=settings.event_retention,
         )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request
-        licensing = Licensing(store, settings.clock)
-        metering = Metering(store, settings.clock)
-        authenticator = Authenticator(admin_tokens(settings), licensing.key_holder, settings.clock)
+        prepared = await _prepare(store, secret)
+        licensing = Licensing(store, settings.clock, secret)
+        metering = Metering(
+            store,
+            settings.clock,
+            watch_per_key=settings.watch_per_key,
+            watch_max=settings.watch_max,
+        )
+        authenticator = Authenticator(
+            admin_tokens(settings), licensing.key_holder, settings.clock, licensing.key_digest
+        )
+        licensing.on_key_claimed = authenticator.key_claimed
 
         metrics = Metrics() if settings.metrics_listen else None
         server = aio.server(
@@ -210,7 +253,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                 LicenseService(
                     licensing,
                     machines=machines,
-                    validator=Validator(store, settings.clock),
+                    validator=Validator(store, settings.clock, licensing.key_digest),
                     license_files=LicenseFiles(licensing, machines, signer),
                 ),
                 license_service_pb2.DESCRIPTOR.services_by_name["LicenseService"],
@@ -263,4 +306,19 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     service = Service(
         server, port, settings, store, licensing, metering, health, embedded, metrics, metrics_port
     )
+    service.secret, service.prepared = secret, prepared
     return service, port
+
+
+async def _prepare(store: RedisStore, secret: KeySecret) -> bool:
+    """The key secret's check and the migration of keys stored in clear (storage/migrate.py),
+    before the server serves. False when the store did not answer (Service.start retries in
+    the background); KeySecretMismatch when the secret is not the one of this Redis."""
+    try:
+        await migrate.prepare(store, secret)
+    except MeterError as exc:
+        if exc.reason != Reason.STORAGE_UNAVAILABLE:
+            raise
+        log.warning("storage unreachable: the key secret check and key migration run once it is")
+        return False
+    return True

@@ -72,7 +72,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ALREADY_EXISTS: another license already has this key."""
     ERROR_REASON_LICENSE_NOT_RENEWABLE: _ErrorReason.ValueType  # 18
     """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
-    ERROR_REASON_USAGE_EVENTS_DISABLED: _ErrorReason.ValueType  # 19
+    ERROR_REASON_WATCH_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 19
+    """RESOURCE_EXHAUSTED: WatchUsage beyond the streams open at once that a license key
+    (METER_WATCH_PER_KEY) or the server (METER_WATCH_MAX, admin streams included) allows;
+    nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
+    `open_streams`, `setting` (the variable that sets the limit); with a QuotaFailure.
+    """
+    ERROR_REASON_USAGE_EVENTS_DISABLED: _ErrorReason.ValueType  # 20
     """FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
     (METER_EVENT_RETENTION=0).
     """
@@ -145,7 +151,13 @@ ERROR_REASON_LICENSE_KEY_TAKEN: ErrorReason.ValueType  # 17
 """ALREADY_EXISTS: another license already has this key."""
 ERROR_REASON_LICENSE_NOT_RENEWABLE: ErrorReason.ValueType  # 18
 """FAILED_PRECONDITION: RenewLicense on a license whose policy has no duration."""
-ERROR_REASON_USAGE_EVENTS_DISABLED: ErrorReason.ValueType  # 19
+ERROR_REASON_WATCH_LIMIT_EXCEEDED: ErrorReason.ValueType  # 19
+"""RESOURCE_EXHAUSTED: WatchUsage beyond the streams open at once that a license key
+(METER_WATCH_PER_KEY) or the server (METER_WATCH_MAX, admin streams included) allows;
+nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
+`open_streams`, `setting` (the variable that sets the limit); with a QuotaFailure.
+"""
+ERROR_REASON_USAGE_EVENTS_DISABLED: ErrorReason.ValueType  # 20
 """FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
 (METER_EVENT_RETENTION=0).
 """

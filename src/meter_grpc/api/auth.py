@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import hmac
@@ -9,7 +10,7 @@ import inspect
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -70,9 +71,10 @@ LICENSE_KEY_METHODS: dict[str, Owns] = {
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """`license_id` is empty for an admin."""
+    """`license_id` is empty for an admin; `key`: the license key it authenticated with."""
 
     license_id: str = ""
+    key: str = field(default="", repr=False)
 
 
 ADMIN = Principal()
@@ -157,28 +159,70 @@ def _unauthenticated(message: str) -> MeterError:
     return MeterError(Reason.UNAUTHENTICATED, message)
 
 
+# The key cache (per replica): how long an answer about a license key is trusted, and how
+# many keys it remembers. A rotated, deleted or expired (REVOKE_ACCESS) key stops
+# authenticating within KEY_CACHE_TTL_S on every replica; a key unknown when looked up is
+# refused from the cache for at most UNKNOWN_KEY_TTL_S (at once on the replica that creates it).
+KEY_CACHE_TTL_S = 1.0
+KEY_CACHE_SIZE = 10_000
+UNKNOWN_KEY_TTL_S = 1.0
+UNKNOWN_KEY_CACHE_SIZE = 10_000
+
+
 class KeyCache:
-    """license key -> KeyHolder, for at most a second: a rotated or deleted key stops
-    authenticating within that second on every replica (a deleted license's scripts answer
-    LICENSE_NOT_FOUND at once anyway). Its expiry may have changed since: a refusal is always
-    re-read."""
+    """key digest -> KeyHolder (or "unknown"), each for at most a second, in two LRUs of
+    bounded size: a flood of random keys costs one store read per distinct key per second
+    (while fewer than UNKNOWN_KEY_CACHE_SIZE distinct keys arrive in a second) and never more
+    memory than the bound. A holder's expiry may have changed since: a refusal by expiry is
+    always re-read."""
 
-    def __init__(self, size: int = 10_000, ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        size: int = KEY_CACHE_SIZE,
+        ttl_s: float = KEY_CACHE_TTL_S,
+        unknown_size: int = UNKNOWN_KEY_CACHE_SIZE,
+        unknown_ttl_s: float = UNKNOWN_KEY_TTL_S,
+    ) -> None:
         self.size, self.ttl_s = size, ttl_s
+        self.unknown_size, self.unknown_ttl_s = unknown_size, unknown_ttl_s
         self._items: OrderedDict[str, tuple[KeyHolder, float]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()
 
-    def get(self, key: str) -> KeyHolder | None:
-        item = self._items.get(key)
+    def get(self, digest: str) -> KeyHolder | None:
+        item = self._items.get(digest)
         if item is None or item[1] < time.monotonic():
             return None
-        self._items.move_to_end(key)
+        self._items.move_to_end(digest)
         return item[0]
 
-    def put(self, key: str, holder: KeyHolder) -> None:
-        self._items[key] = (holder, time.monotonic() + self.ttl_s)
-        self._items.move_to_end(key)
+    def put(self, digest: str, holder: KeyHolder) -> None:
+        self._unknown.pop(digest, None)
+        self._items[digest] = (holder, time.monotonic() + self.ttl_s)
+        self._items.move_to_end(digest)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+
+    def is_unknown(self, digest: str) -> bool:
+        until = self._unknown.get(digest)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._unknown[digest]
+            return False
+        return True
+
+    def put_unknown(self, digest: str) -> None:
+        self._unknown[digest] = time.monotonic() + self.unknown_ttl_s
+        self._unknown.move_to_end(digest)
+        while len(self._unknown) > self.unknown_size:
+            self._unknown.popitem(last=False)
+
+    def forget(self, digest: str) -> None:
+        self._items.pop(digest, None)
+        self._unknown.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._items) + len(self._unknown)
 
 
 class Authenticator:
@@ -187,11 +231,22 @@ class Authenticator:
         admin_tokens: Sequence[str],
         key_holder: Callable[[str], Awaitable[KeyHolder | None]],
         clock: Clock,
+        key_digest: Callable[[str], str],
     ) -> None:
+        """`key_holder` reads the holder of a key digest from the store; `key_digest` is how
+        keys are stored (HMAC-SHA256 under the server secret)."""
         self._tokens = [t.encode() for t in admin_tokens]
         self._lookup = key_holder
+        self._digest = key_digest
         self._clock = clock
-        self._cache = KeyCache()
+        self.cache = KeyCache()
+        self._reads: dict[str, asyncio.Task[KeyHolder | None]] = {}
+        self._claims = 0  # keys made valid on this replica: an older "unknown" is not cached
+
+    def key_claimed(self, digest: str) -> None:
+        """A key was made valid on this replica (create, rotation): forget it was unknown."""
+        self._claims += 1
+        self.cache.forget(digest)
 
     def _is_admin_token(self, token: str) -> bool:
         given = token.encode()
@@ -201,11 +256,34 @@ class Authenticator:
         return ok
 
     async def _holder(self, key: str) -> KeyHolder | None:
-        holder = self._cache.get(key)
-        if holder is None or holder.revoked(self._clock.now_ms()):
-            holder = await self._lookup(key)  # a refusal is never from the cache
-            if holder is not None:
-                self._cache.put(key, holder)
+        """The holder of `key`: from the cache (no store call), else one read shared by every
+        concurrent caller with the same key (a GET of the index and an HMGET of the license)."""
+        digest = self._digest(key)
+        holder = self.cache.get(digest)
+        if holder is not None and not holder.revoked(self._clock.now_ms()):
+            return holder
+        if holder is None and self.cache.is_unknown(digest):
+            return None
+        read = self._reads.get(digest)
+        if read is None:
+            read = asyncio.ensure_future(self._read(digest))
+            self._reads[digest] = read
+            read.add_done_callback(functools.partial(self._read_done, digest))
+        return await asyncio.shield(read)
+
+    def _read_done(self, digest: str, read: asyncio.Task[KeyHolder | None]) -> None:
+        if self._reads.get(digest) is read:
+            del self._reads[digest]
+        if not read.cancelled():
+            read.exception()  # retrieved: every waiter may have been cancelled meanwhile
+
+    async def _read(self, digest: str) -> KeyHolder | None:
+        claims = self._claims
+        holder = await self._lookup(digest)
+        if holder is not None:
+            self.cache.put(digest, holder)
+        elif claims == self._claims:  # no key was made valid here while it was read
+            self.cache.put_unknown(digest)
         return holder
 
     async def authorize(self, method: str, principal: Principal, request: Any) -> None:
@@ -259,5 +337,5 @@ class Authenticator:
                         "expiration_strategy": "REVOKE_ACCESS",
                     },
                 )
-            return Principal(holder.license_id)
+            return Principal(holder.license_id, credential)
         raise _unauthenticated("authorization must be 'Bearer <admin token>' or 'License <key>'")

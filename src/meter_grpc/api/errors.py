@@ -34,6 +34,7 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.POLICY_IN_USE: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.LICENSE_KEY_TAKEN: grpc.StatusCode.ALREADY_EXISTS,
     Reason.LICENSE_NOT_RENEWABLE: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.WATCH_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.USAGE_EVENTS_DISABLED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

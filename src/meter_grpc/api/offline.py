@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from meter.v1 import license_service_pb2 as pb
+from meter_grpc.api import auth
 from meter_grpc.api.convert import ts, ttl_ms
 from meter_grpc.domain.offline import LicenseFiles
 
@@ -24,6 +25,7 @@ class OfflineRpcs:
             ttl_ms(request.ttl) if request.HasField("ttl") else None,
             request.encrypt,
             request.fingerprint,
+            auth.current().key,
         )
         return pb.CheckOutLicenseResponse(
             certificate=f.certificate, issue_time=ts(f.issued_ms), expire_time=ts(f.expiry_ms)

@@ -11,6 +11,7 @@ from typing import Any
 from meter.v1 import usage_pb2
 from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
+from meter_grpc.api import auth
 from meter_grpc.api.convert import (
     record_result_to_proto,
     ts,
@@ -187,6 +188,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
             request.after_event_id,
             from_oldest=request.from_oldest,
             subscribed=subscribed,
+            key_license_id=auth.current().license_id,
         ):
             yield pb.WatchUsageResponse(
                 event=usage_pb2.UsageEvent(

@@ -40,6 +40,7 @@ from meter_grpc.client.errors import (
     Unavailable,
     UsageLimitExceeded,
     UsageUnderflow,
+    WatchLimitExceeded,
 )
 from meter_grpc.client.journal import JournalRecord, UsageJournal
 from meter_grpc.client.license_file import LicenseFileError, verify_license_file
@@ -81,5 +82,6 @@ __all__ = [
     "UsageLimitExceeded",
     "UsageUnderflow",
     "UseResult",
+    "WatchLimitExceeded",
     "verify_license_file",
 ]

@@ -90,6 +90,11 @@ class CoreLimitExceeded(LimitExceeded):
     pass
 
 
+class WatchLimitExceeded(LimitExceeded):
+    """WatchUsage beyond the streams a license key or the server may have open at once
+    (metadata `scope`, `limit`, `setting`); nothing was opened."""
+
+
 class FailedPrecondition(MeterClientError):
     pass
 
@@ -152,6 +157,7 @@ _BY_REASON: dict[str, type[MeterClientError]] = {
     "USAGE_LIMIT_EXCEEDED": UsageLimitExceeded,
     "MACHINE_LIMIT_EXCEEDED": MachineLimitExceeded,
     "CORE_LIMIT_EXCEEDED": CoreLimitExceeded,
+    "WATCH_LIMIT_EXCEEDED": WatchLimitExceeded,
     "USAGE_UNDERFLOW": UsageUnderflow,
     "LICENSE_SUSPENDED": LicenseSuspended,
     "LICENSE_EXPIRED": LicenseExpired,

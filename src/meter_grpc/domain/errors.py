@@ -34,6 +34,9 @@ class Reason(enum.StrEnum):
     LICENSE_KEY_TAKEN = "LICENSE_KEY_TAKEN"
     # RenewLicense on a license whose policy has no duration.
     LICENSE_NOT_RENEWABLE = "LICENSE_NOT_RENEWABLE"
+    # WatchUsage beyond the streams a license key (METER_WATCH_PER_KEY) or the process
+    # (METER_WATCH_MAX) may have open at once.
+    WATCH_LIMIT_EXCEEDED = "WATCH_LIMIT_EXCEEDED"
     # WatchUsage on a server that keeps no usage events (METER_EVENT_RETENTION=0).
     USAGE_EVENTS_DISABLED = "USAGE_EVENTS_DISABLED"
 

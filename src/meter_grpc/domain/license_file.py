@@ -86,14 +86,19 @@ def issue(
     payload: Mapping[str, Any],
     sign: Callable[[bytes], bytes],
     license_key: str | None = None,
+    *,
+    aes_key: bytes | None = None,
 ) -> str:
-    """The armored license file of `payload`, encrypted when a license key is given."""
+    """The armored license file of `payload`, encrypted when a license key (or `aes_key`,
+    SHA-256 of the license key, for a server that stores keys only as digests) is given."""
     plaintext = json.dumps(payload, separators=(",", ":")).encode()
-    if license_key is None:
+    if license_key is not None:
+        aes_key = _aes_key(license_key)
+    if aes_key is None:
         alg, enc = ALG_PLAIN, _b64(plaintext)
     else:
         iv = os.urandom(IV_BYTES)
-        sealed = AESGCM(_aes_key(license_key)).encrypt(iv, plaintext, None)
+        sealed = AESGCM(aes_key).encrypt(iv, plaintext, None)
         ciphertext, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
         alg, enc = ALG_ENCRYPTED, ".".join((_b64(ciphertext), _b64(iv), _b64(tag)))
     sig = _b64(sign(SIGNED_PREFIX + enc.encode()))

@@ -6,12 +6,13 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from meter_grpc.domain import failpoints, ids, masks, paging, periods, propagation
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import MeterError, Reason, not_found, request_id_reused
+from meter_grpc.domain.keysecret import CREATE_SECRET, KeySecret, KeySecretError
 from meter_grpc.domain.models import KeyHolder, License, Policy
 from meter_grpc.domain.propagation import Propagator, is_ghost, new_token
 from meter_grpc.domain.rules import (
@@ -56,10 +57,20 @@ class Licensing:
     nowhere and remove them once they are ghosts (propagation.is_ghost), and a create with a
     request_id is completed by its retry."""
 
-    def __init__(self, store: Store, clock: Clock, propagator: Propagator | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        secret: KeySecret,
+        propagator: Propagator | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.secret = secret
         self.propagator = propagator or Propagator(store)
+        # Called with the digest of every key this replica makes valid (create, rotation), so
+        # the authenticator forgets that it was unknown (api/auth.py KeyCache).
+        self.on_key_claimed: Callable[[str], None] = lambda digest: None
 
     # --- idempotent creates ---------------------------------------------------------------
 
@@ -251,18 +262,21 @@ class Licensing:
             check_key(v, "license.key", lic.key)
         v.request_id("request_id", request_id)
         v.raise_if_any()
-        fields = {a: getattr(lic, a) for a in (*masks.LICENSE.fields.values(), "policy_id", "key")}
+        fields = {a: getattr(lic, a) for a in (*masks.LICENSE.fields.values(), "policy_id")}
+        fields["key"] = self.secret.digest(lic.key) if lic.key else ""
         # A license's request_id is scoped to its policy (the parent, as in AIP-155).
         scoped = f"{lic.policy_id}/{request_id}" if request_id else ""
-        record = await self._bind(
-            "license", scoped, _fingerprint(fields), lic.key or ids.new_license_key()
-        )
+        sealed = ""
+        if scoped:  # the key this create uses, sealed: its replay returns it again
+            sealed = self.secret.seal((lic.key or ids.new_license_key()).encode(), CREATE_SECRET)
+        record = await self._bind("license", scoped, _fingerprint(fields), sealed)
         now = self.clock.now_ms()
+        if record is not None and record.secret:
+            lic = dataclasses.replace(lic, key=self._open_create_secret(record.secret))
         if record is not None and isinstance(record.answer, License):
+            record.answer.key = lic.key
             return periods.as_read_now(record.answer, now)
         license_id = record.id if record is not None else ids.new_id()
-        if record is not None:
-            lic = dataclasses.replace(lic, key=record.secret)
         for _ in range(2):
             created = await self._create_license(lic, license_id, now)
             if created is not None:
@@ -270,6 +284,18 @@ class Licensing:
                 return periods.as_read_now(created, now)
             license_id = await self._rebind("license", scoped, license_id)
         raise _unavailable("the create took too long; retry", "not_applied")
+
+    def _open_create_secret(self, sealed: str) -> str:
+        try:
+            return self.secret.open(sealed, CREATE_SECRET).decode()
+        except KeySecretError:
+            raise MeterError(
+                Reason.STORAGE_UNAVAILABLE,
+                "the key of this create's first attempt cannot be read: "
+                "was it stored under another server secret?",
+                metadata={"outcome": "not_applied"},
+                retry_after_ms=500,
+            ) from None
 
     async def _create_license(self, lic: License, license_id: str, now: int) -> License | None:
         """Registers the id with its policy, claims its key, indexes it, then writes it: every
@@ -288,6 +314,8 @@ class Licensing:
             lic, id=license_id, create_time_ms=now, update_time_ms=now, policy=policy
         )
         lic.key = lic.key or ids.new_license_key()
+        lic.key_digest = self.secret.digest(lic.key)
+        lic.sealed_file_key = self.secret.seal_file_key(license_id, lic.key)
         await self._claim_key(lic)
         await failpoints.hit("create_license.key_claimed")
         await self.store.index(license_id=license_id)
@@ -310,18 +338,20 @@ class Licensing:
                 metadata={"id": license_id},
             )
         if created is None:  # never written, and never will be: drop what points at it
-            await self.store.release_key(lic.key, license_id)
+            await self.store.release_key(lic.key_digest, license_id)
             await self.store.detach_license(lic.policy_id, license_id)
             await self.store.unindex([], [license_id])
+            return None
+        created.key = lic.key  # only in this answer: the store holds its digest
         return created
 
     async def _claim_key(self, lic: License, *, field: str = "license.key") -> None:
         """Points the key at the license; takes it over from a ghost (a license that will
         never exist), else LICENSE_KEY_TAKEN (and a license being created leaves its
         policy's list)."""
-        holder = await self.store.claim_key(lic.key, lic.id)
+        holder = await self.store.claim_key(lic.key_digest, lic.id)
         if holder and is_ghost(holder, (await self.store.license_states([holder]))[0]):
-            holder = await self.store.claim_key(lic.key, lic.id, ghost=holder)
+            holder = await self.store.claim_key(lic.key_digest, lic.id, ghost=holder)
         if holder:
             if field == "license.key":
                 await self.store.detach_license(lic.policy_id, lic.id)
@@ -330,6 +360,7 @@ class Licensing:
                 "another license has this key",
                 metadata={"field": field},
             )
+        self.on_key_claimed(lic.key_digest)
 
     async def rotate_license_key(self, license_id: str, key: str = "") -> License:
         """Gives the license a new key: the new key's entry first, then the license, then the
@@ -343,20 +374,31 @@ class Licensing:
         lic = await self.store.get_license(license_id)
         if lic is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        old = lic.key
-        if key == old:
+        old = lic.key_digest
+        if key and self.secret.digest(key) == old:
+            lic.key = key
             return periods.as_read_now(lic, self.clock.now_ms())
-        new = dataclasses.replace(lic, key=key or ids.new_license_key())
+        new_key = key or ids.new_license_key()
+        new = dataclasses.replace(
+            lic,
+            key=new_key,
+            key_digest=self.secret.digest(new_key),
+            sealed_file_key=self.secret.seal_file_key(license_id, new_key),
+        )
         await self._claim_key(new, field="key")
         await failpoints.hit("rotate_license_key.claimed")
         try:
-            rotated = await self._set(license_id, {"key": new.key})
+            rotated = await self._set(
+                license_id,
+                {"key_digest": new.key_digest, "sealed_file_key": new.sealed_file_key},
+            )
         except MeterError as err:
             if err.reason == Reason.LICENSE_NOT_FOUND:  # deleted meanwhile
-                await self.store.release_key(new.key, license_id)
+                await self.store.release_key(new.key_digest, license_id)
             raise
         await failpoints.hit("rotate_license_key.updated")
         await self.store.release_key(old, license_id)
+        rotated.key = new_key  # only in this answer: the store holds its digest
         return rotated
 
     async def get_license(self, license_id: str, field: str = "id") -> License:
@@ -377,20 +419,26 @@ class Licensing:
         read = await self.store.read_license(lic.id, now_ms)
         return read.license if read is not None else lic
 
-    async def license_id_by_key(self, key: str) -> str | None:
-        if not key or len(key) > 256:
-            return None
-        return await self.store.license_id_by_key(key)
+    def file_key(self, lic: License) -> bytes:
+        """SHA-256(key) of the license (the AES key of its encrypted license files), unsealed."""
+        try:
+            return self.secret.open_file_key(lic.id, lic.sealed_file_key)
+        except KeySecretError:
+            raise MeterError(
+                Reason.STORAGE_UNAVAILABLE,
+                "the license's file key cannot be read: was it stored under another server secret?",
+                metadata={"outcome": "not_applied", "id": lic.id},
+                retry_after_ms=500,
+            ) from None
 
-    async def key_holder(self, key: str) -> KeyHolder | None:
-        """The license a key authenticates as, with what decides whether it still may."""
-        license_id = await self.license_id_by_key(key)
-        if license_id is None:
-            return None
-        lic = await self.store.get_license(license_id)
-        if lic is None or lic.key != key:  # an entry left by a create or delete cut short
-            return None
-        return KeyHolder(lic.id, lic.expire_time_ms, lic.policy.expiration_strategy)
+    def key_digest(self, key: str) -> str:
+        """How a license key is indexed and stored: HMAC-SHA256 under the server secret."""
+        return self.secret.digest(key)
+
+    async def key_holder(self, digest: str) -> KeyHolder | None:
+        """The license the key of this digest authenticates as, with what decides whether it
+        still may (None when no license holds it)."""
+        return await self.store.key_holder(digest)
 
     async def list_licenses(
         self, policy_id: str, page_size: int, page_token: str
@@ -445,9 +493,9 @@ class Licensing:
         deleted = await self.store.delete_license(license_id, max(propagation.GHOST_AFTER_MS, 1))
         if deleted is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-        key, policy_id = deleted
+        digest, policy_id = deleted
         await failpoints.hit("delete_license.deleted")
-        await self.store.release_key(key, license_id)
+        await self.store.release_key(digest, license_id)
         await failpoints.hit("delete_license.key_released")
         await self.store.detach_license(policy_id, license_id)
         await failpoints.hit("delete_license.detached")

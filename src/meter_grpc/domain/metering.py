@@ -4,6 +4,7 @@ themselves run in usage.lua and usage_sync.lua."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from meter_grpc.domain.rules import (
     Violations,
     is_minted_id,
 )
+from meter_grpc.domain.watching import DEFAULT_WATCH_MAX, DEFAULT_WATCH_PER_KEY, WatchHub
 
 if TYPE_CHECKING:
     from meter_grpc.domain.ports import Store, UsageResult
@@ -75,25 +77,35 @@ class Increment:
     request_id: str = ""
 
 
-WATCH_BLOCK_MS = 5000
 # The position before every event of a stream: reading after it starts with the oldest one.
 OLDEST_EVENT_ID = "0-0"
 
 
 class Metering:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        watch_per_key: int = DEFAULT_WATCH_PER_KEY,
+        watch_max: int = DEFAULT_WATCH_MAX,
+    ) -> None:
         self.store = store
         self.clock = clock
-        # Tasks blocked in watch(): stopped by close() before the store closes under them.
+        # One store reader per watched license, and the caps on WatchUsage streams.
+        self.hub = WatchHub(store, per_key=watch_per_key, total=watch_max)
+        # Tasks in watch(): stopped by close() before the store closes under them.
         self._watchers: set[asyncio.Task[Any]] = set()
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Ends every watch() still running (a shutdown) and waits for them to end."""
+        """Ends every watch() still running (a shutdown) and its store readers, and waits for
+        them to end."""
         watchers = [t for t in self._watchers if not t.done()]
         for task in watchers:
             task.cancel()
         if watchers:
             await asyncio.wait(watchers, timeout=timeout_s)
+        await self.hub.close(timeout_s)
 
     async def increment(
         self, license_id: str, amount: int, request_id: str = "", *, field_prefix: str = ""
@@ -186,15 +198,18 @@ class Metering:
         *,
         from_oldest: bool = False,
         subscribed: Callable[[], Awaitable[None]] | None = None,
+        key_license_id: str = "",
     ) -> AsyncIterator[UsageEvent]:
-        """Usage events of a license as they happen.
+        """Usage events of a license as they happen (domain/watching.py: one store reader per
+        watched license, shared by its watchers).
 
         Starts after `after_event_id` ("0-0": before the first one), with the oldest retained
         event (`from_oldest`), or else with the first event made after the subscription is in
         place. `subscribed` is awaited once the read position is fixed, before any event is
         read: every change made after it returns is delivered (the API sends the response
         headers there). Ends with LICENSE_NOT_FOUND when the license is deleted while being
-        watched.
+        watched. `key_license_id`: the license of the calling license key ("" for an admin),
+        whose streams are capped (WATCH_LIMIT_EXCEEDED).
         """
         v = Violations()
         v.identifier("license_id", license_id)
@@ -218,29 +233,23 @@ class Metering:
                 "nothing to deliver; read the counter with GetUsage",
                 metadata={"license_id": license_id, "event_retention": "0"},
             )
+        self.hub.acquire(key_license_id, license_id)
         task = asyncio.current_task()
         if task is not None:
             self._watchers.add(task)
         try:
             if not await self.store.license_exists(license_id):
                 raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-            if from_oldest:
-                after = OLDEST_EVENT_ID
-            else:
-                after = after_event_id or await self.store.last_event_id(license_id)
+            newest = await self.store.last_event_id(license_id)
+            after = OLDEST_EVENT_ID if from_oldest else (after_event_id or newest)
             if subscribed is not None:
                 await subscribed()
-            while True:
-                events = await self.store.read_events(license_id, after, WATCH_BLOCK_MS)
-                if not events:
-                    if not await self.store.license_exists(license_id):
-                        raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
-                    continue
-                for event in events:
+            async with contextlib.aclosing(self.hub.events(license_id, after, newest)) as events:
+                async for event in events:
                     yield event
-                after = events[-1].event_id
         finally:
             self._watchers.discard(task)
+            self.hub.release(key_license_id, license_id)
 
     async def sync(self, license_id: str, records: Sequence[UsageRecord]) -> SyncResult:
         """Applies offline records in order, each at most once by id, in one atomic script run.

@@ -97,6 +97,8 @@ class Policy:
 @dataclass(slots=True)
 class License:
     id: str = ""
+    # The full key: only in the answer of the call that set it (CreateLicense and its replay,
+    # RotateLicenseKey) or given by the caller; never stored (domain/keysecret.py).
     key: str = ""
     policy_id: str = ""
     name: str = ""
@@ -118,6 +120,10 @@ class License:
     update_time_ms: int = 0
     # The policy as this license last saw it (its limits are checked inside the scripts).
     policy: Policy = field(default_factory=Policy)
+    # How the key is stored: its digest (HMAC-SHA256 under the server secret) and SHA-256(key)
+    # sealed under the server secret (what encrypted license files need).
+    key_digest: str = ""
+    sealed_file_key: str = ""
 
     @property
     def max_uses(self) -> int | None:

@@ -109,7 +109,8 @@ def license_payload(
             "id": lic.id,
             "attributes": {
                 "name": lic.name,
-                "key": lic.key,
+                # the key only when the caller authenticated with it (never stored in clear)
+                "key": lic.key or None,
                 "expiry": iso(lic.expire_time_ms),
                 "status": lic.status(issued_ms).name,
                 "suspended": lic.suspended,
@@ -166,9 +167,11 @@ class LicenseFiles:
         return self.signer.algorithm
 
     async def check_out(
-        self, license_id: str, ttl_ms: int | None, encrypt: bool, fingerprint: str
+        self, license_id: str, ttl_ms: int | None, encrypt: bool, fingerprint: str, key: str = ""
     ) -> CheckedOut:
-        """Signs a snapshot of the license. `ttl_ms`: None = 30 days, 0 = never expires."""
+        """Signs a snapshot of the license. `ttl_ms`: None = 30 days, 0 = never expires.
+        `key`: the license key the caller authenticated with (put in the payload), if any.
+        Encryption uses SHA-256(key), kept sealed under the server secret."""
         v = Violations()
         v.identifier("id", license_id)
         if ttl_ms is None:
@@ -191,8 +194,10 @@ class LicenseFiles:
         issued = self.licensing.clock.now_ms()
         ttl = ttl_ms or None
         machines = [machine_resource(m) for m in live]
+        lic.key = key
         payload = license_payload(lic, machines, issued_ms=issued, ttl_ms=ttl)
-        certificate = license_file.issue(payload, self.signer.sign, lic.key if encrypt else None)
+        aes_key = self.licensing.file_key(lic) if encrypt else None
+        certificate = license_file.issue(payload, self.signer.sign, aes_key=aes_key)
         return CheckedOut(certificate, issued, None if ttl is None else issued + ttl)
 
     async def _live_machines(self, license_id: str) -> list[Machine]:

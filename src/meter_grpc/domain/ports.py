@@ -14,6 +14,7 @@ from typing import Protocol
 
 from meter_grpc.domain.models import (
     FingerprintState,
+    KeyHolder,
     License,
     Machine,
     Policy,
@@ -163,10 +164,11 @@ class Store(Protocol):
 
     async def finish_create(self, kind: str, request_id: str, answer: Policy | License) -> None: ...
 
-    async def claim_key(self, key: str, license_id: str, ghost: str = "") -> str:
-        """ "" when the license holds the key now, else the id of the license holding it."""
+    async def claim_key(self, digest: str, license_id: str, ghost: str = "") -> str:
+        """ "" when the license holds the key (by digest) now, else the id of the license
+        holding it."""
 
-    async def release_key(self, key: str, license_id: str) -> None: ...
+    async def release_key(self, digest: str, license_id: str) -> None: ...
 
     async def create_license(
         self, lic: License, *, now_ms: int, minted_ms: int, window_ms: int
@@ -174,7 +176,10 @@ class Store(Protocol):
         """(1, license) created, (2, license) it existed, (0, None) the create window passed,
         (3, None) it was created and deleted since."""
 
-    async def license_id_by_key(self, key: str) -> str | None: ...
+    async def license_id_by_key(self, digest: str) -> str | None: ...
+
+    async def key_holder(self, digest: str) -> KeyHolder | None:
+        """The license holding the key of this digest, with what authentication checks."""
 
     async def get_license(self, license_id: str) -> License | None: ...
 
@@ -189,7 +194,7 @@ class Store(Protocol):
         """Sets License attributes (by attribute name) and `update_time`; None if gone."""
 
     async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
-        """Deletes the license and its keys: its (key, policy id); None if it is gone."""
+        """Deletes the license and its keys: its (key digest, policy id); None if gone."""
 
     async def usage(
         self,
@@ -211,9 +216,10 @@ class Store(Protocol):
         """Id of the newest usage event of the license ("0-0" when there is none)."""
 
     async def read_events(
-        self, license_id: str, after: str, block_ms: int, count: int = 100
+        self, license_id: str, after: str, block_ms: int | None, count: int = 100
     ) -> list[UsageEvent]:
-        """Usage events after `after`, waiting up to `block_ms` for the first one."""
+        """Usage events after `after`, waiting up to `block_ms` for the first one; None: no
+        wait (what is there now)."""
 
     async def license_exists(self, license_id: str) -> bool: ...
 

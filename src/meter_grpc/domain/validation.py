@@ -19,7 +19,7 @@ Usage never plays a part: a license that has used its last unit is still valid.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -114,9 +114,10 @@ def evaluate(
 
 
 class Validator:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock, key_digest: Callable[[str], str]) -> None:
         self.store = store
         self.clock = clock
+        self.key_digest = key_digest  # how license keys are stored (domain/keysecret.py)
 
     @staticmethod
     def _check_scope(v: Violations, fingerprint: str, entitlements: list[str]) -> None:
@@ -143,7 +144,8 @@ class Validator:
         self._check_scope(v, fingerprint, list(entitlements))
         v.raise_if_any()
         if which == "key":
-            return await self.store.license_id_by_key(key) or ""
+            holder = await self.store.key_holder(self.key_digest(key))
+            return holder.license_id if holder is not None else ""
         return license_id
 
     async def validate(

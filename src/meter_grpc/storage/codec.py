@@ -7,6 +7,8 @@ scripts read (`p_*`, and `p_rev`, the policy revision they come from) and its co
 check-in rules, metadata...) is read from the policy's own hash when a License is built
 (`license_from_hash(h, policy)`); licenses written before carry the whole policy JSON in
 `p_json`, which is ignored when the policy is given and dropped on start (store.py).
+Its key is never stored: only `kd`, the key's digest, and `kf`, SHA-256(key) sealed under the
+server secret (domain/keysecret.py).
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ _UPDATABLE: dict[str, tuple[str, Any]] = {
     "entitlements": ("ents", json.dumps),
     "metadata": ("meta", lambda m: json.dumps(m, sort_keys=True)),
     "suspended": ("suspended", lambda b: "1" if b else "0"),
-    "key": ("key", str),  # RotateLicenseKey only (UpdateLicense's mask never names it)
+    # RotateLicenseKey only (UpdateLicense's mask never names them); the key is never stored
+    "key_digest": ("kd", str),
+    "sealed_file_key": ("kf", str),
     "last_check_in_ms": ("check_in", _opt),
 }
 
@@ -103,7 +107,6 @@ def license_to_hash(lic: License) -> dict[str, str]:
     scripts take it for the license's existence)."""
     h = {
         "id": lic.id,
-        "key": lic.key,
         "policy_id": lic.policy_id,
         **license_fields({attr: getattr(lic, attr) for attr in _UPDATABLE}),
         "created": str(lic.create_time_ms),
@@ -153,7 +156,6 @@ def license_from_hash(h: dict[str, str], policy: Policy | None = None) -> Licens
     """The License of a hash; `policy`: its policy as stored (see snapshot_policy)."""
     return License(
         id=h["id"],
-        key=h.get("key", ""),
         policy_id=h["policy_id"],
         name=h.get("name", ""),
         suspended=h.get("suspended") == "1",
@@ -171,6 +173,8 @@ def license_from_hash(h: dict[str, str], policy: Policy | None = None) -> Licens
         create_time_ms=int(h.get("created") or 0),
         update_time_ms=int(h.get("updated") or 0),
         policy=snapshot_policy(h, policy),
+        key_digest=h.get("kd", ""),
+        sealed_file_key=h.get("kf", ""),
     )
 
 

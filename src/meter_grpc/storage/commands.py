@@ -10,7 +10,7 @@ split per slot; blocking reads (xread with `block`) go to a dedicated connection
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -99,6 +99,21 @@ class RedisClient:
         nodes = await self.router.primaries()
         replies = await asyncio.gather(*(self.router.call(("PING",), node=n) for n in nodes))
         return all(r == "PONG" for r in replies)
+
+    async def scan_iter(self, match: str, count: int = 1000) -> AsyncIterator[str]:
+        """Every key name matching `match`, SCANned on every primary (a Cluster's too); a key
+        may come twice, as SCAN guarantees."""
+        for node in await self.router.primaries():
+            cursor = "0"
+            while True:
+                reply = await self.router.call(
+                    ("SCAN", cursor, "MATCH", match, "COUNT", count), node=node
+                )
+                cursor = str(reply[0])
+                for name in reply[1]:
+                    yield str(name)
+                if cursor == "0":
+                    break
 
     # scripts
     def run_script(

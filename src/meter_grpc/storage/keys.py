@@ -92,10 +92,36 @@ def create_request(kind: str, request_id: str) -> str:
     return f"{PREFIX}:{{req:{kind}:{digest}}}"
 
 
-def license_by_key(key: str) -> str:
-    """String: license id of a license key (stored by digest: one read per lookup)."""
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    return f"{PREFIX}:{{key:{digest}}}"
+def license_by_key(digest: str) -> str:
+    """String: license id of a license key, named by the key's digest (HMAC-SHA256 under the
+    server secret, domain/keysecret.py): neither the key nor SHA-256(key) appears in Redis."""
+    return f"{PREFIX}:{{kd:{digest}}}"
+
+
+def license_by_key_sha256(key: str) -> str:
+    """The index entry of a license key in the earlier format, named by SHA-256(key): only
+    read to remove it (storage/migrate.py)."""
+    return f"{PREFIX}:{{key:{hashlib.sha256(key.encode()).hexdigest()}}}"
+
+
+# Index entries of an earlier format, named by SHA-256(key): removed on start (storage/migrate.py).
+OLD_KEY_INDEX_PATTERN = f"{PREFIX}:{{key:*}}"
+# License hashes (and their other keys: migrate.py keeps only names matching `license`).
+LICENSE_PATTERN = f"{PREFIX}:{{lic:*}}"
+# Create records of licenses (`create_request("license", ...)`).
+LICENSE_CREATE_PATTERN = f"{PREFIX}:{{req:license:*}}"
+
+
+def keys_migrated() -> str:
+    """String: set once every record of the earlier format (keys in clear) was migrated, so
+    later starts skip the SCAN (storage/migrate.py)."""
+    return f"{PREFIX}:keys-migrated"
+
+
+def key_secret_check() -> str:
+    """String: an HMAC of a fixed label under the server secret, written by the first replica;
+    a replica whose secret disagrees refuses to start."""
+    return f"{PREFIX}:keysecret"
 
 
 def policy(policy_id: str) -> str:

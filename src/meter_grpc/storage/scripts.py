@@ -24,6 +24,7 @@ SCRIPT_NAMES = (
     "usage_sync",
     "cas",
     "create_record",
+    "key_migrate",
     "policy_create",
     "policy_attach",
     "policy_update",

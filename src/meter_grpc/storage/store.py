@@ -20,7 +20,9 @@ from typing import Any, ParamSpec, TypeVar
 
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.models import (
+    ExpirationStrategy,
     FingerprintState,
+    KeyHolder,
     License,
     Machine,
     Policy,
@@ -52,6 +54,9 @@ _MACHINE_UPDATE_RETRIES = 20
 RETRY_AFTER_MS = 500
 # The license hash format this code writes (keys.license_format): 2 = without `p_json`.
 LICENSE_FORMAT = 2
+# hash-max-listpack-value a license hash needs to stay a listpack: its longest value is the
+# sealed file key (`kf`, about 85 bytes).
+LISTPACK_VALUE_NEEDED = 128
 # Policies kept in memory to build Licenses from license hashes (cleared when full).
 POLICY_CACHE_SIZE = 10_000
 
@@ -324,21 +329,22 @@ class RedisStore:
     # --- licenses -------------------------------------------------------------------------
 
     @storage_call
-    async def claim_key(self, key: str, license_id: str, ghost: str = "") -> str:
-        """Reserves a license key for a license. Returns "" when the license holds it now,
-        else the id of the license holding it. With `ghost`, takes it over from that holder
-        (whose license does not exist) only if it still holds it."""
+    async def claim_key(self, digest: str, license_id: str, ghost: str = "") -> str:
+        """Reserves a license key (by its digest) for a license. Returns "" when the license
+        holds it now, else the id of the license holding it. With `ghost`, takes it over from
+        that holder (whose license does not exist) only if it still holds it."""
         row = await self.scripts.cas(
-            keys=[keys.license_by_key(key)], args=["set", ghost, license_id, ""]
+            keys=[keys.license_by_key(digest)], args=["set", ghost, license_id, ""]
         )
         if row[0] or row[1] == license_id:
             return ""
         return str(row[1] or "")
 
     @storage_call
-    async def release_key(self, key: str, license_id: str) -> None:
+    async def release_key(self, digest: str, license_id: str) -> None:
         """Drops a key's entry if it still points at this license."""
-        await self.scripts.cas(keys=[keys.license_by_key(key)], args=["del", license_id])
+        if digest:
+            await self.scripts.cas(keys=[keys.license_by_key(digest)], args=["del", license_id])
 
     @storage_call
     async def create_license(
@@ -388,6 +394,22 @@ class RedisStore:
         (lic,) = await self._licenses([h])
         return lic
 
+    async def listpack_value_limits(self) -> list[int]:
+        """hash-max-listpack-value of every primary that lets CONFIG GET be called (a managed
+        Redis may refuse it: that node is left out)."""
+        router = self.client.router
+        out = []
+        for node in await router.primaries():
+            try:
+                reply = await router.call(("CONFIG", "GET", "hash-max-listpack-value"), node=node)
+            except Exception:  # CONFIG disabled or renamed: nothing to learn
+                continue
+            if isinstance(reply, list) and len(reply) == 2:
+                out.append(int(reply[1]))
+            elif isinstance(reply, dict) and reply:
+                out.append(int(next(iter(reply.values()))))
+        return out
+
     @storage_call
     async def drop_legacy_policy_copies(self, page: int = 1000) -> int:
         """Migrates licenses written by earlier versions: removes the `p_json` copy of the whole
@@ -409,9 +431,29 @@ class RedisStore:
         return dropped
 
     @storage_call
-    async def license_id_by_key(self, key: str) -> str | None:
-        value: str | None = await self.client.get(keys.license_by_key(key))
+    async def license_id_by_key(self, digest: str) -> str | None:
+        """The id of the license whose key has this digest (an index entry: a create or
+        delete cut short may leave one pointing at a license without this key)."""
+        value: str | None = await self.client.get(keys.license_by_key(digest))
         return value
+
+    @storage_call
+    async def key_holder(self, digest: str) -> KeyHolder | None:
+        """What license-key authentication reads: one GET of the index entry, then one HMGET
+        of the three fields the check needs. None unless the license holds this key."""
+        license_id: str | None = await self.client.get(keys.license_by_key(digest))
+        if license_id is None:
+            return None
+        kd, expire, strategy = await self.client.hmget(
+            keys.license(license_id), ["kd", "expire", "p_expiry_strategy"]
+        )
+        if kd != digest:  # an entry left by a create, rotation or delete cut short
+            return None
+        return KeyHolder(
+            license_id,
+            int(expire) if expire else None,
+            ExpirationStrategy(int(strategy or 0)),
+        )
 
     @storage_call
     async def get_license(self, license_id: str) -> License | None:
@@ -449,7 +491,7 @@ class RedisStore:
     @storage_call
     async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
         """Deletes the license with all its keys (license_delete.lua) and leaves a tombstone:
-        its (key, policy id), for the caller to drop it from the key lookup and the indexes;
+        its (key digest, policy id), for the caller to drop it from the key lookup and the indexes;
         None if it is gone."""
         row = await self.scripts.license_delete(
             keys=[
@@ -515,9 +557,10 @@ class RedisStore:
 
     @storage_call
     async def read_events(
-        self, license_id: str, after: str, block_ms: int, count: int = 100
+        self, license_id: str, after: str, block_ms: int | None, count: int = 100
     ) -> list[UsageEvent]:
-        """Usage events after `after`, waiting up to `block_ms` for the first one."""
+        """Usage events after `after`, waiting up to `block_ms` for the first one (on a
+        connection of the blocking pool); `block_ms` None: no wait, on the pipelined one."""
         stream = keys.license_events(license_id)
         reply = await self.client.xread({stream: after}, count=count, block=block_ms)
         if not reply:

@@ -3,11 +3,12 @@
 -- retry after a crash, a deadline or an outage completes the same create instead of making a
 -- second one, and holds the answer once the create is done.
 --
--- KEYS[1]  the record, a hash `fp`, `id`, `answer`   (keys.create_request)
+-- KEYS[1]  the record, a hash `fp`, `id`, `sealed`, `answer`   (keys.create_request)
 -- ARGV[1]  operation:
 --          begin   ARGV[2] fingerprint of the request, ARGV[3] a fresh id, ARGV[4] TTL (ms),
---                  ARGV[5] a secret the create generates (a license key; '' for none): records
---                  the request unless it is recorded already
+--                  ARGV[5] a secret the create generates (a license key sealed under the
+--                  server secret, never in clear; '' for none): records the request unless it
+--                  is recorded already
 --          rebind  ARGV[2] the id bound now, ARGV[3] a fresh id: binds the request to the fresh
 --                  id (its first id can no longer be created; see the create window)
 --          finish  ARGV[2] the id bound now, ARGV[3] the answer: stores the answer
@@ -19,14 +20,14 @@
 
 local op = ARGV[1]
 if op == 'begin' then
-  local r = redis.call('HMGET', KEYS[1], 'fp', 'id', 'answer', 'secret')
+  local r = redis.call('HMGET', KEYS[1], 'fp', 'id', 'answer', 'sealed')
   if r[1] then
     if r[1] ~= ARGV[2] then
       return {0}
     end
     return {1, r[2], r[3] or '', r[4] or ''}
   end
-  redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'id', ARGV[3], 'secret', ARGV[5])
+  redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'id', ARGV[3], 'sealed', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return {1, ARGV[3], '', ARGV[5]}
 end
