@@ -107,7 +107,7 @@ class Service:
         self._tasks.append(
             asyncio.create_task(self.licensing.propagator.run(), name="meter-propagation")
         )
-        self._tasks.append(asyncio.create_task(self._migrate(), name="meter-migrate"))
+        self._tasks.append(asyncio.create_task(self._migrate(), name="meter-policy-copies"))
         log.info("meter-grpc serving on port %d", self.port)
 
     async def _migrate(self) -> None:
