@@ -1,26 +1,39 @@
-"""meter-grpc benchmark: throughput and latency of the request path, against a bare grpc.aio
-server measured in the same run (ratios, because shared machines are noisy).
+"""meter-grpc benchmark: every figure of the request path next to its baseline measured in the
+same run (ratios, because shared machines are noisy), printed as one table.
 
-    make bench                      # or: python bench/bench.py --seconds 5 --concurrency 64
+    make bench                      # or: python bench/bench.py --seconds 5 --rounds 5
 
-Then the bulk paths, in the same run: one StreamUsage stream against the bare server's bidi echo
-stream (the same client, --stream-inflight requests unanswered at most), and
-BatchIncrementUsage with --batch-size items over --batch-licenses licenses, --batch-inflight
-calls in flight on one channel (increments/s); the counters are read back at the end and must
-equal the OK answers.
+- unary IncrementUsage / IncrementUsage + request_id / GetUsage, --concurrency calls in flight
+  over --channels channels, against a bare grpc.aio server answering the same request with a
+  constant (measured before and after each round); the same IncrementUsage run against a
+  store fsyncing once a second (`appendfsync everysec`; meter-grpc's embedded store fsyncs on
+  every write, `always`) and against a server keeping no usage events
+  (METER_EVENT_RETENTION=0);
+- one caller (1 call in flight): IncrementUsage p50 against the bare server's p50, with
+  `always` and with `everysec`;
+- one StreamUsage stream against the bare server's bidi echo stream (the same client,
+  --stream-inflight requests unanswered at most), and BatchIncrementUsage with --batch-size
+  items over --batch-licenses licenses, --batch-inflight calls in flight on one channel
+  (increments/s); the counters are read back at the end and must equal the OK answers;
+- bench/memory.py (its own process and store): Redis memory per license and IncrementUsage
+  p50 at 1,000 licenses and at up to --max-licenses.
 
-Both servers run as their own processes (meter-grpc with its embedded valkey-server, appendfsync
-always); one client process drives them with --concurrency calls in flight over --channels
-channels, for --seconds per scenario after a warm-up. The scenarios are interleaved for
---rounds rounds (the baseline before and after each round, the others in a rotated order);
-each figure is the median over the rounds, each ratio the median of the per-round ratios to
-the round's baseline.
+Then a second table: the CPU time per call of this load generator, of the server and of its
+valkey-server, read from /proc over the measured seconds of each scenario: what the gap to the
+bare server is made of.
+
+The servers run as their own processes, each meter-grpc on a valkey-server started here with
+the embedded store's configuration; the scenarios are interleaved for --rounds rounds (the
+others in a rotated order); each figure is the median over the rounds, each ratio the median of
+the per-round ratios to the round's baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import gc
 import os
 import signal
@@ -34,6 +47,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import redis.asyncio as aioredis
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -42,6 +56,7 @@ from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
+from meter_grpc.storage.embedded import EmbeddedServer, valkey_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token"
@@ -86,9 +101,15 @@ Call = Callable[[ugrpc.UsageServiceStub, int], Awaitable[object]]
 
 
 async def drive(
-    target: str, call: Call, seconds: float, concurrency: int, channels: int
+    target: str,
+    call: Call,
+    seconds: float,
+    concurrency: int,
+    channels: int,
+    cpu: CPU | None = None,
 ) -> tuple[float, list[float]]:
-    """Calls per second and latencies (ms) with `concurrency` calls in flight."""
+    """Calls per second and latencies (ms) with `concurrency` calls in flight; `cpu` measures
+    the CPU time spent over the measured seconds."""
     # What earlier scenarios left (their latencies) must not slow this one's garbage collections.
     gc.collect()
     gc.freeze()
@@ -115,10 +136,14 @@ async def drive(
         stop_at = time.perf_counter() + 1.0  # warm-up
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         measuring = True
+        if cpu is not None:
+            cpu.begin()
         start = time.perf_counter()
         stop_at = start + seconds
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
+        if cpu is not None:
+            cpu.stop()
     finally:
         for c in chans:
             await c.close()
@@ -214,127 +239,358 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
+class CPU:
+    """CPU seconds (user + system) of this process and of other processes, by pid."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.start: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def now(self) -> dict[str, float]:
+        out = {"client": time.process_time()}
+        for name, pid in self.pids.items():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / self.TICK
+        return out
+
+    def begin(self) -> None:
+        self.start = self.now()
+
+    def stop(self) -> None:
+        end = self.now()
+        self.spent = {name: end[name] - self.start[name] for name in end}
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 async def main(args: argparse.Namespace) -> None:
-    bare_port, meter_port = free_port(), free_port()
-    bare_target, meter_target = f"127.0.0.1:{bare_port}", f"127.0.0.1:{meter_port}"
-    with tempfile.TemporaryDirectory() as data:
-        procs = [
-            spawn([str(ROOT / "bench" / "bare_server.py"), bare_target], {}),
-            spawn(
+    bare_port = free_port()
+    bare_target = f"127.0.0.1:{bare_port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        # The stores, started here so that their processes can be measured: the embedded
+        # server's configuration (appendfsync always), and a second one fsyncing once a second.
+        stores = {
+            "always": EmbeddedServer(Path(tmp) / "always"),
+            "everysec": EmbeddedServer(Path(tmp) / "everysec"),
+        }
+        urls = {name: await s.start() for name, s in stores.items()}
+        async with aioredis.Redis.from_url(urls["everysec"]) as rc:
+            await rc.config_set("appendfsync", "everysec")
+        meters = {
+            # name: (store, extra environment)
+            "meter": ("always", {}),
+            "everysec": ("everysec", {}),
+            "no-events": ("always", {"METER_EVENT_RETENTION": "0"}),
+        }
+        targets = {name: f"127.0.0.1:{free_port()}" for name in meters}
+        bare = spawn([str(ROOT / "bench" / "bare_server.py"), bare_target], {})
+        procs = {"bare": bare}
+        for name, (store, extra) in meters.items():
+            procs[name] = spawn(
                 ["-m", "meter_grpc"],
                 {
-                    "METER_LISTEN": meter_target,
-                    "METER_DATA_DIR": data,
+                    "METER_LISTEN": targets[name],
+                    "METER_DATA_DIR": str(Path(tmp) / f"data-{name}"),
                     "METER_ADMIN_TOKENS": TOKEN,
-                    "METER_REDIS_URL": args.redis_url,
+                    "METER_REDIS_URL": args.redis_url or urls[store],
                     "METER_LOG_LEVEL": "WARNING",
+                    **extra,
                 },
-            ),
-        ]
+            )
         try:
             await wait_serving(bare_target, health=False)
-            await wait_serving(meter_target, health=True)
-            async with grpc.aio.insecure_channel(meter_target) as ch:
-                ls = lgrpc.LicenseServiceStub(ch)
-                policy = (
-                    await ls.CreatePolicy(
-                        lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")), metadata=MD
+            lics: dict[str, str] = {}
+            policy = ""
+            for name, target in targets.items():
+                await wait_serving(target, health=True)
+                async with grpc.aio.insecure_channel(target) as ch:
+                    ls = lgrpc.LicenseServiceStub(ch)
+                    pol = (
+                        await ls.CreatePolicy(
+                            lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")),
+                            metadata=MD,
+                        )
+                    ).policy
+                    lics[name] = (
+                        await ls.CreateLicense(
+                            lpb.CreateLicenseRequest(license={"policy_id": pol.id}), metadata=MD
+                        )
+                    ).license.id
+                    if name == "meter":
+                        policy = pol.id
+
+            def increment(name: str, rid: bool = False) -> Call:
+                lic = lics[name]
+
+                async def call(stub: ugrpc.UsageServiceStub, i: int) -> object:
+                    req = upb.IncrementUsageRequest(
+                        license_id=lic, request_id=f"b{i}" if rid else ""
                     )
-                ).policy
-                lic = (
-                    await ls.CreateLicense(
-                        lpb.CreateLicenseRequest(license={"policy_id": policy.id}), metadata=MD
-                    )
-                ).license
+                    return await stub.IncrementUsage(req, metadata=MD)
 
-            async def bare(stub: ugrpc.UsageServiceStub, i: int) -> object:
-                # The same request and metadata as meter's, answered without looking at them.
-                return await stub.IncrementUsage(
-                    upb.IncrementUsageRequest(license_id=lic.id), metadata=MD
-                )
-
-            async def increment(stub: ugrpc.UsageServiceStub, i: int) -> object:
-                return await stub.IncrementUsage(
-                    upb.IncrementUsageRequest(license_id=lic.id), metadata=MD
-                )
-
-            async def increment_idem(stub: ugrpc.UsageServiceStub, i: int) -> object:
-                return await stub.IncrementUsage(
-                    upb.IncrementUsageRequest(license_id=lic.id, request_id=f"b{i}"), metadata=MD
-                )
+                return call
 
             async def get(stub: ugrpc.UsageServiceStub, i: int) -> object:
-                return await stub.GetUsage(upb.GetUsageRequest(license_id=lic.id), metadata=MD)
+                return await stub.GetUsage(
+                    upb.GetUsageRequest(license_id=lics["meter"]), metadata=MD
+                )
 
-            scenarios: list[tuple[str, str, Call]] = [
-                ("bare grpc.aio IncrementUsage (baseline)", bare_target, bare),
-                ("meter IncrementUsage", meter_target, increment),
-                ("meter IncrementUsage + request_id", meter_target, increment_idem),
-                ("meter GetUsage", meter_target, get),
+            async def bare_call(stub: ugrpc.UsageServiceStub, i: int) -> object:
+                # The same request and metadata as meter's, answered without looking at them.
+                return await stub.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id=lics["meter"]), metadata=MD
+                )
+
+            valkey = {name: stores[store].pid for name, (store, _) in meters.items()}
+            # name, target, call, process measured, its store's process, calls in flight
+            Scenario = tuple[str, str, Call, str, int | None, int]
+            c, one = args.concurrency, 1
+            scenarios: list[Scenario] = [
+                (
+                    "IncrementUsage",
+                    targets["meter"],
+                    increment("meter"),
+                    "meter",
+                    valkey["meter"],
+                    c,
+                ),
+                (
+                    "IncrementUsage + request_id",
+                    targets["meter"],
+                    increment("meter", rid=True),
+                    "meter",
+                    valkey["meter"],
+                    c,
+                ),
+                ("GetUsage", targets["meter"], get, "meter", valkey["meter"], c),
+                (
+                    "IncrementUsage, appendfsync everysec",
+                    targets["everysec"],
+                    increment("everysec"),
+                    "everysec",
+                    valkey["everysec"],
+                    c,
+                ),
+                (
+                    "IncrementUsage, METER_EVENT_RETENTION=0",
+                    targets["no-events"],
+                    increment("no-events"),
+                    "no-events",
+                    valkey["no-events"],
+                    c,
+                ),
             ]
+            base: Scenario = ("bare", bare_target, bare_call, "bare", None, c)
+            single: Scenario = (
+                "IncrementUsage, one caller",
+                targets["meter"],
+                increment("meter"),
+                "meter",
+                valkey["meter"],
+                one,
+            )
+            single_base: Scenario = ("bare, one caller", bare_target, bare_call, "bare", None, one)
+            single_everysec: Scenario = (
+                "IncrementUsage, one caller, everysec",
+                targets["everysec"],
+                increment("everysec"),
+                "everysec",
+                valkey["everysec"],
+                one,
+            )
+            singles = (single_base, single, single_everysec)
             print(
                 f"# {args.rounds} rounds x {args.seconds:g}s per scenario (interleaved; medians), "
-                f"{args.concurrency} calls in flight over {args.channels} channels, store: "
-                f"{args.redis_url or 'embedded valkey (appendfsync always)'}",
+                f"{c} calls in flight over {args.channels} channels (one caller: 1 on 1), "
+                f"store: {args.redis_url or 'embedded valkey (appendfsync always)'}",
                 flush=True,
             )
-            rates: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
-            ratios: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
-            latencies: dict[str, list[float]] = {name: [] for name, _, _ in scenarios}
-            base_name, base_target, base_call = scenarios[0]
-            measured = scenarios[1:]
+            rates: dict[str, list[float]] = collections.defaultdict(list)
+            ratios: dict[str, list[float]] = collections.defaultdict(list)
+            lats: dict[str, list[float]] = collections.defaultdict(list)
+            cpu: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+
+            async def run(sc: Scenario) -> float:
+                name, target, call, proc, store_pid, inflight = sc
+                meter = CPU({"server": procs[proc].pid, "valkey": store_pid})
+                chans = args.channels if inflight > 1 else 1
+                rate, lat = await drive(target, call, args.seconds, inflight, chans, meter)
+                calls = rate * args.seconds
+                cpu[name].append({k: v / calls * 1e6 for k, v in meter.spent.items()})
+                lats[name] += lat
+                return rate
+
             for r in range(args.rounds):
-                # The baseline before and after the round; the other scenarios in a rotated
-                # order, so that none always runs first.
-                before, lat = await drive(
-                    base_target, base_call, args.seconds, args.concurrency, args.channels
-                )
-                latencies[base_name] += lat
-                order = measured[r % len(measured) :] + measured[: r % len(measured)]
-                round_rates = {}
-                for name, target, call in order:
-                    rate, lat = await drive(
-                        target, call, args.seconds, args.concurrency, args.channels
-                    )
-                    round_rates[name] = rate
-                    latencies[name] += lat
-                after, lat = await drive(
-                    base_target, base_call, args.seconds, args.concurrency, args.channels
-                )
-                latencies[base_name] += lat
+                order = scenarios[r % len(scenarios) :] + scenarios[: r % len(scenarios)]
+                before = await run(base)
+                round_rates = {sc[0]: await run(sc) for sc in order}
+                after = await run(base)
                 baseline = (before + after) / 2
-                rates[base_name].append(baseline)
-                ratios[base_name].append(1.0)
-                print(
-                    f"  round {r + 1}: bare {baseline:.0f}",
-                    {k: round(v) for k, v in round_rates.items()},
-                    flush=True,
-                )
+                rates["bare"].append(baseline)
                 for name, rate in round_rates.items():
                     rates[name].append(rate)
                     ratios[name].append(rate / baseline)
+                for sc in singles:
+                    rates[sc[0]].append(await run(sc))
+                print(
+                    f"  round {r + 1}: bare {baseline:.0f}/s",
+                    {k: round(v) for k, v in round_rates.items()},
+                    flush=True,
+                )
+            rows: list[tuple[str, str, str, str, str]] = []
+            med = statistics.median
             if args.rounds:
-                print(f"{'scenario':42} {'calls/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7}")
-                for name, _, _ in scenarios:
-                    lat = latencies[name]
-                    print(
-                        f"{name:42} {statistics.median(rates[name]):9.0f} "
-                        f"{statistics.median(ratios[name]):7.2f} "
-                        f"{statistics.median(lat):7.2f} {pct(lat, 0.99):7.2f}"
+                for name, target_ratio in (
+                    ("IncrementUsage", "≥ 0.75x"),
+                    ("IncrementUsage + request_id", ""),
+                    ("GetUsage", "≥ 0.85x"),
+                    ("IncrementUsage, appendfsync everysec", "(fsync cost)"),
+                    ("IncrementUsage, METER_EVENT_RETENTION=0", "(XADD cost)"),
+                ):
+                    rows.append(
+                        (
+                            f"unary {name}, {c} in flight (calls/s)",
+                            f"{med(rates[name]):,.0f}",
+                            f"{med(rates['bare']):,.0f} bare unary",
+                            f"{med(ratios[name]):.2f}x",
+                            target_ratio,
+                        )
+                    )
+                p_bare = med(lats[single_base[0]])
+                for sc, label, goal in (
+                    (single, "", "≤ +0.3 ms"),
+                    (single_everysec, ", appendfsync everysec", "(fsync cost)"),
+                ):
+                    p_meter = med(lats[sc[0]])
+                    rows.append(
+                        (
+                            f"one caller, IncrementUsage p50{label} (ms)",
+                            f"{p_meter:.2f}",
+                            f"{p_bare:.2f} bare unary",
+                            f"+{p_meter - p_bare:.2f} ms",
+                            goal,
+                        )
                     )
             if args.stream_rounds:
-                await bulk(args, bare_target, meter_target, policy.id)
+                rows += await bulk(args, bare_target, targets["meter"], policy)
+            if args.memory:
+                rows += memory_rows(args)
+            print()
+            print(f"# {machine()}")
+            widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(5)]
+            for row in [HEADER, tuple("-" * w for w in widths), *rows]:
+                print(
+                    "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |"
+                )
+            if args.rounds:
+                print()
+                print("CPU per call (µs, medians over the rounds; client = this load generator):")
+                print(f"{'scenario':42} {'client':>7} {'server':>7} {'valkey':>7}")
+                for name in ["bare", *(sc[0] for sc in (*scenarios, *singles))]:
+                    per = cpu[name]
+                    vals = [
+                        med([x.get(k, 0.0) for x in per]) for k in ("client", "server", "valkey")
+                    ]
+                    print(f"{name:42} {vals[0]:7.0f} {vals[1]:7.0f} {vals[2]:7.0f}")
         finally:
-            for p in procs:
+            for p in procs.values():
                 p.send_signal(signal.SIGTERM)
-            for p in procs:
+            for p in procs.values():
                 try:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            for s in stores.values():
+                await s.stop()
 
 
-async def bulk(args: argparse.Namespace, bare_target: str, meter_target: str, policy: str) -> None:
+HEADER = ("figure", "meter-grpc", "baseline (same run)", "ratio", "target")
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    valkey = subprocess.run(
+        [valkey_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    version = next((w.split("=")[1] for w in valkey if w.startswith("v=")), "?")
+    return (
+        f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}, "
+        f"valkey {version}, {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def memory_rows(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]]:
+    """bench/memory.py in its own process: memory per license, latency at 1k vs N."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "memory.py"),
+        "--licenses",
+        str(args.memory_licenses),
+        "--max-licenses",
+        str(args.max_licenses),
+        "--budget",
+        str(args.memory_budget),
+    ]
+    print(f"# {' '.join(cmd[1:])}", flush=True)
+    out = subprocess.run(
+        cmd,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    res: dict[str, str] = {}
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            k, _, v = line[7:].partition("=")
+            res[k] = v
+        else:
+            print(line, flush=True)
+    n = int(res["large_n"])
+    p1k, pn, again = float(res["p50_1k"]), float(res["p50_large"]), float(res["p50_1k_at_large"])
+    return [
+        (
+            f"Redis memory per license, {args.memory_licenses:,} licenses (B)",
+            f"{float(res['memory_per_license']):,.0f}",
+            f"license hash {res['license_hash_bytes']} B",
+            "",
+            "≤ 1,024",
+        ),
+        (
+            f"IncrementUsage p50 with {n:,} vs 1,000 licenses, same 1,000 used (ms)",
+            f"{again:.2f}",
+            f"{p1k:.2f} with 1,000",
+            f"{again / p1k:.2f}x",
+            "≤ 1.10x",
+        ),
+        (
+            f"IncrementUsage p50 with {n:,} licenses, random ones (ms)",
+            f"{pn:.2f}",
+            f"{p1k:.2f} with 1,000",
+            f"{pn / p1k:.2f}x",
+            "(first use of most)",
+        ),
+    ]
+
+
+async def bulk(
+    args: argparse.Namespace, bare_target: str, meter_target: str, policy: str
+) -> list[tuple[str, str, str, str, str]]:
     """StreamUsage (one stream, the server's window) against the bare bidi echo stream, and
     BatchIncrementUsage, interleaved per round like the unary scenarios; the counts of the
     licenses used are checked against the OK answers at the end."""
@@ -394,22 +650,29 @@ async def bulk(args: argparse.Namespace, bare_target: str, meter_target: str, po
             for lic in lics
         ]
         exact = counted[0] == stream_ok and sum(counted[1:]) == batch_ok
-        print(f"{'scenario':42} {'msgs/s':>9} {'x bare':>7}")
-        print(
-            f"{'bare grpc.aio bidi echo stream (baseline)':42} {statistics.median(bare_rates):9.0f} {1:7.2f}"
-        )
-        print(
-            f"{'meter StreamUsage (window 256)':42} {statistics.median(stream_rates):9.0f} "
-            f"{statistics.median(stream_ratios):7.2f}"
-        )
-        print(
-            f"{f'meter BatchIncrementUsage x{args.batch_size} (incr/s)':42} "
-            f"{statistics.median(batch_rates):9.0f} {'':>7}"
-        )
         print(
             f"counts: StreamUsage {counted[0]} counted / {stream_ok} OK answers, "
-            f"batches {sum(counted[1:])} / {batch_ok}: {'exact' if exact else 'MISMATCH'}"
+            f"batches {sum(counted[1:])} / {batch_ok}: {'exact' if exact else 'MISMATCH'}",
+            flush=True,
         )
+        med = statistics.median
+        check = "" if exact else " COUNTS MISMATCH"
+        return [
+            (
+                "StreamUsage, one stream (msgs/s)",
+                f"{med(stream_rates):,.0f}",
+                f"{med(bare_rates):,.0f} bare bidi echo",
+                f"{med(stream_ratios):.2f}x",
+                "≥ 0.70x" + check,
+            ),
+            (
+                f"BatchIncrementUsage x{args.batch_size}, one channel (increments/s)",
+                f"{med(batch_rates):,.0f}",
+                "",
+                "",
+                "≥ 20,000" + check,
+            ),
+        ]
 
 
 if __name__ == "__main__":
@@ -430,6 +693,14 @@ if __name__ == "__main__":
     parser.add_argument("--batch-licenses", type=int, default=20)
     parser.add_argument("--batch-inflight", type=int, default=4)
     parser.add_argument(
-        "--redis-url", default="", help="METER_REDIS_URL for the service (default: embedded)"
+        "--redis-url", default="", help="METER_REDIS_URL for the services (default: embedded)"
+    )
+    parser.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip bench/memory.py"
+    )
+    parser.add_argument("--memory-licenses", type=int, default=100_000)
+    parser.add_argument("--max-licenses", type=int, default=1_000_000)
+    parser.add_argument(
+        "--memory-budget", type=float, default=240, help="seconds of creating licenses at most"
     )
     uvloop.run(main(parser.parse_args()))

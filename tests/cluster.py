@@ -66,6 +66,7 @@ class LocalCluster:
             "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--save", "", "--appendonly", "yes" if self.persistent else "no",
+            "--hash-max-listpack-value", "128",  # as the embedded store, see README
             "--daemonize", "no", "--logfile", str(d / "valkey.log"),
         ]  # fmt: skip
         if self.announce_ports is not None:

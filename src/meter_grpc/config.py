@@ -85,6 +85,8 @@ class Settings:
     key_secret_file: Path | None = None
     redis_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
+    # Usage events kept per license for WatchUsage (at least the newest N); 0 = none written.
+    event_retention: int = 1000
     log_level: str = "INFO"
     # WatchUsage streams open at once: per license key, and in the whole process (admin too).
     watch_per_key: int = DEFAULT_WATCH_PER_KEY
@@ -178,6 +180,7 @@ class Settings:
             redis_timeout_s=number("METER_REDIS_TIMEOUT", "5", float),
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=log_level,
+            event_retention=_event_retention(get("METER_EVENT_RETENTION")),
             watch_per_key=count("METER_WATCH_PER_KEY", DEFAULT_WATCH_PER_KEY),
             watch_max=count("METER_WATCH_MAX", DEFAULT_WATCH_MAX),
             max_machines_per_license=count("METER_MAX_MACHINES_PER_LICENSE", 10_000),
@@ -252,6 +255,25 @@ class Settings:
         )
         if uses_data_dir:
             _check_data_dir(self.data_dir)
+
+
+# Above this, a license's event stream alone would outweigh everything else it stores by far.
+MAX_EVENT_RETENTION = 1_000_000
+
+
+def _event_retention(raw: str) -> int:
+    expected = (
+        f"expected a whole number of events per license from 0 (none kept; WatchUsage then "
+        f"answers FAILED_PRECONDITION) to {MAX_EVENT_RETENTION:,} (default 1000)"
+    )
+    if not raw:
+        return 1000
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 7:
+        raise ConfigError(f"METER_EVENT_RETENTION={raw!r} is not usable: {expected}")
+    value = int(raw)
+    if value > MAX_EVENT_RETENTION:
+        raise ConfigError(f"METER_EVENT_RETENTION={raw!r} is out of range: {expected}")
+    return value
 
 
 def _one_line(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ from meter_grpc.domain.validation import Validator
 from meter_grpc.storage import migrate
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.embedded import EmbeddedServer
-from meter_grpc.storage.store import RedisStore
+from meter_grpc.storage.store import LISTPACK_VALUE_NEEDED, RedisStore
 
 log = logging.getLogger("meter_grpc")
 
@@ -135,7 +135,35 @@ class Service:
         self._tasks.append(
             asyncio.create_task(self.licensing.propagator.run(), name="meter-propagation")
         )
+        self._tasks.append(asyncio.create_task(self._migrate(), name="meter-policy-copies"))
         log.info("meter-grpc serving on port %d", self.port)
+
+    async def _migrate(self) -> None:
+        """Licenses written by earlier versions lose their copy of the whole policy (memory
+        only: reads ignore it); retried while the store is unreachable."""
+        while True:
+            try:
+                dropped = await self.store.drop_legacy_policy_copies()
+            except MeterError:
+                await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+                continue
+            except Exception:  # memory only: serving goes on, the next start tries again
+                log.warning("license migration failed; retried on the next start", exc_info=True)
+                return
+            if dropped:
+                log.info("migrated %d licenses: policy copies removed", dropped)
+            break
+        with contextlib.suppress(Exception):
+            limits = await self.store.listpack_value_limits()
+            if any(n < LISTPACK_VALUE_NEEDED for n in limits):
+                log.warning(
+                    "the store's hash-max-listpack-value is %d, below %d: license hashes are "
+                    "stored as hashtables, about twice the memory; set "
+                    "hash-max-listpack-value %d in its configuration",
+                    min(limits),
+                    LISTPACK_VALUE_NEEDED,
+                    LISTPACK_VALUE_NEEDED,
+                )
 
     async def _prepare_later(self) -> None:
         """The secret check and key migration of a start the store did not answer; a secret
@@ -226,7 +254,8 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                 url,
                 timeout_s=settings.redis_timeout_s,
                 max_inflight=settings.redis_max_inflight,
-            )
+            ),
+            event_retention=settings.event_retention,
         )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request

@@ -82,6 +82,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """RESOURCE_EXHAUSTED: CheckOutLicense's file would pass the server's size limit
     (METER_MAX_LICENSE_FILE_BYTES); check out one machine's file with `fingerprint` instead.
     """
+    ERROR_REASON_USAGE_EVENTS_DISABLED: _ErrorReason.ValueType  # 21
+    """FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
+    (METER_EVENT_RETENTION=0).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -160,5 +164,9 @@ nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
 ERROR_REASON_LICENSE_FILE_TOO_LARGE: ErrorReason.ValueType  # 20
 """RESOURCE_EXHAUSTED: CheckOutLicense's file would pass the server's size limit
 (METER_MAX_LICENSE_FILE_BYTES); check out one machine's file with `fingerprint` instead.
+"""
+ERROR_REASON_USAGE_EVENTS_DISABLED: ErrorReason.ValueType  # 21
+"""FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
+(METER_EVENT_RETENTION=0).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

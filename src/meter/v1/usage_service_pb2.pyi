@@ -540,8 +540,8 @@ class WatchUsageRequest(_message.Message):
       response headers (initial metadata) at that moment, so a client that waits for them
       (grpc-js: the `metadata` event; Python aio: `await call.initial_metadata()`) and then
       changes the usage receives that change.
-    - `from_oldest`: every event still retained (about the last 1,000 of the license), then
-      the new ones.
+    - `from_oldest`: every event still retained (at least the last METER_EVENT_RETENTION of the
+      license, 1,000 by default), then the new ones.
     - `after_event_id`: the events after that one (to resume after a disconnect), then the new
       ones. "0-0" names the position before the first event, so it reads like `from_oldest`.
     """

@@ -169,7 +169,8 @@ class UsageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchUsage(self, request, context):
-        """Streams the usage events of one license as they happen.
+        """Streams the usage events of one license as they happen. A server that keeps no events
+        (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -81,7 +81,9 @@ class UsageServiceStub:
     another license is refused whole with PERMISSION_DENIED (nothing applied).
     """
     WatchUsage: _grpc.UnaryStreamMultiCallable[_usage_service_pb2.WatchUsageRequest, _usage_service_pb2.WatchUsageResponse]
-    """Streams the usage events of one license as they happen."""
+    """Streams the usage events of one license as they happen. A server that keeps no events
+    (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -136,7 +138,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
     another license is refused whole with PERMISSION_DENIED (nothing applied).
     """
     WatchUsage: _aio.UnaryStreamMultiCallable[_usage_service_pb2.WatchUsageRequest, _usage_service_pb2.WatchUsageResponse]  # type: ignore[assignment]
-    """Streams the usage events of one license as they happen."""
+    """Streams the usage events of one license as they happen. A server that keeps no events
+    (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
+    """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The usage counter of a license: atomic check-and-increment against max_uses.
@@ -236,6 +240,8 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_service_pb2.WatchUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_usage_service_pb2.WatchUsageResponse], _abc.AsyncIterator[_usage_service_pb2.WatchUsageResponse]]:
-        """Streams the usage events of one license as they happen."""
+        """Streams the usage events of one license as they happen. A server that keeps no events
+        (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
+        """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -38,6 +38,8 @@ class Reason(enum.StrEnum):
     # (METER_WATCH_MAX) may have open at once.
     WATCH_LIMIT_EXCEEDED = "WATCH_LIMIT_EXCEEDED"
     LICENSE_FILE_TOO_LARGE = "LICENSE_FILE_TOO_LARGE"
+    # WatchUsage on a server that keeps no usage events (METER_EVENT_RETENTION=0).
+    USAGE_EVENTS_DISABLED = "USAGE_EVENTS_DISABLED"
 
 
 @dataclass(frozen=True, slots=True)

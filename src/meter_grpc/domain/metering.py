@@ -26,7 +26,13 @@ from meter_grpc.domain.models import (
     UsageEvent,
     UsageRecord,
 )
-from meter_grpc.domain.rules import MAX_COUNTER, MAX_SYNC_RECORDS, Violations
+from meter_grpc.domain.rules import (
+    MAX_AMOUNT,
+    MAX_COUNTER,
+    MAX_SYNC_RECORDS,
+    Violations,
+    is_minted_id,
+)
 from meter_grpc.domain.watching import DEFAULT_WATCH_MAX, DEFAULT_WATCH_PER_KEY, WatchHub
 
 if TYPE_CHECKING:
@@ -220,6 +226,13 @@ class Metering:
                 '(from_oldest reads like after_event_id "0-0")',
             )
         v.raise_if_any()
+        if self.store.event_retention == 0:
+            raise MeterError(
+                Reason.USAGE_EVENTS_DISABLED,
+                "this server keeps no usage events (METER_EVENT_RETENTION=0): WatchUsage has "
+                "nothing to deliver; read the counter with GetUsage",
+                metadata={"license_id": license_id, "event_retention": "0"},
+            )
         self.hub.acquire(key_license_id, license_id)
         task = asyncio.current_task()
         if task is not None:
@@ -298,6 +311,8 @@ class Metering:
 
 def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -> int:
     """The amount to apply (0 means 1); INVALID_ARGUMENT naming each bad field."""
+    if not request_id and 0 <= amount <= MAX_AMOUNT and is_minted_id(license_id):
+        return amount or 1  # the common call, valid: no Violations to build
     v = Violations()
     v.identifier(f"{field_prefix}license_id", license_id)
     v.amount(f"{field_prefix}amount", amount)
@@ -308,9 +323,9 @@ def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -
 
 def _answer(result: UsageResult, license_id: str, amount: int, request_id: str) -> Usage:
     """The Usage of a usage.lua answer, or the MeterError of its status."""
+    if result.status == 0:  # UsageStatus.OK, compared as the integer it is
+        return result.usage
     status, usage = result.status.name, result.usage
-    if status == "OK":
-        return usage
     meta = {"license_id": license_id, "uses": str(usage.uses)}
     if status == "LICENSE_NOT_FOUND":
         raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)

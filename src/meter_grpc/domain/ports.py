@@ -107,6 +107,9 @@ class LicenseRead:
 class Store(Protocol):
     """Every read and write the domain makes."""
 
+    # Usage events kept per license; 0 = none are written (WatchUsage has nothing to read).
+    event_retention: int
+
     async def create_policy(
         self, p: Policy, *, now_ms: int, minted_ms: int, window_ms: int
     ) -> tuple[int, Policy | None]:

@@ -1,14 +1,19 @@
 """Policies and licenses to and from their Redis representation.
 
 A policy is stored as JSON. A license is a hash whose fields the scripts read directly:
-the license's own fields, its limit overrides (`o_*`), a snapshot of its policy (`p_*`,
-with the full policy JSON in `p_json`) and its counters (`uses`, `period`, `machines`, `cores`).
+the license's own fields, its limit overrides (`o_*`), a snapshot of the policy fields the
+scripts read (`p_*`, and `p_rev`, the policy revision they come from) and its counters
+(`uses`, `period`, `machines`, `cores`). The rest of the policy (name, entitlements,
+check-in rules, metadata...) is read from the policy's own hash when a License is built
+(`license_from_hash(h, policy)`); licenses written before carry the whole policy JSON in
+`p_json`, which is ignored when the policy is given and dropped on start (store.py).
 Its key is never stored: only `kd`, the key's digest, and `kf`, SHA-256(key) sealed under the
 server secret (domain/keysecret.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from typing import Any
@@ -47,10 +52,13 @@ def policy_from_json(text: str) -> Policy:
     return p
 
 
+# The field of licenses written by earlier versions that held the whole policy JSON.
+LEGACY_POLICY_JSON = "p_json"
+
+
 def policy_snapshot_fields(p: Policy) -> dict[str, str]:
-    """The `p_*` fields of a license hash (without `p_rev`)."""
+    """The `p_*` fields of a license hash (without `p_rev`): what the scripts read."""
     return {
-        "p_json": policy_to_json(p),
         "p_uses": _opt(p.max_uses),
         "p_machines": _opt(p.max_machines),
         "p_cores": _opt(p.max_cores),
@@ -89,8 +97,15 @@ def license_fields(changes: dict[str, object]) -> dict[str, str]:
     return out
 
 
+# Values a new license hash leaves out: every reader (the scripts' opt(), license_from_hash)
+# takes a missing field for unset, and each field left out keeps the listpack smaller.
+_EMPTY_JSON = {"ents": "[]", "meta": "{}"}
+
+
 def license_to_hash(lic: License) -> dict[str, str]:
-    return {
+    """The hash of a new license, without its unset fields (`uses` is always there: the
+    scripts take it for the license's existence)."""
+    h = {
         "id": lic.id,
         "policy_id": lic.policy_id,
         **license_fields({attr: getattr(lic, attr) for attr in _UPDATABLE}),
@@ -103,9 +118,42 @@ def license_to_hash(lic: License) -> dict[str, str]:
         "p_rev": str(lic.policy.revision),
         **policy_snapshot_fields(lic.policy),
     }
+    return {k: v for k, v in h.items() if v != "" and _EMPTY_JSON.get(k) != v}
 
 
-def license_from_hash(h: dict[str, str]) -> License:
+def policy_rev(h: dict[str, str]) -> int:
+    """The revision of its policy a license hash follows."""
+    return int(h.get("p_rev") or 0)
+
+
+def snapshot_policy(h: dict[str, str], base: Policy | None) -> Policy:
+    """The policy as the license follows it: `base` (the policy as stored, at the license's
+    revision or newer) with the fields the scripts enforce taken from the license's snapshot
+    and the license's revision. Without `base`: the legacy `p_json` copy, else only what the
+    snapshot holds."""
+    if base is None:
+        legacy = h.get(LEGACY_POLICY_JSON)
+        base = policy_from_json(legacy) if legacy else Policy(id=h.get("policy_id", ""))
+    return dataclasses.replace(
+        base,
+        max_uses=_parse_opt(h.get("p_uses")),
+        max_machines=_parse_opt(h.get("p_machines")),
+        max_cores=_parse_opt(h.get("p_cores")),
+        overage_strategy=OverageStrategy(int(h.get("p_overage") or 0)),
+        expiration_strategy=ExpirationStrategy(int(h.get("p_expiry_strategy") or 0)),
+        usage_reset_interval=UsageResetInterval(int(h.get("p_reset") or 0)),
+        heartbeat_duration_ms=_parse_opt(h.get("p_heartbeat")),
+        floating=h.get("p_floating") == "1",
+        duration_ms=_parse_opt(h.get("p_duration")),
+        entitlements=list(base.entitlements),
+        metadata=dict(base.metadata),
+        revision=policy_rev(h),
+        propagated_revision=0,
+    )
+
+
+def license_from_hash(h: dict[str, str], policy: Policy | None = None) -> License:
+    """The License of a hash; `policy`: its policy as stored (see snapshot_policy)."""
     return License(
         id=h["id"],
         policy_id=h["policy_id"],
@@ -124,7 +172,7 @@ def license_from_hash(h: dict[str, str]) -> License:
         last_check_in_ms=_parse_opt(h.get("check_in")),
         create_time_ms=int(h.get("created") or 0),
         update_time_ms=int(h.get("updated") or 0),
-        policy=policy_from_json(h["p_json"]),
+        policy=snapshot_policy(h, policy),
         key_digest=h.get("kd", ""),
         sealed_file_key=h.get("kf", ""),
     )
@@ -183,7 +231,7 @@ def answer_to_text(answer: Policy | License) -> str:
                 "synced": answer.propagated_revision,
             }
         )
-    return json.dumps({"license": license_to_hash(answer)})
+    return json.dumps({"license": license_to_hash(answer), "policy": policy_to_json(answer.policy)})
 
 
 def answer_from_text(kind: str, text: str) -> Policy | License:
@@ -192,4 +240,6 @@ def answer_from_text(kind: str, text: str) -> Policy | License:
         p = policy_from_json(d["policy"])
         p.revision, p.propagated_revision = int(d["rev"]), int(d["synced"])
         return p
-    return license_from_hash(d["license"])
+    # Answers stored by earlier versions carry the policy inside the hash (`p_json`).
+    policy = policy_from_json(d["policy"]) if "policy" in d else None
+    return license_from_hash(d["license"], policy)

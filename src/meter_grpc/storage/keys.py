@@ -163,3 +163,9 @@ def all_policies() -> str:
 def all_licenses() -> str:
     """Sorted set (all scores 0, ordered by id): every license."""
     return f"{PREFIX}:licenses"
+
+
+def license_format() -> str:
+    """String: the newest license hash format every license has been migrated to (2: no
+    `p_json` copy of the policy). Absent on data written before it."""
+    return f"{PREFIX}:license-format"

@@ -60,27 +60,32 @@ MACHINE_SCRIPTS = frozenset(
 # Constants the scripts share with Python, defined once here and prepended to every script.
 REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000  # request_id answers are replayed for 24 h
 USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000  # SyncUsage record ids are remembered 30 days
-EVENTS_MAXLEN = 1000  # usage events kept per license (approximately)
+# Usage events kept per license (METER_EVENT_RETENTION): at least the newest N, trimmed in
+# whole stream nodes (up to 100 more); 0 = no event is written.
+EVENTS_MAXLEN = 1000
 
 
-def _constants() -> str:
+def _constants(events_maxlen: int) -> str:
     values = {
         "MAX_COUNTER": MAX_COUNTER,
         "REQUEST_RECORD_TTL_MS": REQUEST_RECORD_TTL_MS,
         "USAGE_RECORD_TTL_MS": USAGE_RECORD_TTL_MS,
-        "EVENTS_MAXLEN": EVENTS_MAXLEN,
+        "EVENTS_MAXLEN": events_maxlen,
     }
     lines = [f"local {name} = {value}" for name, value in values.items()]
     return "-- constants from meter_grpc/storage/scripts.py\n" + "\n".join(lines) + "\n"
 
 
 @cache
-def source(name: str) -> str:
+def source(name: str, events_maxlen: int = EVENTS_MAXLEN) -> str:
     """The full text sent to Redis for script `name`: the constants, common.lua,
     machines_common.lua for machine scripts, then `<name>.lua`."""
+    if events_maxlen < 0:
+        raise ValueError(f"events_maxlen must be >= 0 (got {events_maxlen})")
     lua = files("meter_grpc.storage") / "lua"
     parts = ["common", "machines_common", name] if name in MACHINE_SCRIPTS else ["common", name]
-    return _constants() + "\n".join((lua / f"{part}.lua").read_text() for part in parts)
+    body = "\n".join((lua / f"{part}.lua").read_text() for part in parts)
+    return _constants(events_maxlen) + body
 
 
 class Script:
@@ -96,10 +101,11 @@ class Script:
 
 
 class Scripts:
-    """One Script per script name, all on one client."""
+    """One Script per script name, all on one client; `events_maxlen` usage events kept per
+    license (0: none written)."""
 
-    def __init__(self, client: RedisClient) -> None:
-        self._scripts = {name: Script(source(name), client) for name in SCRIPT_NAMES}
+    def __init__(self, client: RedisClient, events_maxlen: int = EVENTS_MAXLEN) -> None:
+        self._scripts = {name: Script(source(name, events_maxlen), client) for name in SCRIPT_NAMES}
 
     def __getattr__(self, name: str) -> Script:
         try:

@@ -35,6 +35,7 @@ from meter_grpc.domain.ports import CreateRecord, LicenseRead, MachineResult, Us
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.scripts import (
+    EVENTS_MAXLEN,
     REQUEST_RECORD_TTL_MS,
     MachineStatus,
     Scripts,
@@ -51,6 +52,13 @@ DEAD_FINGERPRINTS_KEPT = 1000
 _MACHINE_UPDATE_RETRIES = 20
 
 RETRY_AFTER_MS = 500
+# The license hash format this code writes (keys.license_format): 2 = without `p_json`.
+LICENSE_FORMAT = 2
+# hash-max-listpack-value a license hash needs to stay a listpack: its longest value is the
+# sealed file key (`kf`, about 85 bytes).
+LISTPACK_VALUE_NEEDED = 128
+# Policies kept in memory to build Licenses from license hashes (cleared when full).
+POLICY_CACHE_SIZE = 10_000
 
 
 def storage_call(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -72,6 +80,10 @@ def storage_call(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corouti
             ) from None
 
     return wrapper
+
+
+# usage.lua's status codes (0 .. 6) to UsageStatus, by index: no enum lookup per call.
+_USAGE_STATUSES = tuple(UsageStatus(i) for i in range(len(UsageStatus)))
 
 
 def _opt(v: int) -> int | None:
@@ -113,9 +125,15 @@ class RedisStore:
     """Every command goes through `client`; blocking reads (WatchUsage) take dedicated
     connections of the transport's blocking pool, never the request path's."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, event_retention: int = EVENTS_MAXLEN) -> None:
         self.client = client
-        self.scripts = Scripts(client)
+        # Usage events kept per license (METER_EVENT_RETENTION); 0: none are written.
+        self.event_retention = event_retention
+        self.scripts = Scripts(client, event_retention)
+        # policy id -> the policy as last read from its hash, for building Licenses (a license
+        # hash holds only the policy fields its scripts read). Used for a license whose
+        # revision it covers; policies only move forward, so it is never wrong, only re-read.
+        self._policies: dict[str, Policy] = {}
 
     async def close(self) -> None:
         await self.client.close()
@@ -346,7 +364,71 @@ class RedisStore:
         )
         if row[0] in (0, 3):
             return int(row[0]), None
-        return int(row[0]), codec.license_from_hash(codec.flat_to_dict(row[1]))
+        return int(row[0]), await self._license(codec.flat_to_dict(row[1]))
+
+    async def _licenses(self, hashes: Sequence[dict[str, str]]) -> list[License]:
+        """Licenses of license hashes, each with its policy: read from the policy's hash
+        (one HMGET per policy not cached at the license's revision or newer)."""
+        cache = self._policies
+        stale = {
+            h["policy_id"]
+            for h in hashes
+            if (p := cache.get(h["policy_id"])) is None or p.revision < codec.policy_rev(h)
+        }
+        if stale:
+            ids = sorted(stale)
+            rows = await asyncio.gather(
+                *(self.client.hmget(keys.policy(pid), ["json", "rev", "synced"]) for pid in ids)
+            )
+            if len(cache) + len(ids) > POLICY_CACHE_SIZE:
+                cache.clear()
+            for pid, (json_text, rev, synced) in zip(ids, rows, strict=True):
+                if json_text is not None:
+                    p = self._policy(json_text, rev, synced)
+                    held = cache.get(pid)
+                    if held is None or held.revision < p.revision:
+                        cache[pid] = p
+        return [codec.license_from_hash(h, cache.get(h["policy_id"])) for h in hashes]
+
+    async def _license(self, h: dict[str, str]) -> License:
+        (lic,) = await self._licenses([h])
+        return lic
+
+    async def listpack_value_limits(self) -> list[int]:
+        """hash-max-listpack-value of every primary that lets CONFIG GET be called (a managed
+        Redis may refuse it: that node is left out)."""
+        router = self.client.router
+        out = []
+        for node in await router.primaries():
+            try:
+                reply = await router.call(("CONFIG", "GET", "hash-max-listpack-value"), node=node)
+            except Exception:  # CONFIG disabled or renamed: nothing to learn
+                continue
+            if isinstance(reply, list) and len(reply) == 2:
+                out.append(int(reply[1]))
+            elif isinstance(reply, dict) and reply:
+                out.append(int(next(iter(reply.values()))))
+        return out
+
+    @storage_call
+    async def drop_legacy_policy_copies(self, page: int = 1000) -> int:
+        """Migrates licenses written by earlier versions: removes the `p_json` copy of the whole
+        policy from every license hash (HDEL, pipelined `page` at a time, in index order), then
+        records format LICENSE_FORMAT so later starts skip the scan. Returns how many licenses
+        had the copy. Idempotent: a scan cut short is redone on the next start; reads ignore
+        the copy meanwhile (_licenses)."""
+        done = await self.client.get(keys.license_format())
+        if done is not None and int(done) >= LICENSE_FORMAT:
+            return 0
+        after, dropped = "", 0
+        while ids := await self._list_ids(keys.all_licenses(), after, page):
+            removed = await asyncio.gather(
+                *(self.client.hdel(keys.license(lid), codec.LEGACY_POLICY_JSON) for lid in ids)
+            )
+            dropped += sum(removed)
+            after = ids[-1]
+        await self.client.set(keys.license_format(), str(LICENSE_FORMAT))
+        return dropped
 
     @storage_call
     async def license_id_by_key(self, digest: str) -> str | None:
@@ -376,12 +458,12 @@ class RedisStore:
     @storage_call
     async def get_license(self, license_id: str) -> License | None:
         h = await self.client.hgetall(keys.license(license_id))
-        return codec.license_from_hash(h) if h else None
+        return await self._license(h) if h else None
 
     @storage_call
     async def get_licenses(self, ids: Sequence[str]) -> list[License]:
         rows = await asyncio.gather(*(self.client.hgetall(keys.license(lid)) for lid in ids))
-        return [codec.license_from_hash(h) for h in rows if h]
+        return await self._licenses([h for h in rows if h])
 
     @storage_call
     async def license_states(self, ids: Sequence[str]) -> list[int]:
@@ -404,7 +486,7 @@ class RedisStore:
         fields["updated"] = str(now_ms)
         flat = [x for kv in fields.items() for x in kv]
         row = await self.scripts.license_update(keys=[keys.license(license_id)], args=flat)
-        return codec.license_from_hash(codec.flat_to_dict(row)) if row else None
+        return await self._license(codec.flat_to_dict(row)) if row else None
 
     @storage_call
     async def delete_license(self, license_id: str, tombstone_ms: int) -> tuple[str, str] | None:
@@ -445,13 +527,13 @@ class RedisStore:
         )
         status, uses, max_uses, ceiling, period_end, replayed = row
         return UsageResult(
-            UsageStatus(status),
+            _USAGE_STATUSES[status],
             Usage(
-                uses=uses,
-                max_uses=_opt(max_uses),
-                overage_limit=_opt(ceiling),
-                period_end_ms=_opt(period_end),
-                replayed=bool(replayed),
+                uses,
+                None if max_uses < 0 else max_uses,
+                None if ceiling < 0 else ceiling,
+                None if period_end < 0 else period_end,
+                replayed == 1,
             ),
         )
 
@@ -626,7 +708,7 @@ class RedisStore:
             return None
         flat, state, machine_id = row
         return LicenseRead(
-            codec.license_from_hash(codec.flat_to_dict(flat)),
+            await self._license(codec.flat_to_dict(flat)),
             FingerprintState(state),
             machine_id,
         )
@@ -642,4 +724,4 @@ class RedisStore:
         )
         if row[0] != 0:
             return int(row[0]), None
-        return 0, codec.license_from_hash(codec.flat_to_dict(row[1]))
+        return 0, await self._license(codec.flat_to_dict(row[1]))

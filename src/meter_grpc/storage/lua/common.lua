@@ -9,7 +9,8 @@
 --                         (domain.periods.period_bounds_arg), or nil when usage never resets
 -- Constants defined before this file (storage/scripts.py): MAX_COUNTER, EVENTS_MAXLEN,
 -- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS.
--- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event
+-- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event, keeping
+--                         about `maxlen` (EVENTS_MAXLEN, METER_EVENT_RETENTION); none when 0
 -- roll_period(lic, stream, now, uses, stored, pstart, max) -> the counter after a lazy period
 --                         reset: 0 (and the hash updated, a reset event emitted) when the
 --                         current period started after the stored one, else `uses`
@@ -54,6 +55,9 @@ local function int(n)
 end
 
 local function emit(stream, maxlen, now, kind, amount, uses, max, rid)
+  if maxlen <= 0 then
+    return
+  end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
     'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now))
 end

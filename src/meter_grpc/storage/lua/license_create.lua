@@ -32,6 +32,7 @@ if #mailbox > 0 then
   local rev = tonumber(redis.call('HGET', KEYS[2], 'p_rev'))
   if rev > tonumber(redis.call('HGET', KEYS[1], 'p_rev')) then
     redis.call('HSET', KEYS[1], unpack(mailbox))
+    redis.call('HDEL', KEYS[1], 'p_json') -- a mailbox left by an earlier version
   end
   redis.call('DEL', KEYS[2])
 end

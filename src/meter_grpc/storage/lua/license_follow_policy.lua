@@ -1,11 +1,13 @@
 -- license_follow_policy.lua: copies a policy revision into a license's policy snapshot, so
 -- that the license's scripts check its limits from the license's own keys (one cluster slot).
+-- The snapshot holds only the fields the scripts read; the `p_json` copy of the whole policy
+-- that earlier versions kept is dropped when a revision is applied.
 --
 -- KEYS[1]  license hash               (keys.license)
 -- KEYS[2]  policy mailbox             (keys.policy_mailbox)
 -- ARGV[1]  policy revision
 -- ARGV[2]  mailbox TTL (ms): for a license not written yet (being created); 0 = none
--- ARGV[3..] field, value pairs of the snapshot (p_json, p_uses, ...)
+-- ARGV[3..] field, value pairs of the snapshot (p_uses, p_machines, ...)
 --
 -- Returns 1 when applied, 0 when the license is already at this revision or newer (or gone
 -- for good), 2 when the license does not exist yet and the revision was left in its mailbox
@@ -28,4 +30,5 @@ if tonumber(rev) >= tonumber(ARGV[1]) then
   return 0
 end
 redis.call('HSET', KEYS[1], 'p_rev', ARGV[1], unpack(ARGV, 3))
+redis.call('HDEL', KEYS[1], 'p_json')
 return 1

@@ -1,0 +1,271 @@
+"""Redis memory per license, and IncrementUsage latency as the number of licenses grows.
+
+    python bench/memory.py                       # 100,000 licenses, then up to 1,000,000
+    python bench/memory.py --licenses 100000 --max-licenses 300000 --budget 120
+
+Starts its own embedded valkey-server (appendfsync always, as meter-grpc's embedded store)
+and a meter-grpc server process on it. Licenses are created with the service's own create
+path (meter_grpc.domain.licensing.Licensing over a RedisStore, in this process, a few thousand
+creates in flight so that the transport pipelines them): the real format, every index entry.
+
+- memory per license: `used_memory` (INFO memory) after creating --licenses licenses of a
+  policy of default size (no machines, no events, no usage), minus before, divided by the
+  count; with the share of each key (MEMORY USAGE of a sample).
+- latency: p50 of IncrementUsage over gRPC, one caller, each call on a random license of
+  those created, at 1,000 licenses and again once --max-licenses exist (or as many as were
+  created within --budget seconds of creating: the figure says how many).
+
+Prints `RESULT key=value` lines (read by bench/bench.py for its table) and a readable summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from meter.v1 import usage_service_pb2 as upb  # noqa: E402
+from meter.v1 import usage_service_pb2_grpc as ugrpc  # noqa: E402
+from meter_grpc.domain.clock import SystemClock  # noqa: E402
+from meter_grpc.domain.keysecret import KeySecret  # noqa: E402
+from meter_grpc.domain.licensing import Licensing  # noqa: E402
+from meter_grpc.domain.models import License, Policy  # noqa: E402
+from meter_grpc.storage import keys  # noqa: E402
+from meter_grpc.storage.commands import RedisClient  # noqa: E402
+from meter_grpc.storage.embedded import EmbeddedServer  # noqa: E402
+from meter_grpc.storage.store import RedisStore  # noqa: E402
+
+TOKEN = "bench-admin-token"
+MD = (("authorization", f"Bearer {TOKEN}"),)
+IN_FLIGHT = 2000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def used_memory(r: aioredis.Redis) -> int:
+    info = await r.info("memory")
+    return int(info["used_memory"])
+
+
+async def create(
+    r: aioredis.Redis, licensing: Licensing, policy_id: str, n: int, out: list[str]
+) -> None:
+    """n licenses of the policy, IN_FLIGHT creates at a time; their ids appended to out.
+    The store fsyncs once a second meanwhile (the contents are the same; only the creating
+    is faster), and on every write again afterwards, as meter-grpc's embedded store does."""
+    await r.config_set("appendfsync", "everysec")
+    try:
+        await _create(licensing, policy_id, n, out)
+    finally:
+        await r.config_set("appendfsync", "always")
+    # The append-only file grew: valkey rewrites it in a child process, which competes for
+    # the disk and the CPU. Latencies are measured once that is over.
+    while True:
+        info = await r.info("persistence")
+        if not (info.get("aof_rewrite_in_progress") or info.get("aof_rewrite_scheduled")):
+            break
+        await asyncio.sleep(0.2)
+
+
+async def _create(licensing: Licensing, policy_id: str, n: int, out: list[str]) -> None:
+    done = 0
+    while done < n:
+        k = min(IN_FLIGHT, n - done)
+        made = await asyncio.gather(
+            *(licensing.create_license(License(policy_id=policy_id)) for _ in range(k))
+        )
+        out += [lic.id for lic in made]
+        done += k
+
+
+async def script_usec(r: aioredis.Redis) -> float:
+    """valkey's CPU time per EVALSHA (µs) since the last CONFIG RESETSTAT."""
+    stats = await r.info("commandstats")
+    return float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0))
+
+
+async def p50_increment(target: str, ids: list[str], seconds: float) -> tuple[float, int]:
+    """Median latency (ms) of IncrementUsage, one caller, random licenses among `ids`."""
+    rng = random.Random(7)
+    lat: list[float] = []
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = ugrpc.UsageServiceStub(ch)
+        for _ in range(200):  # warm-up
+            await stub.IncrementUsage(upb.IncrementUsageRequest(license_id=ids[0]), metadata=MD)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            req = upb.IncrementUsageRequest(license_id=rng.choice(ids))
+            t0 = time.perf_counter()
+            await stub.IncrementUsage(req, metadata=MD)
+            lat.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(lat), len(lat)
+
+
+async def latency(
+    r: aioredis.Redis, target: str, ids: list[str], args: argparse.Namespace
+) -> tuple[float, float]:
+    """The median of --latency-rounds p50s of IncrementUsage (one caller, random licenses of
+    `ids`), and valkey's µs per script call over them."""
+    await r.config_resetstat()
+    p50s = [(await p50_increment(target, ids, args.seconds))[0] for _ in range(args.latency_rounds)]
+    return statistics.median(p50s), await script_usec(r)
+
+
+async def key_shares(r: aioredis.Redis, store: RedisStore, license_id: str) -> dict[str, int]:
+    lic = await store.get_license(license_id)
+    assert lic is not None
+    out = {
+        "license hash": int(await r.memory_usage(keys.license(license_id), samples=0) or 0),
+        "key lookup": int(
+            await r.memory_usage(keys.license_by_key(lic.key_digest), samples=0) or 0
+        ),
+    }
+    out["encoding"] = await r.object("encoding", keys.license(license_id))
+    return out
+
+
+def spawn_meter(target: str, url: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meter_grpc"],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "src"),
+            "METER_LISTEN": target,
+            "METER_REDIS_URL": url,
+            "METER_DATA_DIR": str(data_dir),
+            "METER_ADMIN_TOKENS": TOKEN,
+            "METER_LOG_LEVEL": "WARNING",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        embedded = EmbeddedServer(Path(tmp) / "valkey")
+        url = await embedded.start()
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        proc = spawn_meter(target, url, Path(tmp) / "data")
+        r = aioredis.Redis.from_url(url, decode_responses=True)
+        store = RedisStore(RedisClient(url, timeout_s=30))
+        # The server's key secret (created in its data dir): keys digest the same on both sides.
+        secret = KeySecret.configured(None, Path(tmp) / "data")
+        licensing = Licensing(store, SystemClock(), secret)
+        try:
+            policy = await licensing.create_policy(Policy(name="bench"))
+            await wait_serving(target)
+            ids: list[str] = []
+            await create(r, licensing, policy.id, 1000, ids)
+            p50_1k, usec_1k = await latency(r, target, ids, args)
+            print(
+                f"# IncrementUsage p50 with 1,000 licenses: {p50_1k:.3f} ms "
+                f"(valkey {usec_1k:.1f} µs per script call)",
+                flush=True,
+            )
+
+            # Memory: the licenses made from here on are never used (no usage, no events).
+            fresh = args.licenses - len(ids)
+            before = await used_memory(r)
+            t0 = time.perf_counter()
+            await create(r, licensing, policy.id, fresh, ids)
+            rate = fresh / (time.perf_counter() - t0)
+            per_license = (await used_memory(r) - before) / fresh
+            shares = await key_shares(r, store, ids[-1])
+            print(
+                f"# {fresh:,} licenses created in {fresh / rate:.0f}s ({rate:,.0f}/s); "
+                f"used_memory delta / N = {per_license:,.0f} B per license (license hash "
+                f"{shares['license hash']} B, {shares['encoding']}; key lookup "
+                f"{shares['key lookup']} B; the rest: index entries)",
+                flush=True,
+            )
+            print(f"RESULT memory_per_license={per_license:.0f}")
+            print(f"RESULT license_hash_bytes={shares['license hash']}")
+
+            t0 = time.perf_counter()
+            while len(ids) < args.max_licenses and time.perf_counter() - t0 < args.budget:
+                n = min(50_000, args.max_licenses - len(ids))
+                await create(r, licensing, policy.id, n, ids)
+            big = len(ids)
+            # Interleaved: random licenses of all of them, and the first 1,000 at this size.
+            await r.config_resetstat()
+            large, again = [], []
+            for _ in range(args.latency_rounds):
+                large.append((await p50_increment(target, ids, args.seconds))[0])
+                again.append((await p50_increment(target, ids[:1000], args.seconds))[0])
+            usec_big = await script_usec(r)
+            p50_big, p50_again = statistics.median(large), statistics.median(again)
+            print(
+                f"# IncrementUsage p50 with {big:,} licenses: {p50_big:.3f} ms on random ones, "
+                f"{p50_again:.3f} ms on the first 1,000 (valkey {usec_big:.1f} µs per script "
+                f"call); used_memory {await used_memory(r) / 2**20:,.0f} MiB",
+                flush=True,
+            )
+            print(f"RESULT p50_1k={p50_1k:.3f}")
+            print(f"RESULT p50_large={p50_big:.3f}")
+            print(f"RESULT p50_1k_at_large={p50_again:.3f}")
+            print(f"RESULT large_n={big}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            await store.close()
+            await r.aclose()
+            await embedded.stop()
+
+
+async def wait_serving(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as ch:
+        for _ in range(600):
+            try:
+                await ugrpc.UsageServiceStub(ch).GetUsage(
+                    upb.GetUsageRequest(license_id="x"), metadata=MD, timeout=1
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{target} did not come up")
+
+
+def parse(argv: list[str] | None = None) -> Any:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--licenses", type=int, default=100_000, help="for memory per license")
+    parser.add_argument("--max-licenses", type=int, default=1_000_000, help="for the latency")
+    parser.add_argument(
+        "--budget", type=float, default=300, help="seconds of creating beyond --licenses at most"
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="per latency measurement")
+    parser.add_argument("--latency-rounds", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    uvloop.run(main(parse()))
