@@ -1,7 +1,9 @@
 """Every Redis key name of meter-grpc is built here, and only here.
 
 All keys of one license share the hash tag `{lic:<id>}` and so one cluster slot: a script
-touches exactly one license and never reads a key of another slot. A policy's keys share
+touches exactly one license and never reads a key of another slot. The usage export's outbox
+is one stream per cluster slot, named with a hash tag of that slot (`outbox`), so the script
+that moves a counter appends to the outbox of its own slot. A policy's keys share
 `{pol:<id>}`. Global indexes (lists in creation order) have their own slots and are only
 read or written outside scripts.
 """
@@ -9,6 +11,10 @@ read or written outside scripts.
 from __future__ import annotations
 
 import hashlib
+from functools import cache
+from importlib.resources import files
+
+from redis.crc import key_slot
 
 PREFIX = "meter"
 
@@ -169,3 +175,54 @@ def license_format() -> str:
     """String: the newest license hash format every license has been migrated to (2: no
     `p_json` copy of the policy). Absent on data written before it."""
     return f"{PREFIX}:license-format"
+
+
+# --- usage export (export/exporter.py) -------------------------------------------------------
+
+# Cluster slots: one outbox stream per slot that holds a license with a counted change.
+SLOTS = 16384
+
+
+@cache
+def _outbox_tags() -> list[str]:
+    """Slot -> the hex suffix of the shortest tag `ob:<hex>` of that slot (package data
+    written by scripts/gen_outbox_tags.py)."""
+    text = (files("meter_grpc.storage") / "outbox_tags.txt").read_text()
+    tags = text.split()
+    if len(tags) != SLOTS:
+        raise RuntimeError(f"outbox_tags.txt holds {len(tags)} tags, not {SLOTS}")
+    return tags
+
+
+def slot_of(name: str) -> int:
+    """The cluster slot of a key name (CRC16 of its hash tag, mod 16384)."""
+    return int(key_slot(name.encode()))
+
+
+def outbox_of_slot(slot: int) -> str:
+    """Stream: the outbox of one cluster slot: every counted change (increment, decrement,
+    reset, SyncUsage record) of the licenses of that slot, appended by the script that moved
+    the counter, read by one consumer group per sink, trimmed once every group acknowledged."""
+    return f"{PREFIX}:{{ob:{_outbox_tags()[slot]}}}:outbox"
+
+
+def outbox(license_id: str) -> str:
+    """The outbox stream of the license's slot (same slot as `license(license_id)`)."""
+    return outbox_of_slot(slot_of(license(license_id)))
+
+
+def export_dead(sink: str) -> str:
+    """Stream: events a sink refused for good (its dead letters), capped in length; read and
+    replayed by an admin (ExportStatus, ReplayDeadLetters)."""
+    return f"{PREFIX}:export:dead:{sink}"
+
+
+def export_lease(bucket: int) -> str:
+    """String: the replica exporting the outbox streams of one bucket of slots (slot mod
+    the bucket count); expires unless renewed, then another replica takes the bucket over."""
+    return f"{PREFIX}:export:lease:{bucket}"
+
+
+def export_error(sink: str) -> str:
+    """Hash: the last delivery error of a sink (`at` Unix ms, `reason`), for ExportStatus."""
+    return f"{PREFIX}:export:error:{sink}"

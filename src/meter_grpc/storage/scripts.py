@@ -65,8 +65,9 @@ USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000  # SyncUsage record ids are remember
 EVENTS_MAXLEN = 1000
 
 
-def _constants(events_maxlen: int) -> str:
+def _constants(events_maxlen: int, export: bool) -> str:
     values = {
+        "EXPORT": int(export),
         "MAX_COUNTER": MAX_COUNTER,
         "REQUEST_RECORD_TTL_MS": REQUEST_RECORD_TTL_MS,
         "USAGE_RECORD_TTL_MS": USAGE_RECORD_TTL_MS,
@@ -77,15 +78,16 @@ def _constants(events_maxlen: int) -> str:
 
 
 @cache
-def source(name: str, events_maxlen: int = EVENTS_MAXLEN) -> str:
+def source(name: str, events_maxlen: int = EVENTS_MAXLEN, export: bool = False) -> str:
     """The full text sent to Redis for script `name`: the constants, common.lua,
-    machines_common.lua for machine scripts, then `<name>.lua`."""
+    machines_common.lua for machine scripts, then `<name>.lua`. `export`: counted changes are
+    appended to the outbox (usage export on)."""
     if events_maxlen < 0:
         raise ValueError(f"events_maxlen must be >= 0 (got {events_maxlen})")
     lua = files("meter_grpc.storage") / "lua"
     parts = ["common", "machines_common", name] if name in MACHINE_SCRIPTS else ["common", name]
     body = "\n".join((lua / f"{part}.lua").read_text() for part in parts)
-    return _constants(events_maxlen) + body
+    return _constants(events_maxlen, export) + body
 
 
 class Script:
@@ -102,10 +104,14 @@ class Script:
 
 class Scripts:
     """One Script per script name, all on one client; `events_maxlen` usage events kept per
-    license (0: none written)."""
+    license (0: none written); `export`: counted changes appended to the outbox."""
 
-    def __init__(self, client: RedisClient, events_maxlen: int = EVENTS_MAXLEN) -> None:
-        self._scripts = {name: Script(source(name, events_maxlen), client) for name in SCRIPT_NAMES}
+    def __init__(
+        self, client: RedisClient, events_maxlen: int = EVENTS_MAXLEN, export: bool = False
+    ) -> None:
+        self._scripts = {
+            name: Script(source(name, events_maxlen, export), client) for name in SCRIPT_NAMES
+        }
 
     def __getattr__(self, name: str) -> Script:
         try:

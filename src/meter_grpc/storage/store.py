@@ -125,11 +125,15 @@ class RedisStore:
     """Every command goes through `client`; blocking reads (WatchUsage) take dedicated
     connections of the transport's blocking pool, never the request path's."""
 
-    def __init__(self, client: RedisClient, event_retention: int = EVENTS_MAXLEN) -> None:
+    def __init__(
+        self, client: RedisClient, event_retention: int = EVENTS_MAXLEN, export: bool = False
+    ) -> None:
         self.client = client
         # Usage events kept per license (METER_EVENT_RETENTION); 0: none are written.
         self.event_retention = event_retention
-        self.scripts = Scripts(client, event_retention)
+        # Usage export on (a sink configured): counted changes are appended to the outbox.
+        self.export = export
+        self.scripts = Scripts(client, event_retention, export)
         # policy id -> the policy as last read from its hash, for building Licenses (a license
         # hash holds only the policy fields its scripts read). Used for a license whose
         # revision it covers; policies only move forward, so it is never wrong, only re-read.
@@ -518,7 +522,11 @@ class RedisStore:
         periods: str,
     ) -> UsageResult:
         """Runs usage.lua: one round trip, one atomic check-and-move."""
-        script_keys = [keys.license(license_id), keys.license_events(license_id)]
+        script_keys = [
+            keys.license(license_id),
+            keys.license_events(license_id),
+            keys.outbox(license_id),
+        ]
         if request_id:
             script_keys.append(keys.request_record(license_id, request_id))
         row = await self.scripts.usage(
@@ -586,7 +594,11 @@ class RedisStore:
         Returns the usage after the call and one SyncCode name per record, or None when the
         license does not exist.
         """
-        script_keys = [keys.license(license_id), keys.license_events(license_id)]
+        script_keys = [
+            keys.license(license_id),
+            keys.license_events(license_id),
+            keys.outbox(license_id),
+        ]
         args: list[object] = [now_ms, periods]
         for record_id, amount in records:
             script_keys.append(keys.usage_record(license_id, record_id))

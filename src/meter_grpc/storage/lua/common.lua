@@ -8,12 +8,17 @@
 --                         `p`, an ARGV of "start,end" pairs for DAILY, WEEKLY, MONTHLY, YEARLY
 --                         (domain.periods.period_bounds_arg), or nil when usage never resets
 -- Constants defined before this file (storage/scripts.py): MAX_COUNTER, EVENTS_MAXLEN,
--- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS.
+-- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS, EXPORT (1: usage export on, METER_EXPORT_*).
 -- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event, keeping
 --                         about `maxlen` (EVENTS_MAXLEN, METER_EVENT_RETENTION); none when 0
--- roll_period(lic, stream, now, uses, stored, pstart, max) -> the counter after a lazy period
---                         reset: 0 (and the hash updated, a reset event emitted) when the
---                         current period started after the stored one, else `uses`
+-- outbox(ob, lic, kind, delta, uses, rid, now) -> appends a counted change to the outbox
+--                         stream `ob` of the license's slot (keys.outbox), only when EXPORT
+--                         is 1 and delta ~= 0; its id is "<license id>:<n>", n counted in the
+--                         license hash (`xseq`), so a script's retry never makes a new id
+-- roll_period(lic, stream, now, uses, stored, pstart, max, ob, rid) -> the counter after a
+--                         lazy period reset: 0 (and the hash updated, a reset event emitted,
+--                         a reset appended to the outbox) when the current period started
+--                         after the stored one, else `uses`
 -- int(n)               -> n as a decimal integer string; numbers are never handed to Redis
 --                         as Lua numbers, whose conversion may use an exponent
 
@@ -62,18 +67,29 @@ local function emit(stream, maxlen, now, kind, amount, uses, max, rid)
     'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now))
 end
 
+local function outbox(ob, lic, kind, delta, uses, rid, now)
+  if EXPORT == 0 or delta == 0 then
+    return
+  end
+  local seq = redis.call('HINCRBY', lic, 'xseq', 1)
+  local f = redis.call('HMGET', lic, 'id', 'policy_id')
+  redis.call('XADD', ob, '*', 'id', f[1] .. ':' .. seq, 'lic', f[1], 'pol', f[2] or '',
+    'm', '', 'k', kind, 'd', int(delta), 'u', int(uses), 'rid', rid, 't', int(now))
+end
+
 -- An expired license refuses use under RESTRICT_ACCESS (1, also 0 = unspecified) and
 -- REVOKE_ACCESS (2); MAINTAIN_ACCESS (3) and ALLOW_ACCESS (4) keep increments going.
 local function expired_refuses_use(expire, strategy, now)
   return expire ~= nil and now >= expire and (strategy == nil or strategy <= 2)
 end
 
-local function roll_period(lic, stream, now, uses, stored, pstart, max)
+local function roll_period(lic, stream, now, uses, stored, pstart, max, ob, rid)
   if pstart == nil or pstart <= (stored or 0) then
     return uses
   end
   if uses ~= 0 then
     emit(stream, EVENTS_MAXLEN, now, 'reset', 0, 0, max, '')
+    outbox(ob, lic, 'reset', -uses, 0, rid, now)
   end
   redis.call('HSET', lic, 'uses', 0, 'period', int(pstart))
   return 0

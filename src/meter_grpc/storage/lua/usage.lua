@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  license hash                     (keys.license)
 -- KEYS[2]  usage events stream              (keys.license_events)
--- KEYS[3]  optional: idempotency record     (keys.request_record), only with a request_id
+-- KEYS[3]  outbox stream of the license's slot (keys.outbox), written only when EXPORT = 1
+-- KEYS[4]  optional: idempotency record     (keys.request_record), only with a request_id
 -- ARGV[1]  now (ms)
 -- ARGV[2]  operation: "inc", "dec", "reset" or "get"
 -- ARGV[3]  amount (1 .. 2^50; ignored by reset and get)
@@ -33,8 +34,8 @@ if not f[1] then
   return {1, 0, -1, -1, -1, 0}
 end
 
-if KEYS[3] then
-  local stored = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local stored = redis.call('GET', KEYS[4])
   if stored then
     local sep = string.find(stored, '|', 1, true)
     if string.sub(stored, 1, sep - 1) ~= digest then
@@ -55,7 +56,7 @@ local ceil = ceiling(max, opt(f[4]))
 local reset = opt(f[8])
 local pstart, pend = period_of(reset, ARGV[5])
 
-uses = roll_period(lic, KEYS[2], now, uses, opt(f[9]), pstart, max)
+uses = roll_period(lic, KEYS[2], now, uses, opt(f[9]), pstart, max, KEYS[3], rid)
 
 local status = 0
 if op == 'inc' then
@@ -74,6 +75,7 @@ if op == 'inc' then
       if max ~= nil and uses < max and new >= max then
         emit(KEYS[2], maxlen, now, 'limit', amount, new, max, rid)
       end
+      outbox(KEYS[3], lic, 'increment', amount, new, rid, now)
       uses = new
     end
   end
@@ -83,19 +85,21 @@ elseif op == 'dec' then
   else
     uses = redis.call('HINCRBY', lic, 'uses', '-' .. ARGV[3])
     emit(KEYS[2], maxlen, now, 'dec', amount, uses, max, rid)
+    outbox(KEYS[3], lic, 'decrement', -amount, uses, rid, now)
   end
 elseif op == 'reset' then
   redis.call('HSET', lic, 'uses', 0)
   emit(KEYS[2], maxlen, now, 'reset', 0, 0, max, rid)
+  outbox(KEYS[3], lic, 'reset', -uses, 0, rid, now)
   uses = 0
 end
 
 local out = {status, uses, max or -1, ceil or -1, pend or -1, 0}
-if KEYS[3] then
+if KEYS[4] then
   local parts = {}
   for i = 1, 5 do
     parts[i] = int(out[i])
   end
-  redis.call('SET', KEYS[3], digest .. '|' .. table.concat(parts, ','), 'PX', REQUEST_RECORD_TTL_MS)
+  redis.call('SET', KEYS[4], digest .. '|' .. table.concat(parts, ','), 'PX', REQUEST_RECORD_TTL_MS)
 end
 return out

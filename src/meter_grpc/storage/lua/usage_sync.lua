@@ -3,7 +3,8 @@
 --
 -- KEYS[1]      license hash                    (keys.license)
 -- KEYS[2]      usage events stream             (keys.license_events)
--- KEYS[2 + i]  record i's answer               (keys.usage_record), i = 1 .. n
+-- KEYS[3]      outbox stream of the license's slot (keys.outbox), written only when EXPORT = 1
+-- KEYS[3 + i]  record i's answer               (keys.usage_record), i = 1 .. n
 -- ARGV[1]      now (ms)
 -- ARGV[2]      current period bounds (see period_of in common.lua)
 -- ARGV[1 + 2i], ARGV[2 + 2i]  record i's id and amount (1 .. 2^50, as a decimal string)
@@ -34,7 +35,7 @@ local max = opt(f[2]) or opt(f[3])
 local ceil = ceiling(max, opt(f[4]))
 local pstart = period_of(opt(f[8]), ARGV[2])
 
-uses = roll_period(lic, KEYS[2], now, uses, opt(f[9]), pstart, max)
+uses = roll_period(lic, KEYS[2], now, uses, opt(f[9]), pstart, max, KEYS[3], '')
 local before = uses
 
 local refusal = nil
@@ -45,8 +46,8 @@ elseif expired_refuses_use(opt(f[6]), opt(f[7]), now) then
 end
 
 local out = {1, 0}
-for i = 1, #KEYS - 2 do
-  local key = KEYS[2 + i]
+for i = 1, #KEYS - 3 do
+  local key = KEYS[3 + i]
   local rid = ARGV[1 + 2 * i]
   local amount_s = ARGV[2 + 2 * i]
   local code
@@ -74,6 +75,7 @@ for i = 1, #KEYS - 2 do
         if max ~= nil and uses < max and new >= max then
           emit(KEYS[2], maxlen, now, 'limit', amount, new, max, rid)
         end
+        outbox(KEYS[3], lic, 'sync', amount, new, rid, now)
         uses = new
         code = 1
       end
