@@ -103,6 +103,13 @@ class Settings:
     checkout_workers: int = 2
     max_license_file_bytes: int = 32 * 1024 * 1024
     redis_max_inflight: int = 10_000
+    # Usage export (export/exporter.py): the NDJSON sink's file ("-" = stdout, "" = off) and
+    # its CloudEvents source; how long a dead replica's outbox buckets wait before another
+    # replica takes them over; dead letters kept per sink.
+    export_ndjson: str = ""
+    export_ndjson_source: str = "meter-grpc"
+    export_lease_s: float = 10.0
+    export_dead_letters_max: int = 100_000
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
     clock: Clock = field(default_factory=SystemClock)
@@ -198,6 +205,10 @@ class Settings:
                 "METER_MAX_LICENSE_FILE_BYTES", 32 * 1024 * 1024, minimum=64 * 1024
             ),
             redis_max_inflight=count("METER_REDIS_MAX_INFLIGHT", 10_000, minimum=16),
+            export_ndjson=get("METER_EXPORT_NDJSON"),
+            export_ndjson_source=get("METER_EXPORT_NDJSON_SOURCE") or "meter-grpc",
+            export_lease_s=number("METER_EXPORT_LEASE", "10", float),
+            export_dead_letters_max=count("METER_EXPORT_DEAD_LETTERS_MAX", 100_000),
         )
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))

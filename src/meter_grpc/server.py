@@ -38,6 +38,7 @@ from meter_grpc.domain.metering import Metering
 from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.signing import Signer
 from meter_grpc.domain.validation import Validator
+from meter_grpc.export.exporter import Exporter, sinks_of
 from meter_grpc.storage import migrate
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.embedded import EmbeddedServer
@@ -122,6 +123,7 @@ class Service:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     license_files: LicenseFiles | None = None
+    exporter: Exporter | None = None
     secret: KeySecret | None = None
     # False while the key secret check and migration (storage/migrate.py) have not run
     prepared: bool = True
@@ -136,6 +138,8 @@ class Service:
             asyncio.create_task(self.licensing.propagator.run(), name="meter-propagation")
         )
         self._tasks.append(asyncio.create_task(self._migrate(), name="meter-policy-copies"))
+        if self.exporter is not None:
+            self.exporter.start()
         log.info("meter-grpc serving on port %d", self.port)
 
     async def _migrate(self) -> None:
@@ -217,6 +221,8 @@ class Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.exporter is not None:
+            await self.exporter.close()  # what it read unacknowledged is read again later
         await self.licensing.propagator.close()  # pending marks let the next start resume
         await self.metering.close()  # WatchUsage streams still blocked in the store
         await self.store.close()
@@ -245,6 +251,8 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         url = await embedded.start()
     store: RedisStore | None = None
     metrics: Metrics | None = None
+    # Usage export: the outbox is written only when at least one sink is configured.
+    sinks = sinks_of(settings)
     try:
         # One pipelined connection per node for every command; blocking reads (WatchUsage:
         # one per watched license, shared by its watchers) take dedicated connections from
@@ -256,6 +264,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                 max_inflight=settings.redis_max_inflight,
             ),
             event_retention=settings.event_retention,
+            export=bool(sinks),
         )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request
@@ -358,6 +367,13 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         license_files,
     )
     service.secret, service.prepared = secret, prepared
+    if sinks:
+        service.exporter = Exporter(
+            store,
+            sinks,
+            lease_s=settings.export_lease_s,
+            dead_letters_max=settings.export_dead_letters_max,
+        )
     return service, port
 
 

@@ -1,0 +1,613 @@
+"""The exporter: reads the outbox and hands its events to the sinks, beside the request path.
+
+The outbox is one Redis stream per cluster slot (storage/keys.py `outbox_of_slot`), appended by
+the scripts that move a counter (storage/lua/common.lua `outbox`). Each sink has one consumer
+group (`<sink name>`) on every outbox stream: an entry stays until every group acknowledged it.
+
+Who reads which stream: the 16,384 slots fall in BUCKETS buckets (slot mod BUCKETS). A
+replica exports a bucket while it holds the bucket's lease (keys.export_lease, renewed every
+third of METER_EXPORT_LEASE_S); a bucket whose replica died is taken over by another once the
+lease expired. The consumer name in every group is the bucket's (`b<n>`), so a new holder
+first reads the entries its predecessor had read but not acknowledged (XREADGROUP from 0:
+the pending entries of that consumer; the same as XAUTOCLAIM of a dead consumer, without
+waiting for an idle time) and then new ones (`>`). One holder per bucket keeps each license's
+events in order (a license's events are all in its slot's stream).
+
+Per sink: at most `max_batch` events per delivery, oldest first, a license whose earlier event
+waits for a retry holding its later events back; RETRY waits an exponential backoff with jitter
+(at least the sink's retry_after_s); DEAD goes to the sink's dead-letter stream
+(keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then is acknowledged. Entries
+every group acknowledged are trimmed (XTRIM MINID). A stream found empty is polled less and
+less often (up to IDLE_POLL_MAX_S); slots without a stream are looked for every SWEEP_S.
+Nothing here runs on the request path: it shares only the Redis connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meter_grpc.config import Settings
+from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
+from meter_grpc.storage import keys
+from meter_grpc.storage.store import RedisStore
+
+log = logging.getLogger(__name__)
+
+BUCKETS = 64
+SWEEP_S = 10.0  # slots without an outbox stream are looked at again after this
+POLL_S = 0.05  # a stream that had entries is read again after this
+IDLE_POLL_MAX_S = 5.0  # an empty stream is read at most this long after its last look
+READ_COUNT = 500  # entries read from one stream at once
+QUEUE_MAX = 5000  # events held in memory per sink (read, not yet acknowledged)
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 60.0
+METADATA_TTL_S = 10.0
+METADATA_MAX = 10_000
+TRIM_EVERY_S = 1.0
+
+
+def sinks_of(settings: Settings) -> list[Sink]:
+    """Every sink the settings turn on: the HTTP sinks of export/sinks (`build_sinks`) and the
+    NDJSON sink (`build_ndjson`)."""
+    from meter_grpc.export.sinks.ndjson import build_ndjson
+
+    found: list[Sink] = []
+    module = importlib.import_module("meter_grpc.export.sinks")
+    build: Callable[[Settings], list[Sink]] | None = getattr(module, "build_sinks", None)
+    if build is not None:
+        found += build(settings)
+    ndjson = build_ndjson(settings)
+    if ndjson is not None:
+        found.append(ndjson)
+    return found
+
+
+def event_of(fields: dict[str, str], metadata: dict[str, str] | None = None) -> ExportEvent:
+    """An outbox entry's fields (common.lua `outbox`) as an ExportEvent."""
+    return ExportEvent(
+        id=fields["id"],
+        license_id=fields["lic"],
+        policy_id=fields.get("pol", ""),
+        meter=fields.get("m", ""),
+        kind=Kind(fields["k"]),
+        delta=int(fields["d"]),
+        uses=int(fields["u"]),
+        request_id=fields.get("rid", ""),
+        time_ms=int(fields["t"]),
+        license_metadata=metadata or {},
+    )
+
+
+def fields_of(e: ExportEvent) -> dict[str, str]:
+    return {
+        "id": e.id,
+        "lic": e.license_id,
+        "pol": e.policy_id,
+        "m": e.meter,
+        "k": e.kind.value,
+        "d": str(e.delta),
+        "u": str(e.uses),
+        "rid": e.request_id,
+        "t": str(e.time_ms),
+    }
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    it = iter(flat)
+    return {str(k): v for k, v in zip(it, it, strict=True)}
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+def _next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def _older(a: str, b: str) -> bool:
+    am, _, asq = a.partition("-")
+    bm, _, bsq = b.partition("-")
+    return (int(am), int(asq)) < (int(bm), int(bsq))
+
+
+@dataclass(slots=True)
+class _Item:
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+    bucket: int
+    attempts: int = 0
+    not_before: float = 0.0
+    first_attempt_ms: int = 0
+
+
+@dataclass(slots=True)
+class _StreamState:
+    bucket: int
+    cursor: str = "0"  # "0..": the bucket consumer's pending entries first; then ">"
+    next_poll: float = 0.0
+    idle_s: float = POLL_S
+
+
+@dataclass
+class SinkStatus:
+    name: str
+    lag_events: int = 0
+    lag_seconds: float = 0.0
+    last_error: str = ""
+    last_error_ms: int = 0
+    dead_letters: int = 0
+
+
+@dataclass(slots=True)
+class _SinkRun:
+    sink: Sink
+    queue: list[_Item] = field(default_factory=list)
+    streams: dict[str, _StreamState] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+
+
+class Exporter:
+    """Runs one task per sink plus the leases' task; `start()` then `close()`."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        sinks: Sequence[Sink],
+        *,
+        lease_s: float = 10.0,
+        dead_letters_max: int = 100_000,
+        owner: str = "",
+        backoff_max_s: float = BACKOFF_MAX_S,
+        sweep_s: float = SWEEP_S,
+    ) -> None:
+        self.store = store
+        self.runs = {s.name: _SinkRun(s) for s in sinks}
+        self.lease_s = lease_s
+        self.dead_letters_max = dead_letters_max
+        self.owner = owner or secrets.token_hex(8)
+        self.backoff_max_s = backoff_max_s
+        self.sweep_s = sweep_s
+        self.buckets: set[int] = set()  # held now
+        self._known: dict[int, set[str]] = {}  # bucket -> outbox streams that exist
+        self._swept: dict[int, float] = {}
+        self._meta: dict[str, tuple[float, dict[str, str]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._trimmed: dict[str, float] = {}
+        self._wake = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._lease_loop(), name="export-leases"))
+        for run in self.runs.values():
+            self._tasks.append(
+                asyncio.create_task(self._sink_loop(run), name=f"export-{run.sink.name}")
+            )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for b in list(self.buckets):
+            with contextlib.suppress(Exception):
+                await self.store.scripts.cas(keys=[keys.export_lease(b)], args=["del", self.owner])
+        self.buckets.clear()
+        for run in self.runs.values():
+            with contextlib.suppress(Exception):
+                await run.sink.close()
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        while True:
+            try:
+                await self._leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("export leases: %s", exc)
+                self._drop(set(self.buckets))
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def _leases(self) -> None:
+        ttl = str(int(self.lease_s * 1000))
+        order = list(range(BUCKETS))
+        random.shuffle(order)  # replicas starting together spread over the buckets
+
+        async def one(b: int) -> tuple[int, bool]:
+            held = b in self.buckets
+            row = await self.store.scripts.cas(
+                keys=[keys.export_lease(b)],
+                args=["set", self.owner if held else "", self.owner, ttl],
+            )
+            return b, bool(row[0])
+
+        results = await asyncio.gather(*(one(b) for b in order))
+        lost = {b for b, ok in results if not ok and b in self.buckets}
+        self._drop(lost)
+        for b, ok in results:
+            if ok and b not in self.buckets:
+                self.buckets.add(b)
+                self._known[b] = set()
+                self._swept[b] = 0.0
+        self._wake.set()
+
+    def _drop(self, lost: set[int]) -> None:
+        """Buckets no longer held: what was read from them is forgotten (the next holder
+        reads it again from the bucket consumer's pending entries)."""
+        if not lost:
+            return
+        self.buckets -= lost
+        for b in lost:
+            self._known.pop(b, None)
+        for run in self.runs.values():
+            run.queue = [i for i in run.queue if i.bucket not in lost]
+            run.streams = {s: st for s, st in run.streams.items() if st.bucket not in lost}
+
+    # --- discovery ------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        now = time.monotonic()
+        for b in list(self.buckets):
+            if now - self._swept.get(b, 0.0) < self.sweep_s:
+                continue
+            self._swept[b] = now
+            names = [keys.outbox_of_slot(s) for s in range(b, keys.SLOTS, BUCKETS)]
+            known = self._known.get(b)
+            if known is None:
+                continue
+            todo = [n for n in names if n not in known]
+            found = await asyncio.gather(*(self.store.client.exists(n) for n in todo))
+            for name, there in zip(todo, found, strict=True):
+                if there and b in self.buckets:
+                    await self._groups(name)
+                    known.add(name)
+
+    async def _groups(self, stream: str) -> None:
+        for name in self.runs:
+            try:
+                await self._call("XGROUP", "CREATE", stream, name, "0")
+            except Exception as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _call(self, *args: Any) -> Any:
+        key = str(args[2]) if args[0] in ("XGROUP", "XINFO") else None
+        if args[0] == "XREADGROUP":
+            key = str(args[args.index("STREAMS") + 1])
+        elif key is None:
+            key = str(args[1])
+        return await self.store.client.router.call(args, key)
+
+    # --- one sink -------------------------------------------------------------------------
+
+    async def _sink_loop(self, run: _SinkRun) -> None:
+        while True:
+            try:
+                worked = await self._round(run)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("export to %s: %s", run.sink.name, exc)
+                worked = False
+                await asyncio.sleep(1.0)
+            if not worked:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    async def _round(self, run: _SinkRun) -> bool:
+        await self._sweep()
+        await self._fill(run)
+        batch = self._batch(run)
+        if not batch:
+            return False
+        await self._deliver(run, batch)
+        await self._trim(run)
+        return True
+
+    async def _fill(self, run: _SinkRun) -> None:
+        now = time.monotonic()
+        for b in list(self.buckets):
+            for stream in list(self._known.get(b, ())):
+                st = run.streams.get(stream)
+                if st is None:
+                    st = run.streams[stream] = _StreamState(b)
+                if len(run.queue) >= QUEUE_MAX:
+                    return
+                if st.next_poll > now:
+                    continue
+                got = await self._read(run, stream, st)
+                if got:
+                    st.idle_s = POLL_S
+                else:
+                    st.idle_s = min(IDLE_POLL_MAX_S, st.idle_s * 2)
+                st.next_poll = now + st.idle_s
+
+    async def _read(self, run: _SinkRun, stream: str, st: _StreamState) -> int:
+        count = min(READ_COUNT, QUEUE_MAX - len(run.queue))
+        name = run.sink.name
+        try:
+            reply = await self._call(
+                "XREADGROUP", "GROUP", name, f"b{st.bucket}", "COUNT", count,
+                "STREAMS", stream, st.cursor,
+            )  # fmt: skip
+        except Exception as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._groups(stream)
+            return 0
+        rows = reply[0][1] if reply else []
+        pending = st.cursor != ">"
+        n = 0
+        for entry_id, flat in rows:
+            if flat is None:  # acknowledged meanwhile and trimmed
+                continue
+            item = _Item(stream, str(entry_id), _pairs(flat), st.bucket)
+            if pending:  # read by an earlier holder: it may have been tried already
+                item.first_attempt_ms = int(item.fields.get("t", "0"))
+            run.queue.append(item)
+            n += 1
+        if pending:
+            st.cursor = str(rows[-1][0]) if rows else ">"
+        return n if not pending else max(n, 1 if rows else 0)
+
+    def _batch(self, run: _SinkRun) -> list[_Item]:
+        now = time.monotonic()
+        held: set[str] = set()
+        out: list[_Item] = []
+        for item in run.queue:
+            lic = item.fields.get("lic", "")
+            if lic in held:
+                continue
+            if item.not_before > now:
+                held.add(lic)
+                continue
+            out.append(item)
+            if len(out) >= run.sink.max_batch:
+                break
+        return out
+
+    async def _metadata(self, license_ids: set[str]) -> dict[str, dict[str, str]]:
+        now = time.monotonic()
+        out: dict[str, dict[str, str]] = {}
+        todo = []
+        for lid in license_ids:
+            hit = self._meta.get(lid)
+            if hit is not None and hit[0] > now:
+                out[lid] = hit[1]
+            else:
+                todo.append(lid)
+        if todo:
+            raw = await asyncio.gather(
+                *(self.store.client.hget(keys.license(lid), "meta") for lid in todo)
+            )
+            if len(self._meta) > METADATA_MAX:
+                self._meta.clear()
+            for lid, text in zip(todo, raw, strict=True):
+                try:
+                    meta = {str(k): str(v) for k, v in json.loads(text or "{}").items()}
+                except (ValueError, AttributeError):
+                    meta = {}
+                self._meta[lid] = (now + METADATA_TTL_S, meta)
+                out[lid] = meta
+        return out
+
+    async def _deliver(self, run: _SinkRun, batch: list[_Item]) -> None:
+        meta = await self._metadata({i.fields["lic"] for i in batch})
+        now_ms = int(time.time() * 1000)
+        events = []
+        for item in batch:
+            if not item.first_attempt_ms:
+                item.first_attempt_ms = now_ms
+            e = event_of(item.fields, meta.get(item.fields["lic"]))
+            events.append(_with_first_attempt(e, item.first_attempt_ms))
+        async with run.lock:
+            outcomes = await run.sink.deliver(events)
+        if len(outcomes) != len(events):
+            raise RuntimeError(
+                f"sink {run.sink.name} answered {len(outcomes)} outcomes for {len(events)} events"
+            )
+        done: list[_Item] = []
+        error = ""
+        for item, event, outcome in zip(batch, events, outcomes, strict=True):
+            if outcome.verdict is Verdict.DELIVERED:
+                done.append(item)
+                run.delivered += 1
+            elif outcome.verdict is Verdict.DEAD:
+                await self._dead_letter(run.sink.name, event, outcome.reason)
+                done.append(item)
+                run.dead += 1
+                error = outcome.reason or "refused"
+            else:
+                item.attempts += 1
+                wait = min(self.backoff_max_s, BACKOFF_BASE_S * 2 ** (item.attempts - 1))
+                wait = wait / 2 + random.uniform(0, wait / 2)  # jitter
+                if outcome.retry_after_s is not None:
+                    wait = max(wait, outcome.retry_after_s)
+                item.not_before = time.monotonic() + wait
+                run.retried += 1
+                error = outcome.reason or "retry"
+        if error:
+            await self.store.client.hset(
+                keys.export_error(run.sink.name),
+                mapping={"at": str(now_ms), "reason": error[:500]},
+            )
+        await self._ack(run, done)
+
+    async def _ack(self, run: _SinkRun, done: list[_Item]) -> None:
+        if not done:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for item in done:
+            by_stream.setdefault(item.stream, []).append(item.entry_id)
+        await asyncio.gather(
+            *(self._call("XACK", s, run.sink.name, *ids) for s, ids in by_stream.items())
+        )
+        gone = {id(i) for i in done}
+        run.queue = [i for i in run.queue if id(i) not in gone]
+
+    async def _dead_letter(self, sink: str, event: ExportEvent, reason: str) -> None:
+        fields = fields_of(event)
+        fields["reason"] = reason[:500]
+        fields["at"] = str(int(time.time() * 1000))
+        await self.store.client.xadd(
+            keys.export_dead(sink), fields, maxlen=self.dead_letters_max, approximate=True
+        )
+
+    # --- trimming -------------------------------------------------------------------------
+
+    async def _trim(self, run: _SinkRun) -> None:
+        now = time.monotonic()
+        streams = {i for i in self._known_streams()}
+        for stream in streams:
+            if now - self._trimmed.get(stream, 0.0) < TRIM_EVERY_S:
+                continue
+            self._trimmed[stream] = now
+            await self.trim(stream)
+
+    def _known_streams(self) -> set[str]:
+        out: set[str] = set()
+        for b in self.buckets:
+            out |= self._known.get(b, set())
+        return out
+
+    async def trim(self, stream: str) -> None:
+        """XTRIM MINID to the oldest entry some group has not acknowledged."""
+        low = await self._oldest_unacked(stream)
+        if low is not None:
+            await self._call("XTRIM", stream, "MINID", low)
+
+    async def _oldest_unacked(self, stream: str) -> str | None:
+        groups = [_pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+        if not groups:
+            return None
+        low: str | None = None
+        for g in groups:
+            if int(g["pending"]) > 0:
+                summary = await self._call("XPENDING", stream, str(g["name"]))
+                first = str(summary[1])
+            else:
+                first = _next_id(str(g["last-delivered-id"]))
+            if low is None or _older(first, low):
+                low = first
+        return low
+
+    # --- status and dead letters ----------------------------------------------------------
+
+    async def status(self) -> list[SinkStatus]:
+        """Per sink: events not acknowledged yet (read or not) and the age of the oldest,
+        the last error, dead letters held. Reads every outbox stream."""
+        out = {name: SinkStatus(name) for name in self.runs}
+        now_ms = int(time.time() * 1000)
+        streams = await self.outbox_streams()
+        for stream in streams:
+            try:
+                groups = [_pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+            except Exception:
+                continue
+            present = {str(g["name"]): g for g in groups}
+            for name, st in out.items():
+                g = present.get(name)
+                if g is None:
+                    n = int(await self.store.client.execute_command("XLEN", stream))
+                    if n:
+                        st.lag_events += n
+                        first = await self.store.client.xrange(stream, count=1)
+                        if first:
+                            age = (now_ms - _id_ms(first[0][0])) / 1000
+                            st.lag_seconds = max(st.lag_seconds, age)
+                    continue
+                lag = g.get("lag")
+                pending = int(g["pending"])
+                unread = int(lag) if lag is not None else 0
+                st.lag_events += pending + unread
+                oldest: str | None = None
+                if pending:
+                    summary = await self._call("XPENDING", stream, name)
+                    oldest = str(summary[1])
+                elif unread:
+                    rows = await self.store.client.xrange(
+                        stream, min="(" + str(g["last-delivered-id"]), count=1
+                    )
+                    oldest = rows[0][0] if rows else None
+                if oldest is not None:
+                    st.lag_seconds = max(st.lag_seconds, (now_ms - _id_ms(oldest)) / 1000)
+        for name, st in out.items():
+            err = await self.store.client.hgetall(keys.export_error(name))
+            st.last_error = err.get("reason", "")
+            st.last_error_ms = int(err.get("at", "0") or 0)
+            st.dead_letters = int(
+                await self.store.client.execute_command("XLEN", keys.export_dead(name))
+            )
+        return list(out.values())
+
+    async def outbox_streams(self) -> list[str]:
+        names = [keys.outbox_of_slot(s) for s in range(keys.SLOTS)]
+        there = await asyncio.gather(*(self.store.client.exists(n) for n in names))
+        return [n for n, t in zip(names, there, strict=True) if t]
+
+    async def dead_letters(self, sink: str, limit: int) -> list[tuple[str, ExportEvent, str]]:
+        rows = await self.store.client.xrange(keys.export_dead(sink), count=limit or None)
+        return [(eid, event_of(f), f.get("reason", "")) for eid, f in rows]
+
+    async def replay(self, sink: str, limit: int = 0) -> tuple[int, int]:
+        """Delivers up to `limit` dead letters of `sink` (0: all) again, oldest first; those
+        delivered leave the dead-letter stream, the others stay (a refusal's reason updated).
+        Returns (delivered, still dead). KeyError: no such sink here."""
+        run = self.runs[sink]
+        rows = await self.dead_letters(sink, limit)
+        delivered = failed = 0
+        name = keys.export_dead(sink)
+        for start in range(0, len(rows), run.sink.max_batch):
+            chunk = rows[start : start + run.sink.max_batch]
+            meta = await self._metadata({e.license_id for _, e, _ in chunk})
+            events = [_with_metadata(e, meta.get(e.license_id, {})) for _, e, _ in chunk]
+            async with run.lock:
+                outcomes = await run.sink.deliver(events)
+            for (eid, event, _), outcome in zip(chunk, outcomes, strict=True):
+                if outcome.verdict is Verdict.DELIVERED:
+                    await self.store.client.execute_command("XDEL", name, eid)
+                    delivered += 1
+                else:
+                    failed += 1
+                    if outcome.verdict is Verdict.DEAD and outcome.reason:
+                        await self.store.client.execute_command("XDEL", name, eid)
+                        await self._dead_letter(sink, event, outcome.reason)
+        return delivered, failed
+
+
+def _with_first_attempt(e: ExportEvent, ms: int) -> ExportEvent:
+    return ExportEvent(
+        e.id, e.license_id, e.policy_id, e.meter, e.kind, e.delta, e.uses, e.request_id,
+        e.time_ms, e.license_metadata, first_attempt_ms=ms,
+    )  # fmt: skip
+
+
+def _with_metadata(e: ExportEvent, meta: dict[str, str]) -> ExportEvent:
+    return ExportEvent(
+        e.id, e.license_id, e.policy_id, e.meter, e.kind, e.delta, e.uses, e.request_id,
+        e.time_ms, meta,
+    )  # fmt: skip
+
+
+__all__ = ["BUCKETS", "Exporter", "Outcome", "SinkStatus", "event_of", "sinks_of"]

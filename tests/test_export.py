@@ -1,0 +1,322 @@
+"""Usage export end to end (export/exporter.py): changes made over real gRPC connections reach
+the NDJSON sink and a sink that fails, throttles and goes down, each exactly once by id, with
+per-license sums equal to the counters and nothing left pending; on the embedded server and
+the Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
+from meter.v1 import policy_pb2
+from meter.v1 import usage_service_pb2 as upb
+from meter.v1 import usage_service_pb2_grpc as ugrpc
+from meter_grpc.config import Settings
+from meter_grpc.export.exporter import Exporter
+from meter_grpc.export.model import ExportEvent, Outcome, Sink, Verdict
+from meter_grpc.server import Service, build_server
+from meter_grpc.storage import keys
+from tests.conftest import Running
+from tests.support import ADMIN_TOKEN, admin_md, shared_key_secret_file, until
+
+
+class FlakySink:
+    """A billing system in the test: deduplicates by event id (like every real one), fails a
+    share of calls (RETRY, as a 5xx), answers some with a throttle and a reset time (as a 429
+    with its reset header), is down while `down` is set, and refuses for good (DEAD) the ids
+    in `refuse` until they are removed. `held`: id -> event, once each."""
+
+    name = "flaky"
+
+    def __init__(self, *, fail: float = 0.3, throttle: float = 0.1, max_batch: int = 50) -> None:
+        self.max_batch = max_batch
+        self.fail, self.throttle = fail, throttle
+        self.down = False
+        self.refuse: set[str] = set()
+        self.held: dict[str, ExportEvent] = {}
+        self.order: dict[str, list[int]] = {}  # license -> uses in delivery order
+        self.calls = 0
+        self.rng = random.Random(7)
+        self.busy = False
+
+    async def deliver(self, events: Sequence[ExportEvent]) -> list[Outcome]:
+        assert not self.busy, "deliver called concurrently with itself"
+        assert 0 < len(events) <= self.max_batch
+        self.busy = True
+        try:
+            self.calls += 1
+            await asyncio.sleep(0)
+            if self.down:
+                return [Outcome(Verdict.RETRY, reason="connection refused")] * len(events)
+            roll = self.rng.random()
+            if roll < self.fail:
+                return [Outcome(Verdict.RETRY, reason="503")] * len(events)
+            if roll < self.fail + self.throttle:
+                return [Outcome(Verdict.RETRY, retry_after_s=0.05, reason="429")] * len(events)
+            out = []
+            for e in events:
+                if e.id in self.refuse:
+                    out.append(Outcome(Verdict.DEAD, reason="422 invalid"))
+                    continue
+                if e.id not in self.held:
+                    self.held[e.id] = e
+                    self.order.setdefault(e.license_id, []).append(e.uses)
+                out.append(Outcome.delivered())
+            return out
+        finally:
+            self.busy = False
+
+    async def close(self) -> None:
+        pass
+
+
+def billing_sinks() -> list[Sink]:
+    """The HTTP sinks the tests export to besides the NDJSON file: the hook where the billing
+    systems' emulators (tests/billing_emulators.py) plug in; today one FlakySink."""
+    return [FlakySink()]
+
+
+@asynccontextmanager
+async def exporting(
+    running: Running, data_dir: Path, sinks: Sequence[Sink], **extra: Any
+) -> AsyncIterator[tuple[Service, grpc.aio.Channel]]:
+    ndjson = data_dir / "usage.ndjson"
+    settings = Settings(
+        listen="127.0.0.1:0",
+        redis_url=running.redis_url,
+        data_dir=data_dir,
+        admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=shared_key_secret_file(),
+        export_ndjson=str(ndjson),
+        export_lease_s=1.0,
+        **extra,
+    )
+    service, port = await build_server(settings)
+    assert service.exporter is not None and service.store.export
+    ndjson_sink = next(iter(service.exporter.runs.values())).sink
+    service.exporter = Exporter(
+        service.store, [ndjson_sink, *sinks], lease_s=1.0, backoff_max_s=1.0, sweep_s=0.5
+    )
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield service, ch
+    finally:
+        await service.stop(0)
+
+
+def ndjson_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+async def _licenses(ch: grpc.aio.Channel, n: int) -> list[str]:
+    ls = lgrpc.LicenseServiceStub(ch)
+    p = (
+        await ls.CreatePolicy(
+            lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="export")),
+            metadata=admin_md(),
+        )
+    ).policy
+    out = []
+    for i in range(n):
+        req = lpb.CreateLicenseRequest(
+            license={"policy_id": p.id, "metadata": {"external_subscription_id": f"sub-{i}"}}
+        )
+        out.append((await ls.CreateLicense(req, metadata=admin_md())).license.id)
+    return out
+
+
+async def _traffic(targets: Sequence[str], ids: Sequence[str], total: int, seed: int) -> None:
+    """`total` increments, decrements and resets over 4 channels, 8 callers each."""
+    rng = random.Random(seed)
+    plan = [(rng.choice(ids), rng.random()) for _ in range(total)]
+    chans = [grpc.aio.insecure_channel(targets[i % len(targets)]) for i in range(4)]
+    stubs = [ugrpc.UsageServiceStub(c) for c in chans]
+    md = admin_md()
+
+    async def caller(k: int) -> None:
+        us = stubs[k % 4]
+        for lid, r in plan[k::32]:
+            if r < 0.8:
+                await us.IncrementUsage(
+                    upb.IncrementUsageRequest(license_id=lid, amount=1 + int(r * 10)), metadata=md
+                )
+            elif r < 0.98:
+                try:
+                    await us.DecrementUsage(
+                        upb.DecrementUsageRequest(license_id=lid, amount=1), metadata=md
+                    )
+                except grpc.aio.AioRpcError as exc:  # USAGE_UNDERFLOW at 0: nothing moved
+                    if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+            else:
+                await us.ResetUsage(upb.ResetUsageRequest(license_id=lid), metadata=md)
+
+    try:
+        await asyncio.gather(*(caller(k) for k in range(32)))
+    finally:
+        for c in chans:
+            await c.close()
+
+
+async def _counters(ch: grpc.aio.Channel, ids: Sequence[str]) -> dict[str, int]:
+    us = ugrpc.UsageServiceStub(ch)
+    out = {}
+    for lid in ids:
+        out[lid] = (
+            await us.GetUsage(upb.GetUsageRequest(license_id=lid), metadata=admin_md())
+        ).uses
+    return out
+
+
+async def _outbox_total(redis: aioredis.Redis, ids: Sequence[str]) -> int:
+    """Changes counted so far (the last id of each license's sequence)."""
+    total = 0
+    for lid in ids:
+        total += int(await redis.hget(keys.license(lid), "xseq") or 0)  # type: ignore[misc]
+    return total
+
+
+async def _nothing_pending(
+    redis: aioredis.Redis, ids: Sequence[str], groups: Sequence[str]
+) -> None:
+    for stream in {keys.outbox(lid) for lid in ids}:
+        for g in groups:
+            summary = await redis.xpending(stream, g)  # type: ignore[misc]
+            assert summary["pending"] == 0, (stream, g, summary)
+        for info in await redis.xinfo_groups(stream):  # type: ignore[misc]
+            if info["name"] in groups:
+                assert info["lag"] == 0, info
+
+
+@pytest.mark.timeout(600)
+async def test_export_under_faults_holds_each_event_once(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    flaky = FlakySink()
+    async with exporting(running, tmp_path, [flaky]) as (service, ch):
+        ids = await _licenses(ch, 20)
+        target = f"127.0.0.1:{service.port}"
+        await _traffic([target], ids, 5000, seed=1)
+        flaky.down = True  # down for a stretch while changes keep coming
+        await _traffic([target], ids, 2000, seed=2)
+        await asyncio.sleep(0.5)
+        flaky.down = False
+        await _traffic([target], ids, 3000, seed=3)
+        counters = await _counters(ch, ids)
+        total = await _outbox_total(redis, ids)
+        ndjson = tmp_path / "usage.ndjson"
+        mine = set(ids)
+
+        def held() -> dict[str, ExportEvent]:
+            return {i: e for i, e in flaky.held.items() if e.license_id in mine}
+
+        await until(lambda: len(held()) >= total, 120, "the flaky sink to hold every event")
+        await until(
+            lambda: len({e["id"] for e in ndjson_lines(ndjson) if e["subject"] in mine}) >= total,
+            60,
+            "the NDJSON file",
+        )
+        await until(lambda: _idle(service), 30, "the exporter to acknowledge everything")
+    assert len(held()) == total
+    lines = [e for e in ndjson_lines(ndjson) if e["subject"] in mine]
+    by_id = {e["id"]: e for e in lines}
+    assert len(by_id) == total == len(lines)  # no crash here: no line twice
+    for name, events in (
+        ("flaky", [(e.license_id, e.delta, e.uses) for e in held().values()]),
+        (
+            "ndjson",
+            [(e["subject"], e["data"]["delta"], e["data"]["uses"]) for e in by_id.values()],
+        ),
+    ):
+        sums: dict[str, int] = {}
+        for lid, delta, _ in events:
+            sums[lid] = sums.get(lid, 0) + delta
+        assert sums == {lid: n for lid, n in counters.items() if n or lid in sums}, name
+    # Delivery order per license: each `uses` follows from the previous one.
+    for lid in ids:
+        uses = flaky.order.get(lid, [])
+        deltas = sorted(
+            (int(e.id.rsplit(":", 1)[1]), e.delta, e.uses)
+            for e in flaky.held.values()
+            if e.license_id == lid
+        )
+        assert uses == [u for _, _, u in deltas], lid
+    # The license metadata reached the sink.
+    some = next(iter(held().values()))
+    assert some.license_metadata["external_subscription_id"].startswith("sub-")
+    line = lines[0]
+    assert line["specversion"] == "1.0" and line["type"].startswith("meter.usage.")
+    assert line["time"].endswith("Z") and line["source"] == "meter-grpc"
+    assert set(line["data"]) == {
+        "delta", "uses", "meter", "license_id", "policy_id", "request_id", "kind",
+    }  # fmt: skip
+    await _nothing_pending(redis, ids, ["flaky", "ndjson"])
+
+
+def _idle(service: Service) -> bool:
+    assert service.exporter is not None
+    return all(not run.queue for run in service.exporter.runs.values())
+
+
+async def test_dead_letters_are_kept_and_a_replay_delivers_them_once(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    flaky = FlakySink(fail=0, throttle=0)
+    async with exporting(running, tmp_path, [flaky]) as (service, ch):
+        ids = await _licenses(ch, 1)
+        lid = ids[0]
+        for n in range(1, 11):
+            if n in (3, 7):
+                flaky.refuse.add(f"{lid}:{n}")
+        us = ugrpc.UsageServiceStub(ch)
+        for _ in range(10):
+            await us.IncrementUsage(upb.IncrementUsageRequest(license_id=lid), metadata=admin_md())
+        await until(lambda: sum(e.license_id == lid for e in flaky.held.values()) == 8, 30, "8")
+        assert service.exporter is not None
+        dead_name = keys.export_dead("flaky")
+        await until_async(lambda: _xlen(redis, dead_name, 2), 30)
+        status = {s.name: s for s in await service.exporter.status()}
+        assert status["flaky"].dead_letters >= 2
+        assert "422" in status["flaky"].last_error
+        # Still refused: a replay leaves them dead.
+        assert await service.exporter.replay("flaky") == (0, 2)
+        assert await redis.xlen(dead_name) == 2  # type: ignore[misc]
+        flaky.refuse.clear()  # the fix
+        assert await service.exporter.replay("flaky") == (2, 0)
+        assert await redis.xlen(dead_name) == 0  # type: ignore[misc]
+        assert await service.exporter.replay("flaky") == (0, 0)
+        got = sorted(i for i, e in flaky.held.items() if e.license_id == lid)
+        assert got == sorted(f"{lid}:{n}" for n in range(1, 11))
+        await until(lambda: _idle(service), 30, "idle")
+    await _nothing_pending(redis, ids, ["flaky", "ndjson"])
+
+
+async def _xlen(redis: aioredis.Redis, name: str, n: int) -> bool:
+    return int(await redis.xlen(name)) >= n  # type: ignore[misc]
+
+
+async def until_async(check: Any, timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_dead_letters(redis: aioredis.Redis) -> None:
+    await redis.delete(keys.export_dead("flaky"), keys.export_error("flaky"))  # type: ignore[misc]
