@@ -320,3 +320,79 @@ async def until_async(check: Any, timeout_s: float) -> None:
 @pytest.fixture(autouse=True)
 async def _fresh_dead_letters(redis: aioredis.Redis) -> None:
     await redis.delete(keys.export_dead("flaky"), keys.export_error("flaky"))  # type: ignore[misc]
+
+
+@pytest.mark.timeout(600)
+async def test_exporting_replica_killed_twice_mid_export_loses_nothing(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Replica A takes the calls (export on, no exporter of its own); replica B, `python -m
+    meter_grpc` on the same store, exports to its NDJSON file and is SIGKILLed twice while
+    it has a backlog. Each event is in the file (once its duplicates by id are dropped)."""
+    from tests.test_process import ServiceProcess
+
+    ndjson = tmp_path / "b.ndjson"
+    b = ServiceProcess(tmp_path / "b")
+    env = {
+        "METER_REDIS_URL": running.redis_url,
+        "METER_KEY_SECRET_FILE": str(shared_key_secret_file()),
+        "METER_EXPORT_NDJSON": str(ndjson),
+        "METER_EXPORT_LEASE": "1",
+    }
+    settings = Settings(
+        listen="127.0.0.1:0",
+        redis_url=running.redis_url,
+        data_dir=tmp_path / "a",
+        admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=shared_key_secret_file(),
+        export_ndjson=str(tmp_path / "a.ndjson"),
+    )
+    a, port = await build_server(settings)
+    assert a.exporter is not None
+    await a.exporter.close()
+    a.exporter = None  # A only appends to the outbox
+    await a.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            ids = await _licenses(ch, 12)
+            mine = set(ids)
+
+            def exported() -> set[str]:
+                return {e["id"] for e in ndjson_lines(ndjson) if e["subject"] in mine}
+
+            await b.start(**env)
+            traffic = asyncio.create_task(_traffic([f"127.0.0.1:{port}"], ids, 8000, seed=11))
+            for _ in range(2):
+                start = len(exported())
+                await until(lambda s=start: len(exported()) > s + 300, 60, "some export")  # type: ignore[misc]
+                # Mid-export: events counted and not yet in the file.
+                assert await _outbox_total(redis, ids) > len(exported())
+                assert b.proc is not None
+                b.proc.kill()  # SIGKILL while calls come and its backlog is being written
+                await b.wait_exit()
+                await b.start(**env)
+            await traffic
+            total = await _outbox_total(redis, ids)
+            await until(lambda: len(exported()) >= total, 120, "every event in the file")
+            counters = await _counters(ch, ids)
+    finally:
+        await b.close()
+        await a.stop(0)
+    lines = [e for e in ndjson_lines(ndjson) if e["subject"] in mine]
+    by_id = {e["id"]: e for e in lines}
+    assert len(by_id) == total
+    for e in lines:  # a line written twice is the same event
+        assert e == by_id[e["id"]]
+    sums: dict[str, int] = {}
+    for e in by_id.values():
+        sums[e["subject"]] = sums.get(e["subject"], 0) + e["data"]["delta"]
+    assert sums == {lid: n for lid, n in counters.items() if n or lid in sums}
+    await until_async(lambda: _acked(redis, ids), 30)
+    await _nothing_pending(redis, ids, ["ndjson"])
+
+
+async def _acked(redis: aioredis.Redis, ids: Sequence[str]) -> bool:
+    for stream in {keys.outbox(lid) for lid in ids}:
+        if (await redis.xpending(stream, "ndjson"))["pending"]:  # type: ignore[misc]
+            return False
+    return True
