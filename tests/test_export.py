@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,12 +24,19 @@ from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import Settings
-from meter_grpc.export.exporter import Exporter
 from meter_grpc.export.model import ExportEvent, Outcome, Sink, Verdict
 from meter_grpc.server import Service, build_server
 from meter_grpc.storage import keys
 from tests.conftest import Running
-from tests.support import ADMIN_TOKEN, admin_md, shared_key_secret_file, until
+from tests.support import (
+    ADMIN_TOKEN,
+    admin_md,
+    expect_error,
+    license_md,
+    shared_key_secret_file,
+    until,
+)
+from tests.test_cli import clean_env, run_cli
 
 
 class FlakySink:
@@ -100,14 +108,12 @@ async def exporting(
         key_secret_file=shared_key_secret_file(),
         export_ndjson=str(ndjson),
         export_lease_s=1.0,
+        export_backoff_max_s=1.0,
+        export_sweep_s=0.5,
         **extra,
     )
-    service, port = await build_server(settings)
+    service, port = await build_server(settings, extra_sinks=sinks)
     assert service.exporter is not None and service.store.export
-    ndjson_sink = next(iter(service.exporter.runs.values())).sink
-    service.exporter = Exporter(
-        service.store, [ndjson_sink, *sinks], lease_s=1.0, backoff_max_s=1.0, sweep_s=0.5
-    )
     await service.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -276,7 +282,10 @@ async def test_dead_letters_are_kept_and_a_replay_delivers_them_once(
     running: Running, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     flaky = FlakySink(fail=0, throttle=0)
-    async with exporting(running, tmp_path, [flaky]) as (service, ch):
+    async with exporting(running, tmp_path, [flaky], metrics_listen="127.0.0.1:0") as (
+        service,
+        ch,
+    ):
         ids = await _licenses(ch, 1)
         lid = ids[0]
         for n in range(1, 11):
@@ -286,23 +295,87 @@ async def test_dead_letters_are_kept_and_a_replay_delivers_them_once(
         for _ in range(10):
             await us.IncrementUsage(upb.IncrementUsageRequest(license_id=lid), metadata=admin_md())
         await until(lambda: sum(e.license_id == lid for e in flaky.held.values()) == 8, 30, "8")
-        assert service.exporter is not None
         dead_name = keys.export_dead("flaky")
         await until_async(lambda: _xlen(redis, dead_name, 2), 30)
-        status = {s.name: s for s in await service.exporter.status()}
-        assert status["flaky"].dead_letters >= 2
+        md = admin_md()
+        status = {
+            s.sink: s for s in (await us.ExportStatus(upb.ExportStatusRequest(), metadata=md)).sinks
+        }
+        assert list(status) == ["ndjson", "flaky"]
+        assert status["flaky"].dead_letters == 2
         assert "422" in status["flaky"].last_error
+        assert status["flaky"].last_error_time.seconds > 0
+        assert status["ndjson"].dead_letters == 0 and status["ndjson"].last_error == ""
+
+        async def replay(limit: int = 0) -> tuple[int, int, int]:
+            r = await us.ReplayDeadLetters(
+                upb.ReplayDeadLettersRequest(sink="flaky", limit=limit), metadata=md
+            )
+            return r.delivered, r.failed, r.remaining
+
         # Still refused: a replay leaves them dead.
-        assert await service.exporter.replay("flaky") == (0, 2)
+        assert await replay() == (0, 2, 2)
         assert await redis.xlen(dead_name) == 2  # type: ignore[misc]
         flaky.refuse.clear()  # the fix
-        assert await service.exporter.replay("flaky") == (2, 0)
+        assert await replay(1) == (1, 0, 1)
+        assert await replay() == (1, 0, 0)
         assert await redis.xlen(dead_name) == 0  # type: ignore[misc]
-        assert await service.exporter.replay("flaky") == (0, 0)
+        assert await replay() == (0, 0, 0)
+        # Bad input changes nothing; a license key may not call either.
+        for bad, field in (
+            (upb.ReplayDeadLettersRequest(sink="nope"), "sink"),
+            (upb.ReplayDeadLettersRequest(), "sink"),
+            (upb.ReplayDeadLettersRequest(sink="flaky", limit=-1), "limit"),
+        ):
+            err = await expect_error(us.ReplayDeadLetters(bad, metadata=md))
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.reason == "INVALID_ARGUMENT" and err.bad_fields == [field]
+        key = await _license_key(ch, lid)
+        for call in (
+            us.ExportStatus(upb.ExportStatusRequest(), metadata=license_md(key)),
+            us.ReplayDeadLetters(
+                upb.ReplayDeadLettersRequest(sink="flaky"), metadata=license_md(key)
+            ),
+        ):
+            err = await expect_error(call)
+            assert err.code == grpc.StatusCode.PERMISSION_DENIED
+        # The same over the command line.
+        env = clean_env(METER_TARGET=f"127.0.0.1:{service.port}", METER_TOKEN=ADMIN_TOKEN)
+        shown = await asyncio.to_thread(run_cli, "export", "status", "--json", env=env)
+        assert shown.status == 0, shown.stderr
+        rows = {r["sink"]: r for r in json.loads(shown.stdout)["sinks"]}
+        assert set(rows) == {"ndjson", "flaky"} and "422" in rows["flaky"]["last_error"]
+        table = await asyncio.to_thread(run_cli, "export", "status", env=env)
+        assert table.stdout.splitlines()[0].split()[:4] == [
+            "SINK", "LAG_EVENTS", "LAG_SECONDS", "DEAD_LETTERS",
+        ]  # fmt: skip
+        replayed = await asyncio.to_thread(
+            run_cli, "export", "replay", "flaky", "--limit", "5", "--json", env=env
+        )
+        assert replayed.status == 0, replayed.stderr
+        assert json.loads(replayed.stdout)["sink"] == "flaky"
+        bad = await asyncio.to_thread(run_cli, "export", "replay", "nope", env=env)
+        assert bad.status != 0 and "sink" in bad.stderr
+        # Prometheus: what the sink answered, per outcome.
+        assert service.metrics_port is not None
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{service.metrics_port}/metrics")
+        assert 'meter_grpc_export_events_total{outcome="dead",sink="flaky"} 2.0' in text
+        assert 'meter_grpc_export_lag_events{sink="flaky"}' in text
         got = sorted(i for i, e in flaky.held.items() if e.license_id == lid)
         assert got == sorted(f"{lid}:{n}" for n in range(1, 11))
         await until(lambda: _idle(service), 30, "idle")
     await _nothing_pending(redis, ids, ["flaky", "ndjson"])
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return str(r.read().decode())
+
+
+async def _license_key(ch: grpc.aio.Channel, license_id: str) -> str:
+    ls = lgrpc.LicenseServiceStub(ch)
+    r = await ls.RotateLicenseKey(lpb.RotateLicenseKeyRequest(id=license_id), metadata=admin_md())
+    return str(r.license.key)
 
 
 async def _xlen(redis: aioredis.Redis, name: str, n: int) -> bool:

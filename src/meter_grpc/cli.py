@@ -473,6 +473,36 @@ def cmd_usage(args: argparse.Namespace, out: Output) -> None:
         out.record(doc, ("license_id", *USAGE_FIELDS))
 
 
+EXPORT_COLUMNS = (
+    "sink",
+    "lag_events",
+    "lag_seconds",
+    "dead_letters",
+    "last_error_time",
+    "last_error",
+)
+
+
+def cmd_export(args: argparse.Namespace, out: Output) -> None:
+    with connect(args) as client:
+        if args.action == "status":
+            rows = []
+            for s in client.export_status().sinks:
+                row = {c: "" for c in EXPORT_COLUMNS} | to_dict(s)
+                row.setdefault("lag_events", 0)
+                rows.append(row)
+            if out.as_json:
+                out.document({"sinks": rows})
+            else:
+                out.table("sinks", rows, EXPORT_COLUMNS)
+            return
+        r = client.replay_dead_letters(args.sink, args.limit)
+        out.record(
+            {"sink": args.sink, "delivered": 0, "failed": 0, "remaining": 0} | to_dict(r),
+            ("sink", "delivered", "failed", "remaining"),
+        )
+
+
 def cmd_machines(args: argparse.Namespace, out: Output) -> None:
     with connect(args) as client:
         if args.action == "activate":
@@ -763,6 +793,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = action(use, "reset", "set the usage to 0", cmd_usage)
     p.add_argument("license_id")
     p.add_argument("--request-id", help="idempotency key")
+
+    # usage export
+    exp = group("export", "usage export to billing: status per sink, replay of dead letters")
+    action(
+        exp, "status", "per sink: lag in events and seconds, last error, dead letters", cmd_export
+    )
+    p = action(exp, "replay", "deliver a sink's dead letters again", cmd_export)
+    p.add_argument("sink", help="lago, m3ter, openmeter, stripe or ndjson")
+    p.add_argument(
+        "--limit", type=parse_positive_or_zero, default=0, help="at most this many (default: all)"
+    )
 
     # machines
     mac = group("machines", "activate, list, get, deactivate machines")

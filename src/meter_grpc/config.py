@@ -110,6 +110,10 @@ class Settings:
     export_ndjson_source: str = "meter-grpc"
     export_lease_s: float = 10.0
     export_dead_letters_max: int = 100_000
+    # The longest wait before a failed delivery is retried, and how often slots without an
+    # outbox stream are looked at again (set by tests; not environment variables).
+    export_backoff_max_s: float = 60.0
+    export_sweep_s: float = 10.0
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
     failpoints: dict[str, str] = field(default_factory=dict)
     clock: Clock = field(default_factory=SystemClock)

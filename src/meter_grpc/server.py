@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from meter_grpc.domain.offline import LicenseFiles
 from meter_grpc.domain.signing import Signer
 from meter_grpc.domain.validation import Validator
 from meter_grpc.export.exporter import Exporter, sinks_of
+from meter_grpc.export.model import Sink
 from meter_grpc.storage import migrate
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.embedded import EmbeddedServer
@@ -235,8 +237,11 @@ class Service:
         log.info("meter-grpc stopped")
 
 
-async def build_server(settings: Settings) -> tuple[Service, int]:
+async def build_server(
+    settings: Settings, *, extra_sinks: Sequence[Sink] = ()
+) -> tuple[Service, int]:
     """Connects the store (starting the embedded one if no URL is set) and builds the server.
+    `extra_sinks`: export sinks besides those the settings configure (tests).
 
     Returns the service (not started yet) and the bound port.
     """
@@ -252,7 +257,8 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
     store: RedisStore | None = None
     metrics: Metrics | None = None
     # Usage export: the outbox is written only when at least one sink is configured.
-    sinks = sinks_of(settings)
+    sinks = [*sinks_of(settings), *extra_sinks]
+    exporter: Exporter | None = None
     try:
         # One pipelined connection per node for every command; blocking reads (WatchUsage:
         # one per watched license, shared by its watchers) take dedicated connections from
@@ -268,6 +274,15 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request
+        if sinks:
+            exporter = Exporter(
+                store,
+                sinks,
+                lease_s=settings.export_lease_s,
+                dead_letters_max=settings.export_dead_letters_max,
+                backoff_max_s=settings.export_backoff_max_s,
+                sweep_s=settings.export_sweep_s,
+            )
         prepared = await _prepare(store, secret)
         licensing = Licensing(store, settings.clock, secret)
         metering = Metering(
@@ -282,6 +297,8 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         licensing.on_key_claimed = authenticator.key_claimed
 
         metrics = Metrics() if settings.metrics_listen else None
+        if exporter is not None:
+            exporter.metrics = metrics
         server = aio.server(
             interceptors=[MeterInterceptor(authenticator, metrics)],
             options=grpc_options(settings),
@@ -312,7 +329,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         )
         usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
             auth.guard(
-                UsageService(metering),
+                UsageService(metering, exporter),
                 usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"],
             ),
             server,
@@ -367,13 +384,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         license_files,
     )
     service.secret, service.prepared = secret, prepared
-    if sinks:
-        service.exporter = Exporter(
-            store,
-            sinks,
-            lease_s=settings.export_lease_s,
-            dead_letters_max=settings.export_dead_letters_max,
-        )
+    service.exporter = exporter
     return service, port
 
 

@@ -605,3 +605,144 @@ class WatchUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchUsageResponse: _TypeAlias = WatchUsageResponse  # noqa: Y015
+
+@_typing.final
+class ExportStatusRequest(_message.Message):
+    """Request message for ExportStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportStatusRequest: _TypeAlias = ExportStatusRequest  # noqa: Y015
+
+@_typing.final
+class ExportStatusResponse(_message.Message):
+    """Response message for ExportStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SinkExportStatus]:
+        """One per configured sink, in the order they are configured."""
+
+    def __init__(
+        self,
+        *,
+        sinks: _abc.Iterable[Global___SinkExportStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sinks", b"sinks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportStatusResponse: _TypeAlias = ExportStatusResponse  # noqa: Y015
+
+@_typing.final
+class SinkExportStatus(_message.Message):
+    """The export state of one sink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINK_FIELD_NUMBER: _builtins.int
+    LAG_EVENTS_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    sink: _builtins.str
+    """The sink: "lago", "m3ter", "openmeter", "stripe" or "ndjson"."""
+    lag_events: _builtins.int
+    """Counted changes the sink has not acknowledged yet (read or not)."""
+    lag_seconds: _builtins.float
+    """Age of the oldest of them, in seconds (0 when there is none)."""
+    last_error: _builtins.str
+    """The last refusal or failure the sink answered ("" when none was recorded)."""
+    dead_letters: _builtins.int
+    """Dead letters held (events the sink refused for good), see ReplayDeadLetters."""
+    @_builtins.property
+    def last_error_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        sink: _builtins.str = ...,
+        lag_events: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        last_error: _builtins.str = ...,
+        last_error_time: _timestamp_pb2.Timestamp | None = ...,
+        dead_letters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error_time", b"last_error_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "last_error_time", b"last_error_time", "sink", b"sink"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SinkExportStatus: _TypeAlias = SinkExportStatus  # noqa: Y015
+
+@_typing.final
+class ReplayDeadLettersRequest(_message.Message):
+    """Request message for ReplayDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINK_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    sink: _builtins.str
+    """The sink whose dead letters are delivered again."""
+    limit: _builtins.int
+    """At most this many, oldest first; 0 = all."""
+    def __init__(
+        self,
+        *,
+        sink: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "sink", b"sink"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLettersRequest: _TypeAlias = ReplayDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ReplayDeadLettersResponse(_message.Message):
+    """Response message for ReplayDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    delivered: _builtins.int
+    """Dead letters the sink accepted (removed from the list)."""
+    failed: _builtins.int
+    """Dead letters it refused or could not take now (still in the list)."""
+    remaining: _builtins.int
+    """Dead letters left in the list."""
+    def __init__(
+        self,
+        *,
+        delivered: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "failed", b"failed", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLettersResponse: _TypeAlias = ReplayDeadLettersResponse  # noqa: Y015

@@ -85,6 +85,16 @@ class UsageServiceStub:
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.WatchUsageRequest.SerializeToString,
                 response_deserializer=meter_dot_v1_dot_usage__service__pb2.WatchUsageResponse.FromString,
                 _registered_method=True)
+        self.ExportStatus = channel.unary_unary(
+                '/meter.v1.UsageService/ExportStatus',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ExportStatusRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ExportStatusResponse.FromString,
+                _registered_method=True)
+        self.ReplayDeadLetters = channel.unary_unary(
+                '/meter.v1.UsageService/ReplayDeadLetters',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -176,6 +186,24 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportStatus(self, request, context):
+        """Usage export to billing, per configured sink: events not yet acknowledged and the age of
+        the oldest, the last delivery error, dead letters held. Empty when no sink is configured.
+        Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayDeadLetters(self, request, context):
+        """Delivers a sink's dead letters again, oldest first (all, or the first `limit`): those the
+        sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
+        INVALID_ARGUMENT. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +246,16 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.WatchUsage,
                     request_deserializer=meter_dot_v1_dot_usage__service__pb2.WatchUsageRequest.FromString,
                     response_serializer=meter_dot_v1_dot_usage__service__pb2.WatchUsageResponse.SerializeToString,
+            ),
+            'ExportStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportStatus,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ExportStatusRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ExportStatusResponse.SerializeToString,
+            ),
+            'ReplayDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetters,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +485,60 @@ class UsageService:
             '/meter.v1.UsageService/WatchUsage',
             meter_dot_v1_dot_usage__service__pb2.WatchUsageRequest.SerializeToString,
             meter_dot_v1_dot_usage__service__pb2.WatchUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ExportStatus',
+            meter_dot_v1_dot_usage__service__pb2.ExportStatusRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ExportStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ReplayDeadLetters',
+            meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,16 @@ class UsageServiceStub:
     """Streams the usage events of one license as they happen. A server that keeps no events
     (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
     """
+    ExportStatus: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ExportStatusRequest, _usage_service_pb2.ExportStatusResponse]
+    """Usage export to billing, per configured sink: events not yet acknowledged and the age of
+    the oldest, the last delivery error, dead letters held. Empty when no sink is configured.
+    Admin only.
+    """
+    ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReplayDeadLettersRequest, _usage_service_pb2.ReplayDeadLettersResponse]
+    """Delivers a sink's dead letters again, oldest first (all, or the first `limit`): those the
+    sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
+    INVALID_ARGUMENT. Admin only.
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -140,6 +150,16 @@ class UsageServiceAsyncStub(UsageServiceStub):
     WatchUsage: _aio.UnaryStreamMultiCallable[_usage_service_pb2.WatchUsageRequest, _usage_service_pb2.WatchUsageResponse]  # type: ignore[assignment]
     """Streams the usage events of one license as they happen. A server that keeps no events
     (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
+    """
+    ExportStatus: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ExportStatusRequest, _usage_service_pb2.ExportStatusResponse]  # type: ignore[assignment]
+    """Usage export to billing, per configured sink: events not yet acknowledged and the age of
+    the oldest, the last delivery error, dead letters held. Empty when no sink is configured.
+    Admin only.
+    """
+    ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReplayDeadLettersRequest, _usage_service_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
+    """Delivers a sink's dead letters again, oldest first (all, or the first `limit`): those the
+    sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
+    INVALID_ARGUMENT. Admin only.
     """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -242,6 +262,28 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_usage_service_pb2.WatchUsageResponse], _abc.AsyncIterator[_usage_service_pb2.WatchUsageResponse]]:
         """Streams the usage events of one license as they happen. A server that keeps no events
         (METER_EVENT_RETENTION=0) answers FAILED_PRECONDITION, USAGE_EVENTS_DISABLED.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportStatus(
+        self,
+        request: _usage_service_pb2.ExportStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ExportStatusResponse, _abc.Awaitable[_usage_service_pb2.ExportStatusResponse]]:
+        """Usage export to billing, per configured sink: events not yet acknowledged and the age of
+        the oldest, the last delivery error, dead letters held. Empty when no sink is configured.
+        Admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayDeadLetters(
+        self,
+        request: _usage_service_pb2.ReplayDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_usage_service_pb2.ReplayDeadLettersResponse]]:
+        """Delivers a sink's dead letters again, oldest first (all, or the first `limit`): those the
+        sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
+        INVALID_ARGUMENT. Admin only.
         """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,9 +19,10 @@ from meter_grpc.api.convert import (
     usage_record_from_proto,
 )
 from meter_grpc.api.errors import internal_status, to_status_proto
-from meter_grpc.domain.errors import MeterError
+from meter_grpc.domain.errors import MeterError, invalid
 from meter_grpc.domain.metering import STREAM_WINDOW, Increment, Metering
 from meter_grpc.domain.models import Usage
+from meter_grpc.export.exporter import Exporter
 
 log = logging.getLogger("meter_grpc.api")
 
@@ -41,8 +42,46 @@ def _outcome(answer: Usage | BaseException, method: str) -> dict[str, Any]:
 
 
 class UsageService(pb_grpc.UsageServiceServicer):
-    def __init__(self, metering: Metering) -> None:
+    def __init__(self, metering: Metering, exporter: Exporter | None = None) -> None:
         self.metering = metering
+        self.exporter = exporter
+
+    async def ExportStatus(
+        self, request: pb.ExportStatusRequest, context: Ctx
+    ) -> pb.ExportStatusResponse:
+        if self.exporter is None:
+            return pb.ExportStatusResponse()
+        rows = await self.exporter.status()
+        return pb.ExportStatusResponse(
+            sinks=[
+                pb.SinkExportStatus(
+                    sink=s.name,
+                    lag_events=s.lag_events,
+                    lag_seconds=s.lag_seconds,
+                    last_error=s.last_error,
+                    last_error_time=ts(s.last_error_ms) if s.last_error_ms else None,
+                    dead_letters=s.dead_letters,
+                )
+                for s in rows
+            ]
+        )
+
+    async def ReplayDeadLetters(
+        self, request: pb.ReplayDeadLettersRequest, context: Ctx
+    ) -> pb.ReplayDeadLettersResponse:
+        names = list(self.exporter.runs) if self.exporter is not None else []
+        if not request.sink:
+            raise invalid("sink", "required: the sink whose dead letters are replayed")
+        if request.sink not in names:
+            configured = ", ".join(names) or "none"
+            raise invalid(
+                "sink", f"no sink {request.sink!r} is configured (configured: {configured})"
+            )
+        if request.limit < 0:
+            raise invalid("limit", "must be >= 0 (0 = all)")
+        assert self.exporter is not None
+        delivered, failed, remaining = await self.exporter.replay(request.sink, request.limit)
+        return pb.ReplayDeadLettersResponse(delivered=delivered, failed=failed, remaining=remaining)
 
     async def IncrementUsage(
         self, request: pb.IncrementUsageRequest, context: Ctx

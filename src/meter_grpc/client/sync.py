@@ -246,6 +246,15 @@ class MeterClient:
     def get_usage(self, license_id: str) -> upb.GetUsageResponse:
         return self._call(self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id))
 
+    def export_status(self) -> upb.ExportStatusResponse:
+        """Per export sink: lag in events and seconds, last error, dead letters (admin)."""
+        return self._call(self._usage.ExportStatus, upb.ExportStatusRequest())
+
+    def replay_dead_letters(self, sink: str, limit: int = 0) -> upb.ReplayDeadLettersResponse:
+        """Delivers up to `limit` (0: all) dead letters of `sink` again (admin)."""
+        req = upb.ReplayDeadLettersRequest(sink=sink, limit=limit)
+        return self._call(self._usage.ReplayDeadLetters, req)
+
     def batch_increment_usage(
         self, items: Sequence[upb.IncrementUsageRequest]
     ) -> upb.BatchIncrementUsageResponse:

@@ -34,7 +34,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from meter_grpc.config import Settings
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
@@ -54,6 +54,15 @@ BACKOFF_MAX_S = 60.0
 METADATA_TTL_S = 10.0
 METADATA_MAX = 10_000
 TRIM_EVERY_S = 1.0
+EXPORT_STATUS_EVERY_S = 30.0  # the Prometheus gauges' refresh (only with metrics on)
+
+
+class ExportMetrics(Protocol):
+    """What the exporter reports to (api/metrics.py Metrics)."""
+
+    def export_outcomes(self, sink: str, delivered: int, retried: int, dead: int) -> None: ...
+
+    def export_status(self, sink: str, lag_events: int, lag_s: float, dead: int) -> None: ...
 
 
 def sinks_of(settings: Settings) -> list[Sink]:
@@ -175,6 +184,7 @@ class Exporter:
         owner: str = "",
         backoff_max_s: float = BACKOFF_MAX_S,
         sweep_s: float = SWEEP_S,
+        metrics: ExportMetrics | None = None,
     ) -> None:
         self.store = store
         self.runs = {s.name: _SinkRun(s) for s in sinks}
@@ -183,6 +193,7 @@ class Exporter:
         self.owner = owner or secrets.token_hex(8)
         self.backoff_max_s = backoff_max_s
         self.sweep_s = sweep_s
+        self.metrics = metrics
         self.buckets: set[int] = set()  # held now
         self._known: dict[int, set[str]] = {}  # bucket -> outbox streams that exist
         self._swept: dict[int, float] = {}
@@ -195,6 +206,8 @@ class Exporter:
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="export-leases"))
+        if self.metrics is not None:
+            self._tasks.append(asyncio.create_task(self._status_loop(), name="export-status"))
         for run in self.runs.values():
             self._tasks.append(
                 asyncio.create_task(self._sink_loop(run), name=f"export-{run.sink.name}")
@@ -214,6 +227,20 @@ class Exporter:
         for run in self.runs.values():
             with contextlib.suppress(Exception):
                 await run.sink.close()
+
+    async def _status_loop(self) -> None:
+        assert self.metrics is not None
+        while True:
+            try:
+                for st in await self.status():
+                    self.metrics.export_status(
+                        st.name, st.lag_events, st.lag_seconds, st.dead_letters
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("export status: %s", exc)
+            await asyncio.sleep(EXPORT_STATUS_EVERY_S)
 
     # --- leases ---------------------------------------------------------------------------
 
@@ -429,14 +456,15 @@ class Exporter:
             )
         done: list[_Item] = []
         error = ""
+        counts = [0, 0, 0]
         for item, event, outcome in zip(batch, events, outcomes, strict=True):
             if outcome.verdict is Verdict.DELIVERED:
                 done.append(item)
-                run.delivered += 1
+                counts[0] += 1
             elif outcome.verdict is Verdict.DEAD:
                 await self._dead_letter(run.sink.name, event, outcome.reason)
                 done.append(item)
-                run.dead += 1
+                counts[2] += 1
                 error = outcome.reason or "refused"
             else:
                 item.attempts += 1
@@ -445,8 +473,13 @@ class Exporter:
                 if outcome.retry_after_s is not None:
                     wait = max(wait, outcome.retry_after_s)
                 item.not_before = time.monotonic() + wait
-                run.retried += 1
+                counts[1] += 1
                 error = outcome.reason or "retry"
+        run.delivered += counts[0]
+        run.retried += counts[1]
+        run.dead += counts[2]
+        if self.metrics is not None:
+            self.metrics.export_outcomes(run.sink.name, *counts)
         if error:
             await self.store.client.hset(
                 keys.export_error(run.sink.name),
@@ -570,10 +603,10 @@ class Exporter:
         rows = await self.store.client.xrange(keys.export_dead(sink), count=limit or None)
         return [(eid, event_of(f), f.get("reason", "")) for eid, f in rows]
 
-    async def replay(self, sink: str, limit: int = 0) -> tuple[int, int]:
+    async def replay(self, sink: str, limit: int = 0) -> tuple[int, int, int]:
         """Delivers up to `limit` dead letters of `sink` (0: all) again, oldest first; those
         delivered leave the dead-letter stream, the others stay (a refusal's reason updated).
-        Returns (delivered, still dead). KeyError: no such sink here."""
+        Returns (delivered, failed, left in the list). KeyError: no such sink here."""
         run = self.runs[sink]
         rows = await self.dead_letters(sink, limit)
         delivered = failed = 0
@@ -593,7 +626,8 @@ class Exporter:
                     if outcome.verdict is Verdict.DEAD and outcome.reason:
                         await self.store.client.execute_command("XDEL", name, eid)
                         await self._dead_letter(sink, event, outcome.reason)
-        return delivered, failed
+        left = int(await self.store.client.execute_command("XLEN", name))
+        return delivered, failed, left
 
 
 def _with_first_attempt(e: ExportEvent, ms: int) -> ExportEvent:
