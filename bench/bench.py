@@ -8,7 +8,8 @@ same run (ratios, because shared machines are noisy), printed as one table.
   constant (measured before and after each round); the same IncrementUsage run against a
   store fsyncing once a second (`appendfsync everysec`; meter-grpc's embedded store fsyncs on
   every write, `always`) and against a server keeping no usage events
-  (METER_EVENT_RETENTION=0);
+  (METER_EVENT_RETENTION=0) and against a server exporting usage (METER_EXPORT_NDJSON: the
+  outbox append in the script, the exporter beside it in the same process);
 - one caller (1 call in flight): IncrementUsage p50 against the bare server's p50, with
   `always` and with `everysec`;
 - one StreamUsage stream against the bare server's bidi echo stream (the same client,
@@ -291,8 +292,15 @@ async def main(args: argparse.Namespace) -> None:
             "meter": ("always", {}),
             "everysec": ("everysec", {}),
             "no-events": ("always", {"METER_EVENT_RETENTION": "0"}),
+            # Usage export on: each change also appended to the outbox, which the exporter
+            # of the same process reads and writes to an NDJSON file beside the request path.
+            "export": ("always", {"METER_EXPORT_NDJSON": str(Path(tmp) / "export.ndjson")}),
         }
         targets = {name: f"127.0.0.1:{free_port()}" for name in meters}
+        # Servers sharing a store share its license key secret (else the second one refuses
+        # to start: its keys would not authenticate on the first).
+        secret_file = Path(tmp) / "key-secret"
+        secret_file.write_text(os.urandom(32).hex() + "\n")
         bare = spawn([str(ROOT / "bench" / "bare_server.py"), bare_target], {})
         procs = {"bare": bare}
         for name, (store, extra) in meters.items():
@@ -304,6 +312,7 @@ async def main(args: argparse.Namespace) -> None:
                     "METER_ADMIN_TOKENS": TOKEN,
                     "METER_REDIS_URL": args.redis_url or urls[store],
                     "METER_LOG_LEVEL": "WARNING",
+                    "METER_KEY_SECRET_FILE": str(secret_file),
                     **extra,
                 },
             )
@@ -389,6 +398,14 @@ async def main(args: argparse.Namespace) -> None:
                     valkey["no-events"],
                     c,
                 ),
+                (
+                    "IncrementUsage, export on (NDJSON)",
+                    targets["export"],
+                    increment("export"),
+                    "export",
+                    valkey["export"],
+                    c,
+                ),
             ]
             base: Scenario = ("bare", bare_target, bare_call, "bare", None, c)
             single: Scenario = (
@@ -456,6 +473,7 @@ async def main(args: argparse.Namespace) -> None:
                     ("GetUsage", "≥ 0.85x"),
                     ("IncrementUsage, appendfsync everysec", "(fsync cost)"),
                     ("IncrementUsage, METER_EVENT_RETENTION=0", "(XADD cost)"),
+                    ("IncrementUsage, export on (NDJSON)", "(outbox cost)"),
                 ):
                     rows.append(
                         (

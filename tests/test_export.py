@@ -264,6 +264,7 @@ async def test_export_under_faults_holds_each_event_once(
     # The license metadata reached the sink.
     some = next(iter(held().values()))
     assert some.license_metadata["external_subscription_id"].startswith("sub-")
+    assert some.policy_id and some.policy_id == next(iter(held().values())).policy_id
     line = lines[0]
     assert line["specversion"] == "1.0" and line["type"].startswith("meter.usage.")
     assert line["time"].endswith("Z") and line["source"] == "meter-grpc"

@@ -81,12 +81,15 @@ def sinks_of(settings: Settings) -> list[Sink]:
     return found
 
 
-def event_of(fields: dict[str, str], metadata: dict[str, str] | None = None) -> ExportEvent:
-    """An outbox entry's fields (common.lua `outbox`) as an ExportEvent."""
+def event_of(
+    fields: dict[str, str], metadata: dict[str, str] | None = None, policy_id: str = ""
+) -> ExportEvent:
+    """An outbox entry's fields (common.lua `outbox`: id, k, d, u, rid, t; a dead letter
+    also has pol and m) as an ExportEvent. The license id is the id up to its last ':'."""
     return ExportEvent(
         id=fields["id"],
-        license_id=fields["lic"],
-        policy_id=fields.get("pol", ""),
+        license_id=fields["id"].rpartition(":")[0],
+        policy_id=fields.get("pol", policy_id),
         meter=fields.get("m", ""),
         kind=Kind(fields["k"]),
         delta=int(fields["d"]),
@@ -100,7 +103,6 @@ def event_of(fields: dict[str, str], metadata: dict[str, str] | None = None) -> 
 def fields_of(e: ExportEvent) -> dict[str, str]:
     return {
         "id": e.id,
-        "lic": e.license_id,
         "pol": e.policy_id,
         "m": e.meter,
         "k": e.kind.value,
@@ -140,6 +142,10 @@ class _Item:
     attempts: int = 0
     not_before: float = 0.0
     first_attempt_ms: int = 0
+
+    @property
+    def license_id(self) -> str:
+        return self.fields.get("id", "").rpartition(":")[0]
 
 
 @dataclass(slots=True)
@@ -197,7 +203,8 @@ class Exporter:
         self.buckets: set[int] = set()  # held now
         self._known: dict[int, set[str]] = {}  # bucket -> outbox streams that exist
         self._swept: dict[int, float] = {}
-        self._meta: dict[str, tuple[float, dict[str, str]]] = {}
+        # license id -> (until, metadata, policy id), looked up for the events of a batch
+        self._meta: dict[str, tuple[float, dict[str, str], str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._trimmed: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -403,7 +410,7 @@ class Exporter:
         held: set[str] = set()
         out: list[_Item] = []
         for item in run.queue:
-            lic = item.fields.get("lic", "")
+            lic = item.license_id
             if lic in held:
                 continue
             if item.not_before > now:
@@ -414,39 +421,42 @@ class Exporter:
                 break
         return out
 
-    async def _metadata(self, license_ids: set[str]) -> dict[str, dict[str, str]]:
+    async def _metadata(self, license_ids: set[str]) -> dict[str, tuple[dict[str, str], str]]:
+        """License id -> (its metadata, its policy id), cached METADATA_TTL_S; ({}, "") when
+        the license is gone."""
         now = time.monotonic()
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, tuple[dict[str, str], str]] = {}
         todo = []
         for lid in license_ids:
             hit = self._meta.get(lid)
             if hit is not None and hit[0] > now:
-                out[lid] = hit[1]
+                out[lid] = (hit[1], hit[2])
             else:
                 todo.append(lid)
         if todo:
             raw = await asyncio.gather(
-                *(self.store.client.hget(keys.license(lid), "meta") for lid in todo)
+                *(self.store.client.hmget(keys.license(lid), ["meta", "policy_id"]) for lid in todo)
             )
             if len(self._meta) > METADATA_MAX:
                 self._meta.clear()
-            for lid, text in zip(todo, raw, strict=True):
+            for lid, (text, policy) in zip(todo, raw, strict=True):
                 try:
                     meta = {str(k): str(v) for k, v in json.loads(text or "{}").items()}
                 except (ValueError, AttributeError):
                     meta = {}
-                self._meta[lid] = (now + METADATA_TTL_S, meta)
-                out[lid] = meta
+                self._meta[lid] = (now + METADATA_TTL_S, meta, policy or "")
+                out[lid] = (meta, policy or "")
         return out
 
     async def _deliver(self, run: _SinkRun, batch: list[_Item]) -> None:
-        meta = await self._metadata({i.fields["lic"] for i in batch})
+        meta = await self._metadata({i.license_id for i in batch})
         now_ms = int(time.time() * 1000)
         events = []
         for item in batch:
             if not item.first_attempt_ms:
                 item.first_attempt_ms = now_ms
-            e = event_of(item.fields, meta.get(item.fields["lic"]))
+            m, policy = meta[item.license_id]
+            e = event_of(item.fields, m, policy)
             events.append(_with_first_attempt(e, item.first_attempt_ms))
         async with run.lock:
             outcomes = await run.sink.deliver(events)
@@ -614,7 +624,7 @@ class Exporter:
         for start in range(0, len(rows), run.sink.max_batch):
             chunk = rows[start : start + run.sink.max_batch]
             meta = await self._metadata({e.license_id for _, e, _ in chunk})
-            events = [_with_metadata(e, meta.get(e.license_id, {})) for _, e, _ in chunk]
+            events = [_with_metadata(e, meta[e.license_id][0]) for _, e, _ in chunk]
             async with run.lock:
                 outcomes = await run.sink.deliver(events)
             for (eid, event, _), outcome in zip(chunk, outcomes, strict=True):

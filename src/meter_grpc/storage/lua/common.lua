@@ -13,8 +13,8 @@
 --                         about `maxlen` (EVENTS_MAXLEN, METER_EVENT_RETENTION); none when 0
 -- outbox(ob, lic, kind, delta, uses, rid, now) -> appends a counted change to the outbox
 --                         stream `ob` of the license's slot (keys.outbox), only when EXPORT
---                         is 1 and delta ~= 0; its id is "<license id>:<n>", n counted in the
---                         license hash (`xseq`), so a script's retry never makes a new id
+--                         is 1 and delta ~= 0; its id is "<license id>:<n>" (the id read from
+--                         the hash's name), n counted in the license hash (`xseq`)
 -- roll_period(lic, stream, now, uses, stored, pstart, max, ob, rid) -> the counter after a
 --                         lazy period reset: 0 (and the hash updated, a reset event emitted,
 --                         a reset appended to the outbox) when the current period started
@@ -72,9 +72,9 @@ local function outbox(ob, lic, kind, delta, uses, rid, now)
     return
   end
   local seq = redis.call('HINCRBY', lic, 'xseq', 1)
-  local f = redis.call('HMGET', lic, 'id', 'policy_id')
-  redis.call('XADD', ob, '*', 'id', f[1] .. ':' .. seq, 'lic', f[1], 'pol', f[2] or '',
-    'm', '', 'k', kind, 'd', int(delta), 'u', int(uses), 'rid', rid, 't', int(now))
+  local id = string.match(lic, '{lic:(.*)}$')
+  redis.call('XADD', ob, '*', 'id', id .. ':' .. seq, 'k', kind, 'd', int(delta),
+    'u', int(uses), 'rid', rid, 't', int(now))
 end
 
 -- An expired license refuses use under RESTRICT_ACCESS (1, also 0 = unspecified) and
