@@ -34,7 +34,8 @@ from meter_grpc.export.sinks import (
     StripeSink,
     build_sinks,
 )
-from meter_grpc.export.sinks._http import retry_after
+from meter_grpc.export.sinks._http import Answer, HttpSink, Refused, isolate, retry_after
+from meter_grpc.export.sinks._http import dead as dead_outcome
 from tests.billing_emulators import (
     M3TER_MAX_BYTES,
     Emulator,
@@ -738,3 +739,60 @@ def test_bad_settings_are_one_line_errors(env: dict[str, str], message: str) -> 
         Settings.from_env(env)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("named", [False, True, "out of range"])
+async def test_isolate_finds_bad_events_in_bounded_calls(named: bool | str) -> None:
+    """A refused batch of 64 with 5 bad events: the bad ones dead, the rest delivered, in at
+    most 2n - 1 calls, whether the refusal names the bad events or not (or names nonsense)."""
+    events = generate(licenses(4), 64, seed=18, now_ms=NOW_MS)
+    bad = {events[i].id for i in (0, 7, 8, 40, 63)}
+    calls = 0
+
+    async def send(batch: Sequence[ExportEvent]) -> Outcome | Refused:
+        nonlocal calls
+        calls += 1
+        if not any(e.id in bad for e in batch):
+            return Outcome.delivered()
+        if named is True:
+            known = {j: dead_outcome("named") for j, e in enumerate(batch) if e.id in bad}
+        elif named:
+            known = {len(batch) + 3: dead_outcome("nonsense")}
+        else:
+            known = {}
+        return Refused("HTTP 400: bad", known)
+
+    outcomes = await isolate(events, send)
+
+    assert [o.verdict is Verdict.DEAD for o in outcomes] == [e.id in bad for e in events]
+    assert calls <= 2 * 64 - 1
+    if named is True:
+        assert calls == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, None),
+        (400, None),
+        (413, None),
+        (422, None),
+        (401, Verdict.RETRY),
+        (403, Verdict.RETRY),
+        (404, Verdict.RETRY),
+        (302, Verdict.RETRY),
+        (408, Verdict.RETRY),
+        (409, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (500, Verdict.RETRY),
+        (503, Verdict.RETRY),
+    ],
+)
+def test_answer_table(status: int, verdict: Verdict | None) -> None:
+    """None: delivered (2xx) or refused (other 4xx), read by the sink itself."""
+    sink = HttpSink(timeout_s=1, clock=clock())
+    outcome = sink.not_taken(Answer(status, {"Retry-After": "2"}, b'{"error": "x"}'))
+    assert (outcome and outcome.verdict) == verdict
+    if outcome is not None:
+        assert outcome.reason == f'HTTP {status}: {{"error": "x"}}'
+        assert outcome.retry_after_s == (2 if status == 429 else None)

@@ -136,11 +136,10 @@ async def isolate(events: Sequence[ExportEvent], send: Send) -> list[Outcome]:
                 outcomes[i] = answer
         elif len(idx) == 1:
             outcomes[idx[0]] = answer.known.get(0) or dead(answer.reason)
-        elif answer.known:
-            rest = [i for j, i in enumerate(idx) if j not in answer.known]
-            for j, outcome in answer.known.items():
-                if 0 <= j < len(idx):
-                    outcomes[idx[j]] = outcome
+        elif known := {j: o for j, o in answer.known.items() if 0 <= j < len(idx)}:
+            for j, outcome in known.items():
+                outcomes[idx[j]] = outcome
+            rest = [i for j, i in enumerate(idx) if j not in known]
             if rest:
                 pending.append(rest)
         else:
