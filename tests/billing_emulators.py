@@ -30,14 +30,18 @@ What each keeps, by its dedup key, and its own rules:
   `(transaction_id, timestamp, external_subscription_id, code)`, a repeat replaces (200).
   `held` maps key -> event; `double_billed()` lists transaction_ids held under two keys.
   `invalid_subscriptions`: events for these are refused (`value_is_invalid`), standing for
-  any per-event validation error (e.g. a billable metric's failing expression).
+  any per-event validation error (e.g. a billable metric's failing expression). Stricter
+  than Lago on purpose: an event without a timestamp is refused (Lago would take the time of
+  receipt, so each try of it would be a new event to its ClickHouse store).
 - `M3terEmulator(org_id, access_key_id, api_secret, token_ttl_s=3600, invalid_accounts=())`:
-  `POST /oauth/token` (Basic key:secret, `grant_type=client_credentials`; else 401/400) gives
-  `{access_token, expires_in, token_type}`; `POST /organizations/{org}/measurements` needs a
-  live Bearer token (else 403, as for an expired one), a JSON body under 512,000 bytes (else
-  403), 1-1000 measurements each with meter, account, ISO-8601 ts, a uid and a numeric
-  measure (else 400, nothing kept: taken as atomic). `held` maps uid -> measurement, a
-  repeated uid is taken (200) and kept once; `bodies` lists the size of each body taken. `expire_tokens()` expires every token given.
+  `POST /oauth/token` (`emu.token_url`; Basic key:secret, `grant_type=client_credentials`;
+  else 401/400) gives `{access_token, expires_in, token_type}`; `POST
+  /organizations/{org}/measurements` needs a live Bearer token (else 403, as for an expired
+  one), a JSON body under 512,000 bytes (else 403), 1-1000 measurements each with meter,
+  account, ISO-8601 ts, a uid and a numeric measure (else 400, nothing kept: taken as
+  atomic; `uid` is optional at m3ter, required here so that nothing arrives without its
+  dedup key). `held` maps uid -> measurement, a repeated uid is taken (200) and kept once;
+  `bodies` lists the size of each body taken; `expire_tokens()` expires every token given.
 - `OpenMeterEmulator(token, invalid_subjects=(), dedupe=True)`: `POST /api/v1/events`,
   Bearer token (else 401), content type `application/cloudevents+json` (one event),
   `application/cloudevents-batch+json` (an array) or `application/json` (either), else 400.
@@ -48,9 +52,10 @@ What each keeps, by its dedup key, and its own rules:
 - `StripeEmulator(api_key, customers=None, now_ms=None)`: `POST /v1/billing/meter_events`,
   Bearer or Basic secret key (else 401), form-encoded event_name, payload[stripe_customer_id]
   (one of `customers` when given, else 400 resource_missing), payload[value] (a whole
-  number), identifier, timestamp (Unix seconds within the past 35 days or 5 minutes ahead of
-  `now_ms()`, else 400). One call at a time per customer and event_name (a concurrent one is
-  429). `identifier` kept for 24 h: a repeat inside is 400, after it the event is kept again
+  number), identifier (optional at Stripe, required here: the dedup key), timestamp (Unix
+  seconds within the past 35 days or 5 minutes ahead of `now_ms()`, else 400). One call at a
+  time per customer and event_name (a concurrent one is 429, `concurrent_refusals`).
+  `identifier` kept for 24 h: a repeat inside is 400, after it the event is kept again
   (`double_billed()`). `Idempotency-Key`: a repeat within 24 h replays the first 200
   (`replays`). `held` maps identifier -> the event's form.
 """

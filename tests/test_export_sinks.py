@@ -221,6 +221,7 @@ def check_faults_seen(run: Run, emulator: Emulator, *, announced: bool = True) -
     assert emulator.statuses[503] > 0
     assert emulator.lost > 0
     assert any(r.startswith("connection failed") for r in run.retry_reasons)
+    assert any("Cannot connect to host" in r for r in run.retry_reasons)  # refused while down
     assert any(r.startswith("HTTP 429") for r in run.retry_reasons)
     assert bool(run.retry_afters) == announced
     assert all(a == pytest.approx(THROTTLE_S) for a in run.retry_afters)
