@@ -10,6 +10,7 @@ takes these faults, drawn per call from `random.Random(seed)`:
 - `fail_rate`: answer 503 before reading the call (nothing kept);
 - `lost_rate`: take the call (keep its events), then cut the connection instead of
   answering: the client does not know whether it was taken.
+- `latency_s`: every answer comes this much later (a distant billing system);
 - `await emu.down()`: stop listening (connections refused) and cut the open ones;
   `await emu.up()`: listen again on the same port.
 
@@ -109,10 +110,11 @@ class Emulator:
         fail_rate: float = 0.0,
         lost_rate: float = 0.0,
         throttle_s: float = 1.0,
+        latency_s: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.throttle_rate, self.fail_rate, self.lost_rate = throttle_rate, fail_rate, lost_rate
-        self.throttle_s = throttle_s
+        self.throttle_s, self.latency_s = throttle_s, latency_s
         self.random = random.Random(seed)
         self.calls = 0
         self.statuses: collections.Counter[int] = collections.Counter()
@@ -169,6 +171,8 @@ class Emulator:
             request.transport.abort()
             raise asyncio.CancelledError
         self.calls += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         draw = self.random.random()
         if draw < self.throttle_rate:
             response: web.StreamResponse = _json(

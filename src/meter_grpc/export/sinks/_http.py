@@ -33,7 +33,7 @@ from meter_grpc.export.model import ExportEvent, Outcome, Verdict
 
 log = logging.getLogger("meter_grpc.export")
 
-CONNECTIONS = 8  # per sink: open connections to its billing system at most
+CONNECTIONS = 8  # per sink (Stripe: 32): open connections to its billing system at most
 REASON_CHARS = 300  # what a reason keeps of an answer's body
 BODY_BYTES = 65_536  # what is read of an answer's body at most
 MAX_RETRY_AFTER_S = 3600.0  # a reset header further away than this is taken as this
@@ -150,10 +150,11 @@ async def isolate(events: Sequence[ExportEvent], send: Send) -> list[Outcome]:
 
 class HttpSink:
     """One aiohttp session (made on first use, in the exporter's event loop), a timeout per
-    call and at most CONNECTIONS connections."""
+    call and at most `connections` connections."""
 
     name = "http"
     env_prefix = "METER_EXPORT"
+    connections = CONNECTIONS
 
     def __init__(self, *, timeout_s: float, clock: Clock) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 10.0))
@@ -166,7 +167,7 @@ class HttpSink:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=CONNECTIONS),
+                connector=aiohttp.TCPConnector(limit=self.connections),
                 headers={"User-Agent": "meter-grpc"},
             )
         return self._session
