@@ -139,6 +139,18 @@ class Settings:
     # WatchUsage streams open at once: per license key, and in the whole process (admin too).
     watch_per_key: int = DEFAULT_WATCH_PER_KEY
     watch_max: int = DEFAULT_WATCH_MAX
+    # Bounds (README "Limits and bounds").
+    max_machines_per_license: int = 10_000
+    max_concurrent_rpcs: int = 10_000
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 10.0
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 300.0
+    checkout_workers: int = 2
+    max_license_file_bytes: int = 32 * 1024 * 1024
+    redis_max_inflight: int = 10_000
     # Billing sinks (export/sinks/): each None unless configured.
     export_lago: LagoExport | None = None
     export_m3ter: M3terExport | None = None
@@ -171,14 +183,15 @@ class Settings:
                 raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
             return value
 
-        def count(name: str, default: int) -> int:
+        def count(name: str, default: int, *, minimum: int = 1) -> int:
             raw = get(name, str(default))
-            expected = f"expected a whole number >= 1 (default {default})"
-            if not raw.isdigit() or len(raw) > 9:
-                why = "is not a whole number" if not raw.isdigit() else "is out of range"
+            expected = f"expected a whole number >= {minimum} (default {default})"
+            digits = raw.replace("_", "")
+            if not digits.isdigit() or len(digits) > 9:
+                why = "is not a whole number" if not digits.isdigit() else "is out of range"
                 raise ConfigError(f"{name}={raw!r} {why}: {expected}")
-            value = int(raw)
-            if value < 1:
+            value = int(digits)
+            if value < minimum:
                 raise ConfigError(f"{name}={raw!r} is out of range: {expected}")
             return value
 
@@ -223,6 +236,21 @@ class Settings:
             log_level=log_level,
             watch_per_key=count("METER_WATCH_PER_KEY", DEFAULT_WATCH_PER_KEY),
             watch_max=count("METER_WATCH_MAX", DEFAULT_WATCH_MAX),
+            max_machines_per_license=count("METER_MAX_MACHINES_PER_LICENSE", 10_000),
+            max_concurrent_rpcs=count("METER_MAX_CONCURRENT_RPCS", 10_000),
+            max_receive_message_bytes=count(
+                "METER_MAX_RECEIVE_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=64 * 1024
+            ),
+            keepalive_time_s=number("METER_KEEPALIVE_TIME", "60", float),
+            keepalive_timeout_s=number("METER_KEEPALIVE_TIMEOUT", "20", float),
+            min_client_ping_interval_s=number("METER_MIN_CLIENT_PING_INTERVAL", "10", float),
+            max_connection_age_s=number("METER_MAX_CONNECTION_AGE", "1800", float),
+            max_connection_age_grace_s=number("METER_MAX_CONNECTION_AGE_GRACE", "300", float),
+            checkout_workers=count("METER_CHECKOUT_WORKERS", 2),
+            max_license_file_bytes=count(
+                "METER_MAX_LICENSE_FILE_BYTES", 32 * 1024 * 1024, minimum=64 * 1024
+            ),
+            redis_max_inflight=count("METER_REDIS_MAX_INFLIGHT", 10_000, minimum=16),
         )
         settings.export_http_timeout_s = number("METER_EXPORT_HTTP_TIMEOUT", "30", float)
         _read_sinks(settings, get)

@@ -78,6 +78,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
     `open_streams`, `setting` (the variable that sets the limit); with a QuotaFailure.
     """
+    ERROR_REASON_LICENSE_FILE_TOO_LARGE: _ErrorReason.ValueType  # 20
+    """RESOURCE_EXHAUSTED: CheckOutLicense's file would pass the server's size limit
+    (METER_MAX_LICENSE_FILE_BYTES); check out one machine's file with `fingerprint` instead.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -152,5 +156,9 @@ ERROR_REASON_WATCH_LIMIT_EXCEEDED: ErrorReason.ValueType  # 19
 (METER_WATCH_PER_KEY) or the server (METER_WATCH_MAX, admin streams included) allows;
 nothing was opened. Metadata `scope` ("license_key" or "process"), `limit`,
 `open_streams`, `setting` (the variable that sets the limit); with a QuotaFailure.
+"""
+ERROR_REASON_LICENSE_FILE_TOO_LARGE: ErrorReason.ValueType  # 20
+"""RESOURCE_EXHAUSTED: CheckOutLicense's file would pass the server's size limit
+(METER_MAX_LICENSE_FILE_BYTES); check out one machine's file with `fingerprint` instead.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -37,6 +37,7 @@ class Reason(enum.StrEnum):
     # WatchUsage beyond the streams a license key (METER_WATCH_PER_KEY) or the process
     # (METER_WATCH_MAX) may have open at once.
     WATCH_LIMIT_EXCEEDED = "WATCH_LIMIT_EXCEEDED"
+    LICENSE_FILE_TOO_LARGE = "LICENSE_FILE_TOO_LARGE"
 
 
 @dataclass(frozen=True, slots=True)

@@ -534,13 +534,14 @@ class RedisStore:
 
     @storage_call
     async def activate_machine(
-        self, m: Machine, now_ms: int, request_id: str = "", digest: str = ""
+        self, m: Machine, now_ms: int, cap: int, request_id: str = "", digest: str = ""
     ) -> MachineResult:
         """Runs machine_activate.lua; the machine's id must embed its license id. With a
-        request_id, a retry gets the first answer back (the machine it activated)."""
+        request_id, a retry gets the first answer back (the machine it activated). `cap`: the
+        most live machines any license may hold, checked in the script."""
         script_keys = keys.machine_keys(m.license_id)
         args: list[object] = [now_ms, DEAD_FINGERPRINTS_KEPT, m.id, m.fingerprint, m.cores]
-        args.append(codec.machine_to_json(m))
+        args += [codec.machine_to_json(m), cap]
         if request_id:
             script_keys.append(keys.request_record(m.license_id, request_id))
             args.append(digest)
