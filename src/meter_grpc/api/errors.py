@@ -37,6 +37,7 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.WATCH_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.LICENSE_FILE_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.USAGE_EVENTS_DISABLED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.USAGE_EVENTS_TRIMMED: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 

@@ -222,6 +222,12 @@ class Store(Protocol):
         """Usage events after `after`, waiting up to `block_ms` for the first one; None: no
         wait (what is there now)."""
 
+    async def events_after(
+        self, license_id: str, after: str, count: int = 100
+    ) -> tuple[list[UsageEvent], str]:
+        """Usage events after `after` (no wait), and "" or, when events after `after` may
+        have been trimmed before they were read, the id of the oldest event kept."""
+
     async def license_exists(self, license_id: str) -> bool: ...
 
     async def sync_usage(
