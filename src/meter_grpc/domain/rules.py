@@ -162,12 +162,12 @@ class Violations:
             self.add(field, f"must have at most {MAX_METADATA_ENTRIES} entries")
             return
         for k, v in value.items():
+            # the key is named by its first characters: a field name stays short
+            name = f"{field}[{(k if len(k) <= 32 else k[:32] + '...')!r}]"
             if not k or len(k) > MAX_METADATA_KEY_LEN:
-                self.add(f"{field}[{k!r}]", f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
+                self.add(name, f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
             elif len(v) > MAX_METADATA_VALUE_LEN:
-                self.add(
-                    f"{field}[{k!r}]", f"values must be at most {MAX_METADATA_VALUE_LEN} characters"
-                )
+                self.add(name, f"values must be at most {MAX_METADATA_VALUE_LEN} characters")
 
     def entitlements(self, field: str, value: Iterable[str]) -> None:
         codes = list(value)
