@@ -557,3 +557,20 @@ async def test_error_details_stay_small_whatever_the_request_holds(
     )
     assert err.bad_fields == [f"policy.entitlements[{i}]" for i in range(10)]
     assert "(and 255 more)" in err.message
+
+
+async def test_an_activation_missing_its_cores_stores_nothing_under_its_request_id(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: Any
+) -> None:
+    """`cores` is required under a core limit: bad input, so its refusal is not stored under
+    the request_id, and the retry with the cores set activates the machine."""
+    lic = await make_license(policy_fields={"floating": True, "max_cores": 8})
+    before = await keyspace(redis, lic.id)
+    request = lpb.ActivateMachineRequest(license_id=lic.id, fingerprint="fp-1", request_id="a-1")
+    assert_invalid(
+        await expect_error(licenses.ActivateMachine(request, metadata=admin_md())), "cores"
+    )
+    assert await keyspace(redis, lic.id) == before
+    request.cores = 2
+    got = await licenses.ActivateMachine(request, metadata=license_md(lic.key))
+    assert got.machine.cores == 2
