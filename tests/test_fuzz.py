@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import time
@@ -81,13 +82,16 @@ SPEC_CODES = {code for code in STATUS_CODES.values()}
 # Refusals a script may store under the request's request_id (AIP-155), so that a retry gets
 # the same answer: outcomes decided against the stored state, never validation or auth.
 STORED_REFUSALS = {
-    Reason.USAGE_LIMIT_EXCEEDED,
-    Reason.USAGE_UNDERFLOW,
-    Reason.LICENSE_SUSPENDED,
-    Reason.LICENSE_EXPIRED,
-    Reason.MACHINE_LIMIT_EXCEEDED,
-    Reason.CORE_LIMIT_EXCEEDED,
-    Reason.FINGERPRINT_TAKEN,
+    r.value
+    for r in (
+        Reason.USAGE_LIMIT_EXCEEDED,
+        Reason.USAGE_UNDERFLOW,
+        Reason.LICENSE_SUSPENDED,
+        Reason.LICENSE_EXPIRED,
+        Reason.MACHINE_LIMIT_EXCEEDED,
+        Reason.CORE_LIMIT_EXCEEDED,
+        Reason.FINGERPRINT_TAKEN,
+    )
 }
 READ_ONLY_PREFIXES = ("Get", "List", "Validate", "Watch")
 
@@ -151,6 +155,8 @@ class World:
 lgrpc_stub = Any
 
 _world: World | None = None
+# What the service logged during the module (WARNING and up).
+LOGGED: list[logging.LogRecord] = []
 # The status codes answered, by (RPC, caller), over the whole module.
 CALLS: dict[tuple[str, str], list[str]] = {}
 
@@ -169,13 +175,13 @@ async def _policy(w: World, **fields: Any) -> str:
 
 
 async def _license(w: World, policy_id: str) -> tuple[str, str]:
-    """A license with 20 uses (so that decrements can succeed)."""
+    """A license with 3 uses (so that decrements can succeed)."""
     resp = await w.licenses.CreateLicense(
         lpb.CreateLicenseRequest(license={"policy_id": policy_id, "name": "fuzz"}),
         metadata=admin_md(),
     )
     await w.usage.IncrementUsage(
-        upb.IncrementUsageRequest(license_id=resp.license.id, amount=20), metadata=admin_md()
+        upb.IncrementUsageRequest(license_id=resp.license.id, amount=3), metadata=admin_md()
     )
     return str(resp.license.id), str(resp.license.key)
 
@@ -259,6 +265,14 @@ async def _replace(w: World, kind: str, gone: str) -> None:
         w.license_keys.append(key)
 
 
+class _Collect(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        LOGGED.append(record)
+
+
+FIRST_CALL: list[float] = []  # when the first example ran (monotonic)
+
+
 @pytest.fixture(scope="module")
 async def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     """A server of its own (one per module) on its own embedded valkey, so the keyspace holds
@@ -279,6 +293,9 @@ async def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     )
     await service.start()
     r = aioredis.Redis.from_url(url, decode_responses=False)
+    handler = _Collect(logging.WARNING)
+    logging.getLogger("meter_grpc").addHandler(handler)
+    FIRST_CALL.append(time.monotonic())
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             w = World(target=f"127.0.0.1:{port}", redis=r, channel=channel, calls=CALLS)
@@ -288,6 +305,7 @@ async def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
             yield w
             _world = None
     finally:
+        logging.getLogger("meter_grpc").removeHandler(handler)
         await r.aclose()
         await service.stop(1)
         await valkey.stop()
@@ -805,7 +823,7 @@ def field_path_exists(desc: Descriptor, field_path: str) -> bool:
 class Outcome:
     code: grpc.StatusCode
     effect: bool  # something was applied (an OK answer, or an OK item)
-    statuses: list[Any] = field(default_factory=list)  # (code, RichError-like) to check
+    reasons: set[str] = field(default_factory=set)  # of the call's refusal and its items'
 
 
 def check_error(
@@ -830,7 +848,7 @@ def check_error(
             assert field_ok(f), (f, where)
 
 
-def check_status_proto(m: MethodDescriptor, s: status_pb2.Status, where: str) -> None:
+def check_status_proto(m: MethodDescriptor, s: status_pb2.Status, where: str) -> str:
     """An item's error inside an OK answer (StreamUsage, BatchIncrementUsage)."""
     code = grpc.StatusCode.OK
     for c in grpc.StatusCode:
@@ -860,6 +878,7 @@ def check_status_proto(m: MethodDescriptor, s: status_pb2.Status, where: str) ->
         lambda f: field_path_exists(m.input_type, f) or field_path_exists(_INCREMENT.input_type, f),
         where,
     )
+    return reason
 
 
 _INCREMENT = usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].methods_by_name[
@@ -878,6 +897,7 @@ async def invoke(
     md = metadata(caller)
     out_cls = GetMessageClass(m.output_type)
     answers: list[Message] = []
+    reasons: set[str] = set()
     timeout = WATCH_DEADLINE_S if m.server_streaming and not m.client_streaming else CALL_TIMEOUT_S
     try:
         if m.client_streaming:
@@ -928,6 +948,7 @@ async def invoke(
     except grpc.aio.AioRpcError as exc:
         err = rich_error(exc)
         code = err.code
+        reasons.add(err.reason)
         CALLS.setdefault((m.name + " fields", caller), []).extend(err.bad_fields[:1])
         check_error(
             m,
@@ -944,7 +965,7 @@ async def invoke(
         for item in items:
             if "error" in item.DESCRIPTOR.fields_by_name and item.WhichOneof("outcome"):
                 if item.WhichOneof("outcome") == "error":
-                    check_status_proto(m, item.error, f"{where}: {item}")
+                    reasons.add(check_status_proto(m, item.error, f"{where}: {item}"))
                     if m.name == "BatchIncrementUsage":
                         continue
                 else:
@@ -956,7 +977,7 @@ async def invoke(
         effect = any(r.WhichOneof("outcome") == "result" for a in answers for r in a.results)
     if m.server_streaming and not m.client_streaming:
         effect = False  # a watch reads only
-    return Outcome(code, effect)
+    return Outcome(code, effect, reasons)
 
 
 async def healthy() -> None:
@@ -998,7 +1019,7 @@ async def _check_state(
         elapsed = int((time.monotonic() - w.snap_at) * 1000)
         changed = changed_keys(w.snap, after, elapsed)
         allowed: set[bytes] = set()
-        if not m.name.startswith(READ_ONLY_PREFIXES):
+        if not m.name.startswith(READ_ONLY_PREFIXES) and outcome.reasons & STORED_REFUSALS:
             items = [i for r in requests if r is not None for i in _items(r)]
             allowed = {
                 k
@@ -1148,6 +1169,10 @@ def test_each_rpc_was_called_by_every_caller() -> None:
         if not any("OK" in w[(m.name, c)] for c in ("admin", "license key"))
         and not (m.name == "WatchUsage" and any("DEADLINE_EXCEEDED" in w[(m.name, c)] for c in CALLERS))
     ]
+    # client mistakes are logged at most once per burst (10 s), never with a traceback
+    assert not [r for r in LOGGED if r.exc_info], [r.getMessage() for r in LOGGED if r.exc_info]
+    elapsed = time.monotonic() - FIRST_CALL[0] if FIRST_CALL else 0.0
+    assert len(LOGGED) <= 2 + elapsed / 10, [r.getMessage() for r in LOGGED]
     if EXAMPLES >= 20:
         assert not never_ok, never_ok
 
