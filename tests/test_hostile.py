@@ -540,6 +540,13 @@ async def test_error_details_stay_small_whatever_the_request_holds(
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.reason == "INVALID_ARGUMENT"
     assert err.bad_fields == ["policy.metadata['" + "A" * 32 + "...']"]
+    err = await expect_error(
+        licenses.CreatePolicy(
+            lpb.CreatePolicyRequest(policy={"name": "p", "metadata": {"\x00" * 200: "v"}}),
+            metadata=admin_md(),
+        )
+    )
+    assert err.bad_fields == ["policy.metadata['\\x00\\x00\\x00\\x00...']"]
     for md in (admin_md(), license_md(lic.key)):
         err = await expect_error(
             usage.IncrementUsage(upb.IncrementUsageRequest(license_id=huge), metadata=md)

@@ -63,6 +63,15 @@ def is_machine_id(value: str) -> bool:
 _ENTITLEMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
+def _key_name(key: str) -> str:
+    """A map key quoted for a field name, by its first characters: the name stays short
+    (at most 64 characters of quoted key) whatever the key holds."""
+    quoted = repr(key if len(key) <= 32 else key[:32] + "...")
+    if len(quoted) > 64:  # escapes (control characters) make the quote longer
+        quoted = repr(key[:4] + "...")
+    return quoted
+
+
 class Violations:
     """Collects field violations; `raise_if_any()` raises one INVALID_ARGUMENT for all."""
 
@@ -162,8 +171,7 @@ class Violations:
             self.add(field, f"must have at most {MAX_METADATA_ENTRIES} entries")
             return
         for k, v in value.items():
-            # the key is named by its first characters: a field name stays short
-            name = f"{field}[{(k if len(k) <= 32 else k[:32] + '...')!r}]"
+            name = f"{field}[{_key_name(k)}]"
             if not k or len(k) > MAX_METADATA_KEY_LEN:
                 self.add(name, f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
             elif len(v) > MAX_METADATA_VALUE_LEN:
