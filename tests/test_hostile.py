@@ -562,7 +562,7 @@ async def test_error_details_stay_small_whatever_the_request_holds(
             metadata=admin_md(),
         )
     )
-    assert err.bad_fields == [f"policy.entitlements[{i}]" for i in range(10)]
+    assert err.bad_fields == [f"policy.entitlements[{i}]" for i in range(20)]
     assert "(and 255 more)" in err.message
 
 
