@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import os
 import re
@@ -54,7 +55,9 @@ from hypothesis import strategies as st
 
 from meter.v1 import license_service_pb2, usage_service_pb2
 from meter.v1 import license_service_pb2 as lpb
+from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import usage_service_pb2 as upb
+from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.api.errors import DOMAIN, STATUS_CODES
 from meter_grpc.config import Settings
 from meter_grpc.domain import paging
@@ -140,19 +143,13 @@ class World:
         p.text(repr(self))
 
     @property
-    def licenses(self) -> lgrpc_stub:
-        from meter.v1 import license_service_pb2_grpc as lgrpc
-
+    def licenses(self) -> lgrpc.LicenseServiceStub:
         return lgrpc.LicenseServiceStub(self.channel)
 
     @property
-    def usage(self) -> Any:
-        from meter.v1 import usage_service_pb2_grpc as ugrpc
-
+    def usage(self) -> ugrpc.UsageServiceStub:
         return ugrpc.UsageServiceStub(self.channel)
 
-
-lgrpc_stub = Any
 
 _world: World | None = None
 # What the service logged during the module (WARNING and up).
@@ -223,6 +220,9 @@ async def _populate(w: World) -> None:
         await _policy(w, usage_reset_interval=4, max_uses=10, overage_strategy=5),
         await _policy(w, require_check_in=True, check_in_interval={"seconds": 3600}),
     ]
+    # policies without licenses first: pools are drawn with a bias toward their start, and
+    # DeletePolicy can delete only these
+    w.policy_ids += [await _policy(w, **FLOATING) for _ in range(3)]
     w.policy_ids += policies
     for i, p in enumerate(policies):
         lic_id, key = await _license(w, p)
@@ -231,7 +231,6 @@ async def _populate(w: World) -> None:
         fp = f"fp-{i}"
         w.machine_ids.append(await _machine(w, lic_id, fp))
         w.fingerprints.append(fp)
-    w.policy_ids += [await _policy(w, name="no licenses") for _ in range(3)]
     await w.usage.IncrementUsage(
         upb.IncrementUsageRequest(license_id=w.license_ids[0], amount=2), metadata=admin_md()
     )
@@ -250,11 +249,11 @@ async def _replace(w: World, kind: str, gone: str) -> None:
     """A record an admin call deleted is replaced (under a policy of its own, since the
     others may have been changed by then), so later examples still reach real ones."""
     if kind == "policy" and gone in w.policy_ids:
-        w.policy_ids[w.policy_ids.index(gone)] = await _policy(w, name="no licenses")
+        w.policy_ids[w.policy_ids.index(gone)] = await _policy(w, **FLOATING)
     elif kind == "license" and gone in w.license_ids:
         i = w.license_ids.index(gone)
         w.license_ids[i], w.license_keys[i] = await _license(w, await _policy(w, **FLOATING))
-        for j, m in enumerate(w.machine_ids):  # its machines went with it
+        for m in list(w.machine_ids):  # its machines went with it
             if m.startswith(gone):
                 await _replace(w, "machine", m)
     elif kind == "machine" and gone in w.machine_ids:
@@ -370,12 +369,10 @@ def changed_keys(
     return sorted(out)
 
 
-def stored_refusal_keys(request: Message | None, items: Iterable[Message]) -> set[bytes]:
-    """Where a refusal under the request's request_id(s) may be stored."""
+def stored_refusal_keys(items: Iterable[Message]) -> set[bytes]:
+    """Where a refusal under the request_id of a request (or of an item) may be stored."""
     out: set[bytes] = set()
-    for msg in [request, *items]:
-        if msg is None:
-            continue
+    for msg in items:
         fields = msg.DESCRIPTOR.fields_by_name
         rid = getattr(msg, "request_id", "") if "request_id" in fields else ""
         lic = getattr(msg, "license_id", "") if "license_id" in fields else ""
@@ -434,9 +431,9 @@ def hostile_text() -> st.SearchStrategy[str]:
         st.sampled_from(_SPECIALS),
         st.text(max_size=40),
         st.text(alphabet=st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs"]), max_size=8),
-        st.tuples(st.sampled_from("A{}:\x00é😀"), st.sampled_from([129, 257, 1025, 2049, 70_000])).map(
-            lambda t: t[0] * t[1]
-        ),
+        st.tuples(
+            st.sampled_from("A{}:\x00é😀"), st.sampled_from([129, 257, 1025, 2049, 70_000])
+        ).map(lambda t: t[0] * t[1]),
     )
 
 
@@ -447,6 +444,15 @@ def pool(get: Callable[[World], list[str]]) -> st.SearchStrategy[str]:
 
 def keyed(get: Callable[[World], str]) -> st.SearchStrategy[str]:
     return st.just(0).map(lambda _: get(world()))
+
+
+_FRESH = itertools.count()
+
+
+def fresh(prefix: str) -> st.SearchStrategy[str]:
+    """A value never drawn before in this run (hypothesis draws the simplest values again and
+    again: reused request ids would mostly answer REQUEST_ID_REUSED)."""
+    return st.just(0).map(lambda _: f"{prefix}-{next(_FRESH):012d}")
 
 
 def weird_variant(valid: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -474,7 +480,7 @@ def license_ids(ctx: Ctx) -> st.SearchStrategy[str]:
         return st.sampled_from(["own"] * 6 + ["other", "unknown"]).map(
             lambda which: {"own": world().own_id, "other": world().other_id}.get(which, UNKNOWN_ID)
         )
-    return st.one_of(pool(lambda w: w.license_ids), st.just(UNKNOWN_ID))
+    return st.one_of(*[pool(lambda w: w.license_ids)] * 4, st.just(UNKNOWN_ID))
 
 
 def machine_ids(ctx: Ctx) -> st.SearchStrategy[str]:
@@ -498,22 +504,18 @@ def string_hint(fd: FieldDescriptor, ctx: Ctx) -> st.SearchStrategy[str] | None:
     if name == "license_id":
         return license_ids(ctx)
     if name == "policy_id":
-        return st.one_of(pool(lambda w: w.policy_ids), st.just(UNKNOWN_ID))
+        return st.one_of(*[pool(lambda w: w.policy_ids)] * 4, st.just(UNKNOWN_ID))
     if name == "id":
         if "Machine" in owner or "Machine" in ctx.method:
             return machine_ids(ctx)
         if "Policy" in owner or "Polic" in ctx.method:
-            return st.one_of(pool(lambda w: w.policy_ids), st.just(UNKNOWN_ID))
+            return st.one_of(*[pool(lambda w: w.policy_ids)] * 4, st.just(UNKNOWN_ID))
         if owner == "UsageRecord":
             return st.one_of(st.sampled_from(["rec-1", "rec-2"]), SAFE_TOKEN)
         return license_ids(ctx)
     if name == "request_id":  # mostly new ones; a few reused (replays, REQUEST_ID_REUSED)
-        return st.one_of(
-            st.sampled_from(["r-1", "seed-1"]),
-            st.uuids().map(str),
-            st.uuids().map(str),
-            SAFE_TOKEN,
-        )
+        # one_of leans toward its first branch
+        return st.one_of(fresh("rid"), st.sampled_from(["r-1", "seed-1"]), SAFE_TOKEN)
     if name == "fingerprint":
         return st.one_of(
             pool(lambda w: w.own_fingerprints if ctx.mine else w.fingerprints),
@@ -522,11 +524,10 @@ def string_hint(fd: FieldDescriptor, ctx: Ctx) -> st.SearchStrategy[str] | None:
         )
     if name == "key":
         return st.one_of(
+            fresh("FUZZ-KEY"),  # a key no license has (yet)
             keyed(lambda w: w.own_key),
             keyed(lambda w: w.other_key),
             pool(lambda w: w.license_keys),
-            st.uuids().map(lambda u: u.hex.upper()),  # a key no license has (yet)
-            st.uuids().map(lambda u: u.hex.upper()),
         )
     if name == "page_token":
         return st.one_of(
@@ -588,9 +589,11 @@ def well_known(desc: Descriptor, fd: FieldDescriptor | None, valid: bool) -> Any
         )
     if full == "google.protobuf.Duration":
         if valid:
-            return st.fixed_dictionaries(
-                {"seconds": st.integers(1, 100 * 365 * 86_400), "nanos": st.just(0)}
+            seconds = st.one_of(  # an hour to a century (a license file's ttl: an hour or more)
+                st.sampled_from([3600, 86_400, 30 * 86_400, 365 * 86_400]),
+                st.integers(3600, 100 * 365 * 86_400),
             )
+            return st.fixed_dictionaries({"seconds": seconds, "nanos": st.just(0)})
         return st.fixed_dictionaries(
             {
                 "seconds": st.sampled_from(
@@ -642,7 +645,9 @@ def scalar(fd: FieldDescriptor, ctx: Ctx, valid: bool) -> st.SearchStrategy[Any]
         known = [v.number for v in fd.enum_type.values]
         if valid:
             return st.sampled_from(known)
-        return st.one_of(st.sampled_from(known), st.sampled_from([max(known) + 1, 99, -1]), ints(fd))
+        return st.one_of(
+            st.sampled_from(known), st.sampled_from([max(known) + 1, 99, -1]), ints(fd)
+        )
     if t in _INT_RANGES:
         if valid and fd.name == "cores":  # a core limit needs 1 or more
             return st.integers(1, 8)
@@ -661,11 +666,7 @@ def value(fd: FieldDescriptor, ctx: Ctx, valid: bool, depth: int) -> st.SearchSt
 
 
 def is_map(fd: FieldDescriptor) -> bool:
-    return (
-        fd.type == T.TYPE_MESSAGE
-        and fd.message_type.GetOptions().map_entry
-        and fd.is_repeated
-    )
+    return fd.type == T.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry and fd.is_repeated
 
 
 def field_strategy(
@@ -676,7 +677,9 @@ def field_strategy(
         if valid:
             return st.dictionaries(SAFE_TOKEN, SAFE_TOKEN, max_size=3)
         return st.one_of(
-            st.dictionaries(value(k_fd, ctx, False, depth), value(v_fd, ctx, False, depth), max_size=4),
+            st.dictionaries(
+                value(k_fd, ctx, False, depth), value(v_fd, ctx, False, depth), max_size=4
+            ),
             st.integers(65, 300).map(lambda n: {f"k{i}": "v" for i in range(n)}),
         )
     if fd.is_repeated:
@@ -751,6 +754,8 @@ def _set_percent(f: FieldDescriptor, mode: str) -> int:
         return 95
     if field_behavior_pb2.OUTPUT_ONLY in behaviors:
         return 10
+    if f.name in ("fingerprint", "key"):  # optional: must name a machine / be a free key
+        return 25
     if f.type == T.TYPE_STRING and string_hint(f, Ctx("admin", "")) is not None:
         return 60
     return 30
@@ -758,19 +763,22 @@ def _set_percent(f: FieldDescriptor, mode: str) -> int:
 
 def request_strategy(m: MethodDescriptor, ctx: Ctx) -> st.SearchStrategy[Message]:
     cls = GetMessageClass(m.input_type)
-    return st.sampled_from(["valid", "valid", "valid", "mutant", "mutant", "hostile"]).flatmap(
-        lambda mode: message(m.input_type, ctx, mode)
-    ).map(lambda d: cls(**d))
+    return (
+        st.sampled_from(["valid", "valid", "valid", "mutant", "mutant", "hostile"])
+        .flatmap(lambda mode: message(m.input_type, ctx, mode))
+        .map(lambda d: cls(**d))
+    )
 
 
 def malformed_bodies(m: MethodDescriptor, ctx: Ctx) -> st.SearchStrategy[bytes]:
     """Bytes that are (most likely) no valid message of the method's request type."""
-    cls = GetMessageClass(m.input_type)
     strings = [f for f in m.input_type.fields if f.type == T.TYPE_STRING]
     valid = request_strategy(m, ctx).map(lambda r: r.SerializeToString())
     options = [
         st.binary(min_size=1, max_size=200),
-        st.tuples(valid, st.integers(1, 50)).map(lambda t: t[0][: max(0, len(t[0]) - t[1])] + b"\x0a\x7f"),
+        st.tuples(valid, st.integers(1, 50)).map(
+            lambda t: t[0][: max(0, len(t[0]) - t[1])] + b"\x0a\x7f"
+        ),
         st.sampled_from(
             [
                 b"\x0a\x05ab",
@@ -792,7 +800,6 @@ def malformed_bodies(m: MethodDescriptor, ctx: Ctx) -> st.SearchStrategy[bytes]:
                 st.sampled_from([b"\xff\xfe", b"\xc0\x80", b"\xed\xa0\x80", b"a\x80"]),
             ).map(lambda t: bytes([t[0].number << 3 | 2, len(t[1])]) + t[1])
         )
-    del cls
     return st.one_of(options)
 
 
@@ -807,7 +814,9 @@ def metadata(caller: str) -> tuple[tuple[str, str], ...]:
     return ()
 
 
-_PATH_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\[(?:\d+|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\])?")
+_PATH_PART = re.compile(
+    r"([A-Za-z_][A-Za-z0-9_]*)(\[(?:\d+|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\])?"
+)
 
 
 def field_path_exists(desc: Descriptor, field_path: str) -> bool:
@@ -1036,7 +1045,7 @@ async def _check_state(
             items = [i for r in requests if r is not None for i in _items(r)]
             allowed = {
                 k
-                for k in stored_refusal_keys(None, items)
+                for k in stored_refusal_keys(items)
                 if k not in w.snap  # a new record of this refusal; an existing one is replayed
             }
         bad = [k for k in changed if k not in allowed]
@@ -1147,7 +1156,8 @@ async def test_malformed_bodies(
         bodies = data.draw(
             st.lists(
                 st.one_of(
-                    malformed_bodies(m, ctx), request_strategy(m, ctx).map(lambda r: r.SerializeToString())
+                    malformed_bodies(m, ctx),
+                    request_strategy(m, ctx).map(lambda r: r.SerializeToString()),
                 ),
                 min_size=1,
                 max_size=4,
@@ -1173,11 +1183,13 @@ async def test_malformed_bodies(
 
 def test_each_rpc_was_called_by_every_caller() -> None:
     """The fuzz tests above ran (they are collected before this one): every RPC, every caller;
-    and the generated requests reached past validation (some call of each RPC succeeded;
-    checked from 20 examples per RPC up, the default budget)."""
+    and the generated requests reached past validation (some call of each RPC succeeded)."""
     w = CALLS
     for (name, caller), codes in sorted(w.items()):
-        print(f"{name:22} {caller:12} " + " ".join(f"{c}={codes.count(c)}" for c in sorted(set(codes))))
+        print(
+            f"{name:22} {caller:12} "
+            + " ".join(f"{c}={codes.count(c)}" for c in sorted(set(codes)))
+        )
     w = {k: v for k, v in w.items() if not k[0].endswith(" fields")}
     missing = [(m.name, c) for m in METHODS for c in CALLERS if (m.name, c) not in w]
     assert not missing, missing
@@ -1185,12 +1197,17 @@ def test_each_rpc_was_called_by_every_caller() -> None:
         m.name
         for m in METHODS
         if not any("OK" in w[(m.name, c)] for c in ("admin", "license key"))
-        and not (m.name == "WatchUsage" and any("DEADLINE_EXCEEDED" in w[(m.name, c)] for c in CALLERS))
+        and not (
+            m.name == "WatchUsage" and any("DEADLINE_EXCEEDED" in w[(m.name, c)] for c in CALLERS)
+        )
     ]
     # client mistakes are logged at most once per burst (10 s), never with a traceback
     assert not [r for r in LOGGED if r.exc_info], [r.getMessage() for r in LOGGED if r.exc_info]
     elapsed = time.monotonic() - FIRST_CALL[0] if FIRST_CALL else 0.0
     assert len(LOGGED) <= 2 + elapsed / 10, [r.getMessage() for r in LOGGED]
-    if EXAMPLES >= 20:
+    # Reaching past validation is a matter of chance per run: asserted where the examples are
+    # the same on every run (CI), reported otherwise.
+    if os.environ.get("CI") and EXAMPLES >= 20:
         assert not never_ok, never_ok
-
+    elif never_ok:
+        print(f"no call of {never_ok} succeeded in this run")
