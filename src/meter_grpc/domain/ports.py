@@ -165,6 +165,9 @@ class Store(Protocol):
 
     async def finish_create(self, kind: str, request_id: str, answer: Policy | License) -> None: ...
 
+    async def abandon_create(self, kind: str, request_id: str, bound_id: str) -> None:
+        """Drops the record of a create that was refused (unless it holds an answer)."""
+
     async def claim_key(self, digest: str, license_id: str, ghost: str = "") -> str:
         """ "" when the license holds the key (by digest) now, else the id of the license
         holding it."""

@@ -331,6 +331,12 @@ class RedisStore:
             args=["finish", answer.id, codec.answer_to_text(answer)],
         )
 
+    @storage_call
+    async def abandon_create(self, kind: str, request_id: str, bound_id: str) -> None:
+        await self.scripts.create_record(
+            keys=[keys.create_request(kind, request_id)], args=["abandon", bound_id]
+        )
+
     # --- licenses -------------------------------------------------------------------------
 
     @storage_call
