@@ -130,6 +130,7 @@ async def test_machine_limit_error_carries_numbers(
         "overage_limit": "2",
         "machines": "2",
         "requested": "1",
+        "limit_source": "license",
     }
     assert err.quota_subjects == [f"license:{lic.id}"]
     assert (await stored_machines(redis, lic.id))["count"] == 2

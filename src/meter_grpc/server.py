@@ -50,7 +50,34 @@ SERVICE_NAMES = (
     usage_service_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 HEALTH_PROBE_INTERVAL_S = 1.0
-_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC core options of the server's bounds (README "Limits and bounds")."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # The server pings a connection every keepalive_time (with or without calls) and
+        # closes it when no ack comes within keepalive_timeout, ending its calls: a silent peer
+        # does not hold a connection or a call slot. (grpc core enforces the ack timeout
+        # through ping_timeout; keepalive_timeout alone does not close the connection.)
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.http2.ping_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Clients may ping this often (also without calls); more often is a ping strike, and
+        # two strikes close the connection (GOAWAY too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
+        # Connections are recycled (GOAWAY) after max_connection_age (+-10% jitter), so load
+        # spreads over new replicas; calls still running get the grace, then are cancelled.
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+    ]
 
 
 def admin_tokens(settings: Settings) -> list[str]:
@@ -94,6 +121,7 @@ class Service:
     embedded: EmbeddedServer | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    license_files: LicenseFiles | None = None
     secret: KeySecret | None = None
     # False while the key secret check and migration (storage/migrate.py) have not run
     prepared: bool = True
@@ -192,6 +220,8 @@ class Service:
         await self.licensing.propagator.close()  # pending marks let the next start resume
         await self.metering.close()  # WatchUsage streams still blocked in the store
         await self.store.close()
+        if self.license_files is not None:
+            self.license_files.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.embedded is not None:
@@ -220,7 +250,11 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         # one per watched license, shared by its watchers) take dedicated connections from
         # the transport's bounded pool.
         store = RedisStore(
-            RedisClient(url, timeout_s=settings.redis_timeout_s),
+            RedisClient(
+                url,
+                timeout_s=settings.redis_timeout_s,
+                max_inflight=settings.redis_max_inflight,
+            ),
             event_retention=settings.event_retention,
         )
         with contextlib.suppress(Exception):
@@ -241,12 +275,19 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
         metrics = Metrics() if settings.metrics_listen else None
         server = aio.server(
             interceptors=[MeterInterceptor(authenticator, metrics)],
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=grpc_options(settings),
+            # Beyond this many calls in progress (streams included), a new call is answered
+            # RESOURCE_EXHAUSTED at once by gRPC core.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        machines = Machines(store, settings.clock)
+        machines = Machines(store, settings.clock, settings.max_machines_per_license)
+        license_files = LicenseFiles(
+            licensing,
+            machines,
+            signer,
+            workers=settings.checkout_workers,
+            max_file_bytes=settings.max_license_file_bytes,
+        )
         # auth.guard: an RPC refuses a call no interceptor authenticated (deny by default)
         license_service_pb2_grpc.add_LicenseServiceServicer_to_server(
             auth.guard(
@@ -254,7 +295,7 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
                     licensing,
                     machines=machines,
                     validator=Validator(store, settings.clock, licensing.key_digest),
-                    license_files=LicenseFiles(licensing, machines, signer),
+                    license_files=license_files,
                 ),
                 license_service_pb2.DESCRIPTOR.services_by_name["LicenseService"],
             ),
@@ -304,7 +345,17 @@ async def build_server(settings: Settings) -> tuple[Service, int]:
             await embedded.stop()
         raise
     service = Service(
-        server, port, settings, store, licensing, metering, health, embedded, metrics, metrics_port
+        server,
+        port,
+        settings,
+        store,
+        licensing,
+        metering,
+        health,
+        embedded,
+        metrics,
+        metrics_port,
+        license_files,
     )
     service.secret, service.prepared = secret, prepared
     return service, port

@@ -32,7 +32,8 @@ class LicenseServiceStub:
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
     LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
-    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE,
+    LICENSE_FILE_TOO_LARGE) plus metadata with
     the numbers involved. Bad input also carries google.rpc.BadRequest, limits
     google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
@@ -172,7 +173,8 @@ class LicenseServiceServicer:
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
     LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
-    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE,
+    LICENSE_FILE_TOO_LARGE) plus metadata with
     the numbers involved. Bad input also carries google.rpc.BadRequest, limits
     google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
@@ -342,7 +344,8 @@ class LicenseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckOutLicense(self, request, context):
-        """Issues a signed (optionally encrypted) license file for offline use.
+        """Issues a signed (optionally encrypted) license file for offline use. A file that would
+        pass the server's size limit is refused with LICENSE_FILE_TOO_LARGE (RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -493,7 +496,8 @@ class LicenseService:
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
     LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
-    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE,
+    LICENSE_FILE_TOO_LARGE) plus metadata with
     the numbers involved. Bad input also carries google.rpc.BadRequest, limits
     google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """

@@ -33,7 +33,8 @@ class LicenseServiceStub:
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
     LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
-    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE,
+    LICENSE_FILE_TOO_LARGE) plus metadata with
     the numbers involved. Bad input also carries google.rpc.BadRequest, limits
     google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
@@ -102,7 +103,9 @@ class LicenseServiceStub:
     CheckInLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.CheckInLicenseRequest, _license_service_pb2.CheckInLicenseResponse]
     """Records a check-in of the license."""
     CheckOutLicense: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.CheckOutLicenseRequest, _license_service_pb2.CheckOutLicenseResponse]
-    """Issues a signed (optionally encrypted) license file for offline use."""
+    """Issues a signed (optionally encrypted) license file for offline use. A file that would
+    pass the server's size limit is refused with LICENSE_FILE_TOO_LARGE (RESOURCE_EXHAUSTED).
+    """
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_license_service_pb2.GetPublicKeyRequest, _license_service_pb2.GetPublicKeyResponse]
     """Returns the Ed25519 public key that verifies license files."""
 
@@ -114,7 +117,8 @@ class LicenseServiceAsyncStub(LicenseServiceStub):
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
     LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
-    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE,
+    LICENSE_FILE_TOO_LARGE) plus metadata with
     the numbers involved. Bad input also carries google.rpc.BadRequest, limits
     google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
@@ -180,7 +184,9 @@ class LicenseServiceAsyncStub(LicenseServiceStub):
     CheckInLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.CheckInLicenseRequest, _license_service_pb2.CheckInLicenseResponse]  # type: ignore[assignment]
     """Records a check-in of the license."""
     CheckOutLicense: _aio.UnaryUnaryMultiCallable[_license_service_pb2.CheckOutLicenseRequest, _license_service_pb2.CheckOutLicenseResponse]  # type: ignore[assignment]
-    """Issues a signed (optionally encrypted) license file for offline use."""
+    """Issues a signed (optionally encrypted) license file for offline use. A file that would
+    pass the server's size limit is refused with LICENSE_FILE_TOO_LARGE (RESOURCE_EXHAUSTED).
+    """
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_license_service_pb2.GetPublicKeyRequest, _license_service_pb2.GetPublicKeyResponse]  # type: ignore[assignment]
     """Returns the Ed25519 public key that verifies license files."""
 
@@ -191,7 +197,8 @@ class LicenseServiceServicer(metaclass=_abc_1.ABCMeta):
     domain "meter.v1" and a reason (LICENSE_NOT_FOUND, POLICY_NOT_FOUND, MACHINE_NOT_FOUND,
     MACHINE_LIMIT_EXCEEDED, CORE_LIMIT_EXCEEDED, FINGERPRINT_TAKEN, LICENSE_SUSPENDED,
     LICENSE_EXPIRED, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED, STORAGE_UNAVAILABLE,
-    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE) plus metadata with
+    and beyond SPEC: POLICY_IN_USE, LICENSE_KEY_TAKEN, LICENSE_NOT_RENEWABLE,
+    LICENSE_FILE_TOO_LARGE) plus metadata with
     the numbers involved. Bad input also carries google.rpc.BadRequest, limits
     google.rpc.QuotaFailure, UNAVAILABLE google.rpc.RetryInfo.
     """
@@ -393,7 +400,9 @@ class LicenseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _license_service_pb2.CheckOutLicenseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_license_service_pb2.CheckOutLicenseResponse, _abc.Awaitable[_license_service_pb2.CheckOutLicenseResponse]]:
-        """Issues a signed (optionally encrypted) license file for offline use."""
+        """Issues a signed (optionally encrypted) license file for offline use. A file that would
+        pass the server's size limit is refused with LICENSE_FILE_TOO_LARGE (RESOURCE_EXHAUSTED).
+        """
 
     @_abc_1.abstractmethod
     def GetPublicKey(

@@ -35,7 +35,9 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.LICENSE_KEY_TAKEN: grpc.StatusCode.ALREADY_EXISTS,
     Reason.LICENSE_NOT_RENEWABLE: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.WATCH_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.LICENSE_FILE_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.USAGE_EVENTS_DISABLED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.USAGE_EVENTS_TRIMMED: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 

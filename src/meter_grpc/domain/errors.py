@@ -37,8 +37,11 @@ class Reason(enum.StrEnum):
     # WatchUsage beyond the streams a license key (METER_WATCH_PER_KEY) or the process
     # (METER_WATCH_MAX) may have open at once.
     WATCH_LIMIT_EXCEEDED = "WATCH_LIMIT_EXCEEDED"
+    LICENSE_FILE_TOO_LARGE = "LICENSE_FILE_TOO_LARGE"
     # WatchUsage on a server that keeps no usage events (METER_EVENT_RETENTION=0).
     USAGE_EVENTS_DISABLED = "USAGE_EVENTS_DISABLED"
+    # WatchUsage from a position whose next events were trimmed (METER_EVENT_RETENTION).
+    USAGE_EVENTS_TRIMMED = "USAGE_EVENTS_TRIMMED"
 
 
 @dataclass(frozen=True, slots=True)

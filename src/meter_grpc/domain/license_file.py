@@ -9,6 +9,9 @@
 12-byte IV and a 16-byte tag). `sig` is base64 of the Ed25519 signature of b"license/" + enc.
 
 Both sides live here: `issue` for the server, `verify` for clients (no network needed).
+`issue` runs in a worker process of the server (domain/offline.py); it works in small steps
+(JSON one item at a time, base64 and AES-GCM by chunks; Ed25519 releases the GIL), so that
+it never holds the GIL for more than a few milliseconds at a time wherever it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 BEGIN = "-----BEGIN LICENSE FILE-----"
@@ -34,8 +38,40 @@ SIGNED_PREFIX = b"license/"
 LINE_LENGTH = 60
 IV_BYTES = 12
 TAG_BYTES = 16
+# Bytes handed to one C call (base64, AES) while issuing: a few milliseconds of work each.
+_CHUNK = 3 * 256 * 1024
+# Lists longer than this are JSON-encoded one item at a time.
+_ITEMS_AT_ONCE = 16
 # A file issued further in the future than this (by the verifier's clock) is refused.
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
+
+
+class FileTooLarge(ValueError):
+    """`issue` stopped before encrypting and signing: the file would be `size` bytes."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size, limit)  # the args, so that it pickles (from a worker process)
+        self.size, self.limit = size, limit
+
+    def __str__(self) -> str:
+        return f"the license file would be {self.size} bytes, more than {self.limit}"
+
+
+def file_size(plaintext_bytes: int, encrypted: bool) -> int:
+    """The exact length (characters) of the license file `issue` makes of a payload whose
+    JSON is `plaintext_bytes` long."""
+
+    def b64(n: int) -> int:
+        return 4 * ((n + 2) // 3)
+
+    enc = b64(plaintext_bytes)
+    alg = ALG_PLAIN
+    if encrypted:  # "ciphertext.iv.tag"; AES-GCM keeps the length
+        enc, alg = enc + 1 + b64(IV_BYTES) + 1 + b64(TAG_BYTES), ALG_ENCRYPTED
+    body = len('{"enc":"","sig":"","alg":""}') + enc + b64(64) + len(alg)
+    text = b64(body)
+    lines = (text + LINE_LENGTH - 1) // LINE_LENGTH
+    return len(BEGIN) + 1 + text + lines + len(END) + 1
 
 
 class LicenseFileError(ValueError):
@@ -70,12 +106,40 @@ def ms_of_iso(text: str) -> int:
 
 def encode64(data: bytes) -> str:
     """Base64 in lines of 60 characters, each ending in a newline (Ruby's Base64.encode64)."""
-    text = base64.b64encode(data).decode()
+    text = _b64(data)
     return "".join(text[i : i + LINE_LENGTH] + "\n" for i in range(0, len(text), LINE_LENGTH))
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    if len(data) <= _CHUNK:
+        return base64.b64encode(data).decode()
+    # _CHUNK is a multiple of 3: the pieces' base64 concatenate to the whole's
+    return "".join(
+        base64.b64encode(data[i : i + _CHUNK]).decode() for i in range(0, len(data), _CHUNK)
+    )
+
+
+def _dumps(value: Any, depth: int = 0) -> str:
+    """json.dumps(value, separators=(",", ":")), the same text, but a long list (within the
+    first levels of dicts) is encoded one item at a time (each a short C call) instead of in
+    one call holding the GIL."""
+    if isinstance(value, dict) and value and depth < 4:
+        return (
+            "{"
+            + ",".join(json.dumps(k) + ":" + _dumps(v, depth + 1) for k, v in value.items())
+            + "}"
+        )
+    if isinstance(value, list) and len(value) > _ITEMS_AT_ONCE:
+        return "[" + ",".join(json.dumps(v, separators=(",", ":")) for v in value) + "]"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _seal(key: bytes, iv: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+    """AES-256-GCM (ciphertext, tag), as AESGCM.encrypt gives them, by chunks."""
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(iv)).encryptor()
+    parts = [encryptor.update(plaintext[i : i + _CHUNK]) for i in range(0, len(plaintext), _CHUNK)]
+    parts.append(encryptor.finalize())
+    return b"".join(parts), encryptor.tag
 
 
 def _aes_key(license_key: str) -> bytes:
@@ -88,21 +152,27 @@ def issue(
     license_key: str | None = None,
     *,
     aes_key: bytes | None = None,
+    max_bytes: int | None = None,
 ) -> str:
     """The armored license file of `payload`, encrypted when a license key (or `aes_key`,
-    SHA-256 of the license key, for a server that stores keys only as digests) is given."""
-    plaintext = json.dumps(payload, separators=(",", ":")).encode()
+    SHA-256 of the license key, for a server that stores keys only as digests) is given.
+    FileTooLarge when it would be longer than `max_bytes` (checked before encrypting)."""
+    plaintext = _dumps(payload).encode()
     if license_key is not None:
         aes_key = _aes_key(license_key)
+    if max_bytes is not None:
+        size = file_size(len(plaintext), aes_key is not None)
+        if size > max_bytes:
+            raise FileTooLarge(size, max_bytes)
     if aes_key is None:
         alg, enc = ALG_PLAIN, _b64(plaintext)
     else:
         iv = os.urandom(IV_BYTES)
-        sealed = AESGCM(aes_key).encrypt(iv, plaintext, None)
-        ciphertext, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
+        ciphertext, tag = _seal(aes_key, iv, plaintext)
         alg, enc = ALG_ENCRYPTED, ".".join((_b64(ciphertext), _b64(iv), _b64(tag)))
     sig = _b64(sign(SIGNED_PREFIX + enc.encode()))
-    body = json.dumps({"enc": enc, "sig": sig, "alg": alg}, separators=(",", ":")).encode()
+    # enc, sig and alg are base64 and '.', '+', '-' only: nothing to escape in JSON
+    body = ('{"enc":"' + enc + '","sig":"' + sig + '","alg":"' + alg + '"}').encode()
     return f"{BEGIN}\n{encode64(body)}{END}\n"
 
 

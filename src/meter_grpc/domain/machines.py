@@ -40,10 +40,19 @@ def _limit_meta(limit: int | None, ceiling: int | None) -> dict[str, str]:
     return {"limit": _n(limit), "overage_limit": _n(ceiling)}
 
 
+# Live machines any one license may hold, whatever its max_machines
+# (METER_MAX_MACHINES_PER_LICENSE): bounds the keys of a license, ListMachines paging and the
+# size of a license file.
+DEFAULT_MAX_MACHINES_PER_LICENSE = 10_000
+
+
 class Machines:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, max_per_license: int = DEFAULT_MAX_MACHINES_PER_LICENSE
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.max_per_license = max_per_license
 
     async def activate(self, m: Machine, request_id: str = "") -> Machine:
         """One script checks and activates; with a request_id a retry gets the first answer."""
@@ -62,11 +71,15 @@ class Machines:
             m = dataclasses.replace(
                 m, id=ids.new_machine_id(m.license_id), create_time_ms=now, last_heartbeat_ms=now
             )
-            result = await self.store.activate_machine(m, now, request_id, digest)
+            result = await self.store.activate_machine(
+                m, now, self.max_per_license, request_id, digest
+            )
             if result.status.name != "CONFLICT":
                 break
         if result.status.name == "REQUEST_ID_REUSED":
             raise request_id_reused(request_id, license_id=m.license_id)
+        if result.status.name == "MACHINE_CAP_EXCEEDED":
+            raise _machine_cap(m.license_id, result.slots, self.max_per_license)
         return self._machine(result, m.license_id, "", requested_cores=m.cores, fp=m.fingerprint)
 
     async def deactivate(self, machine_id: str) -> None:
@@ -202,6 +215,26 @@ def _machine_limit(license_id: str, s: Slots) -> MeterError:
             **_limit_meta(s.max_machines, s.machine_ceiling),
             "machines": str(s.machines),
             "requested": "1",
+            "limit_source": "license",
+        },
+        quota_subject=f"license:{license_id}",
+    )
+
+
+def _machine_cap(license_id: str, s: Slots, cap: int) -> MeterError:
+    """MACHINE_LIMIT_EXCEEDED of the server's cap: the shape of the license's own limit, with
+    `limit_source` = "server" (the license's own limit, if any, is higher or unset)."""
+    return MeterError(
+        Reason.MACHINE_LIMIT_EXCEEDED,
+        f"one more machine would pass the server's limit of machines per license: "
+        f"{s.machines} active of {cap}",
+        metadata={
+            "license_id": license_id,
+            "limit": str(cap),
+            "overage_limit": str(cap),
+            "machines": str(s.machines),
+            "requested": "1",
+            "limit_source": "server",
         },
         quota_subject=f"license:{license_id}",
     )

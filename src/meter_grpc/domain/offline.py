@@ -4,19 +4,38 @@ The payload follows Keygen's license file dataset: `data` is the license (type "
 with its effective limits, entitlements and usage at issue time as `attributes`; `included`
 holds its policy and machines; `meta` holds `issued`, `expiry` (ISO 8601, UTC) and `ttl`
 (seconds), `expiry` and `ttl` being null for a file that never expires.
+
+Building, encoding, encrypting and signing a file runs in worker processes
+(METER_CHECKOUT_WORKERS, default 2, started on the first check-out), never on the event loop
+nor in a thread of the service's process: a license with thousands of machines takes a few
+hundred milliseconds of CPU, which would hold the GIL against every other call. Check-outs
+beyond the workers wait for a free one. The service only reads the license and its machines,
+CHECKOUT_PAGE_SIZE machines a round trip, so that the event loop is never held for long.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meter_grpc.domain import license_file, periods
 from meter_grpc.domain.errors import MeterError, Reason
 from meter_grpc.domain.license_file import iso
 from meter_grpc.domain.models import License, Machine, Policy, overage_ceiling
-from meter_grpc.domain.rules import MAX_DURATION_MS, MAX_PAGE_SIZE, Violations
+from meter_grpc.domain.rules import MAX_DURATION_MS, Violations
 from meter_grpc.domain.signing import Signer
 
 if TYPE_CHECKING:
@@ -24,6 +43,14 @@ if TYPE_CHECKING:
     from meter_grpc.domain.machines import Machines
 
 log = logging.getLogger(__name__)
+
+# Machines read per round trip while checking out (short turns of the event loop).
+CHECKOUT_PAGE_SIZE = 200
+# Longest license file issued (METER_MAX_LICENSE_FILE_BYTES): 10,000 machines with 1 KB of
+# metadata each make about 27 MB.
+DEFAULT_MAX_FILE_BYTES = 32 * 1024 * 1024
+# Niceness added to the worker processes that make license files.
+CHECKOUT_NICE = 10
 
 HOUR_MS = 3_600_000
 DEFAULT_TTL_MS = 30 * 24 * HOUR_MS
@@ -146,13 +173,129 @@ def license_payload(
     }
 
 
+def certificate(
+    lic: License,
+    live: list[Machine],
+    issued_ms: int,
+    ttl_ms: int | None,
+    aes_key: bytes | None,
+    sign: Callable[[bytes], bytes],
+    max_bytes: int | None = None,
+) -> str:
+    """The license file of `lic` with its `live` machines, encrypted under `aes_key`
+    (SHA-256 of the license key) when given; FileTooLarge past max_bytes."""
+    machines = [machine_resource(m) for m in live]
+    payload = license_payload(lic, machines, issued_ms=issued_ms, ttl_ms=ttl_ms)
+    return license_file.issue(payload, sign, aes_key=aes_key, max_bytes=max_bytes)
+
+
+_worker_signer: Signer | None = None
+
+
+def _start_worker(raw_private_key: bytes) -> None:
+    global _worker_signer
+    # Below the service's priority: when CPU is short, calls go first and files wait.
+    with contextlib.suppress(OSError):
+        os.nice(CHECKOUT_NICE)
+    # A terminal's Ctrl-C or a signal to the process group is for the service, which stops
+    # its workers itself; a worker whose service died without doing so exits on its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, name="meter-checkout-parent", daemon=True).start()
+    _worker_signer = Signer(Ed25519PrivateKey.from_private_bytes(raw_private_key))
+
+
+def _certificate_in_worker(
+    lic: License,
+    live: list[Machine],
+    issued_ms: int,
+    ttl_ms: int | None,
+    aes_key: bytes | None,
+    max_bytes: int,
+) -> str:
+    assert _worker_signer is not None
+    return certificate(lic, live, issued_ms, ttl_ms, aes_key, _worker_signer.sign, max_bytes)
+
+
 class LicenseFiles:
     """CheckOutLicense and GetPublicKey."""
 
-    def __init__(self, licensing: Licensing, machines: Machines, signer: Signer) -> None:
+    def __init__(
+        self,
+        licensing: Licensing,
+        machines: Machines,
+        signer: Signer,
+        *,
+        workers: int = 2,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
         self.licensing = licensing
         self.machines = machines
         self.signer = signer
+        self.workers = workers
+        self.max_file_bytes = max_file_bytes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.signer.raw_private_key(),),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _certificate(
+        self, lic: License, live: list[Machine], issued: int, ttl: int | None, aes_key: bytes | None
+    ) -> str:
+        """The license file, made by a worker process (a broken pool is started anew once)."""
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._executor()
+            try:
+                return await loop.run_in_executor(
+                    pool,
+                    _certificate_in_worker,
+                    lic,
+                    live,
+                    issued,
+                    ttl,
+                    aes_key,
+                    self.max_file_bytes,
+                )
+            except license_file.FileTooLarge as exc:
+                raise MeterError(
+                    Reason.LICENSE_FILE_TOO_LARGE,
+                    f"the license file would be {exc.size} bytes, more than the server's limit "
+                    f"of {exc.limit} ({len(live)} machines): check out one machine's file with "
+                    "`fingerprint`",
+                    metadata={
+                        "license_id": lic.id,
+                        "size": str(exc.size),
+                        "limit": str(exc.limit),
+                        "machines": str(len(live)),
+                    },
+                    quota_subject=f"license:{lic.id}",
+                ) from None
+            except BrokenProcessPool:  # a worker died (killed, out of memory)
+                if self._pool is pool:
+                    self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     @property
     def public_key(self) -> bytes:
@@ -193,19 +336,17 @@ class LicenseFiles:
                 )
         issued = self.licensing.clock.now_ms()
         ttl = ttl_ms or None
-        machines = [machine_resource(m) for m in live]
         lic.key = key
-        payload = license_payload(lic, machines, issued_ms=issued, ttl_ms=ttl)
         aes_key = self.licensing.file_key(lic) if encrypt else None
-        certificate = license_file.issue(payload, self.signer.sign, aes_key=aes_key)
-        return CheckedOut(certificate, issued, None if ttl is None else issued + ttl)
+        cert = await self._certificate(lic, live, issued, ttl, aes_key)
+        return CheckedOut(cert, issued, None if ttl is None else issued + ttl)
 
     async def _live_machines(self, license_id: str) -> list[Machine]:
         """Every live machine of the license, in activation order (dead ones left out)."""
         out: list[Machine] = []
         token = ""
         while True:
-            page, token = await self.machines.list(license_id, MAX_PAGE_SIZE, token)
+            page, token = await self.machines.list(license_id, CHECKOUT_PAGE_SIZE, token)
             out += page
             if not token:
                 return out

@@ -62,6 +62,7 @@ class MachineStatus(enum.IntEnum):
     CORES_REQUIRED = 8
     CONFLICT = 9
     REQUEST_ID_REUSED = 10
+    MACHINE_CAP_EXCEEDED = 11  # the server's cap of machines per license
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +222,12 @@ class Store(Protocol):
         """Usage events after `after`, waiting up to `block_ms` for the first one; None: no
         wait (what is there now)."""
 
+    async def events_after(
+        self, license_id: str, after: str, count: int = 100
+    ) -> tuple[list[UsageEvent], str]:
+        """Usage events after `after` (no wait), and "" or, when events after `after` may
+        have been trimmed before they were read, the id of the oldest event kept."""
+
     async def license_exists(self, license_id: str) -> bool: ...
 
     async def sync_usage(
@@ -234,9 +241,10 @@ class Store(Protocol):
         """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic."""
 
     async def activate_machine(
-        self, m: Machine, now_ms: int, request_id: str = "", digest: str = ""
+        self, m: Machine, now_ms: int, cap: int, request_id: str = "", digest: str = ""
     ) -> MachineResult:
-        """Runs machine_activate.lua; the machine's id must embed its license id."""
+        """Runs machine_activate.lua; the machine's id must embed its license id. `cap`: the
+        most live machines any license may hold (METER_MAX_MACHINES_PER_LICENSE)."""
 
     async def deactivate_machine(
         self, license_id: str, machine_id: str, now_ms: int

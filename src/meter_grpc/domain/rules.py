@@ -7,6 +7,7 @@ scripts compute stays exact; the counter itself never passes MAX_COUNTER.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 
@@ -28,6 +29,10 @@ MAX_REQUEST_ID_LEN = 128
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_LEN = 128
 MAX_METADATA_VALUE_LEN = 1024
+# A metadata map as stored and signed into license files: its JSON (ASCII-escaped, as the
+# service writes it) is at most this many bytes. With MAX_MACHINES_PER_LICENSE it bounds a
+# license file (README "Limits and bounds").
+MAX_METADATA_BYTES = 4096
 MAX_ENTITLEMENTS = 256
 MAX_ENTITLEMENT_LEN = 128
 MIN_KEY_LEN = 16
@@ -168,6 +173,12 @@ class Violations:
                 self.add(
                     f"{field}[{k!r}]", f"values must be at most {MAX_METADATA_VALUE_LEN} characters"
                 )
+        if value and len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
+            self.add(
+                field,
+                f"must be at most {MAX_METADATA_BYTES} bytes as JSON (keys and values, "
+                "non-ASCII characters escaped)",
+            )
 
     def entitlements(self, field: str, value: Iterable[str]) -> None:
         codes = list(value)

@@ -44,6 +44,14 @@ class Signer:
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
+    def raw_private_key(self) -> bytes:
+        """The 32-byte private key, for the processes that sign license files."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
     @classmethod
     def load(cls, path: Path) -> Signer:
         try:

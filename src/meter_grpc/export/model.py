@@ -39,6 +39,10 @@ class ExportEvent:
     # The license's metadata at export time (for Lago's external_subscription_id,
     # OpenMeter's subject, Stripe's customer mapping); empty when the license is gone.
     license_metadata: Mapping[str, str] = field(default_factory=dict)
+    # When this sink was first tried with this event (Unix ms); 0 = never before. A sink
+    # whose billing system deduplicates only for a while (Stripe: 24 h) refuses to resend
+    # an event first tried longer ago than that, rather than risk billing it twice.
+    first_attempt_ms: int = 0
 
 
 class Verdict(enum.Enum):

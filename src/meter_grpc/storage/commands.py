@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from datetime import timedelta
 from typing import Any
 
-from meter_grpc.storage.transport import router_for, slot_of
+from meter_grpc.storage.transport import MAX_INFLIGHT, router_for, slot_of
 
 
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
@@ -61,8 +61,8 @@ class RedisClient:
     """redis-py-compatible commands (replies decoded to str, as with decode_responses=True)
     over the transport, for every URL. Multi-key commands are split by slot on a Cluster."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
-        self.router = router_for(url, timeout_s)
+    def __init__(self, url: str, timeout_s: float = 5.0, max_inflight: int = MAX_INFLIGHT) -> None:
+        self.router = router_for(url, timeout_s, max_inflight)
 
     async def close(self) -> None:
         self.router.close()

@@ -74,14 +74,23 @@ def dead_fingerprints(license_id: str) -> str:
     return f"{_lic(license_id)}:dead"
 
 
+def machine_order(license_id: str) -> str:
+    """Sorted set (all scores 0, ordered by id = activation order): the ids of the license's
+    live machines, so that ListMachines reads one page with ZRANGEBYLEX instead of sorting
+    every id. Changed by the same scripts that change `machines`; built from it by the
+    machine scripts when missing (data written before the index existed)."""
+    return f"{_lic(license_id)}:machine_order"
+
+
 def machine_keys(license_id: str) -> list[str]:
-    """KEYS[1..5] of every machine script (storage/lua/machines_common.lua)."""
+    """KEYS[1..6] of every machine script (storage/lua/machines_common.lua)."""
     return [
         license(license_id),
         machines(license_id),
         fingerprints(license_id),
         heartbeats(license_id),
         dead_fingerprints(license_id),
+        machine_order(license_id),
     ]
 
 

@@ -98,6 +98,11 @@ _EVENT_TYPES = {
 }
 
 
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    """A stream entry's fields as a script returns them ([name, value, ...]) as a dict."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
 def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
     return UsageEvent(
         event_id=event_id,
@@ -569,6 +574,17 @@ class RedisStore:
         return [_event(str(eid), fields) for eid, fields in entries]
 
     @storage_call
+    async def events_after(
+        self, license_id: str, after: str, count: int = 100
+    ) -> tuple[list[UsageEvent], str]:
+        """events_after.lua: the events after `after` and, in the same atomic step, whether
+        some after it were trimmed first ("" or the oldest event id kept)."""
+        gap, entries = await self.scripts.events_after(
+            keys=[keys.license_events(license_id)], args=[after, count]
+        )
+        return [_event(str(eid), _pairs(fields)) for eid, fields in entries], str(gap)
+
+    @storage_call
     async def license_exists(self, license_id: str) -> bool:
         return bool(await self.client.exists(keys.license(license_id)))
 
@@ -616,13 +632,14 @@ class RedisStore:
 
     @storage_call
     async def activate_machine(
-        self, m: Machine, now_ms: int, request_id: str = "", digest: str = ""
+        self, m: Machine, now_ms: int, cap: int, request_id: str = "", digest: str = ""
     ) -> MachineResult:
         """Runs machine_activate.lua; the machine's id must embed its license id. With a
-        request_id, a retry gets the first answer back (the machine it activated)."""
+        request_id, a retry gets the first answer back (the machine it activated). `cap`: the
+        most live machines any license may hold, checked in the script."""
         script_keys = keys.machine_keys(m.license_id)
         args: list[object] = [now_ms, DEAD_FINGERPRINTS_KEPT, m.id, m.fingerprint, m.cores]
-        args.append(codec.machine_to_json(m))
+        args += [codec.machine_to_json(m), cap]
         if request_id:
             script_keys.append(keys.request_record(m.license_id, request_id))
             args.append(digest)

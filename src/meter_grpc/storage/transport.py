@@ -14,6 +14,14 @@ handshake and the same failure semantics. On a Cluster, the slot map comes from 
 each key goes to the primary of its slot, and calls to different nodes never wait for each
 other (a slow shard delays only its own calls).
 
+Backpressure. At most `max_inflight` commands (METER_REDIS_MAX_INFLIGHT, default 10,000) are
+in flight on one node's pipelined connection: issued and not yet answered, queued for the
+write included. A call beyond it waits, in order of arrival, for earlier ones to be answered,
+up to the timeout (then it fails as NotSent: it was never written) or until its caller gives
+up (a gRPC deadline cancels the wait); so a flood of calls costs waiting tasks, never an
+unbounded send buffer or an unbounded queue of replies to match. `Connection.inflight` and
+`Connection.peak_inflight` show it.
+
 Handshake. On every (re)connect, AUTH and SELECT (or a PING when the URL needs neither) are
 written and answered before any other command is written on that socket; commands issued
 meanwhile wait for it. A handshake that fails (wrong password, unknown db, a socket closed
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import ssl
 from collections.abc import Mapping, Sequence
@@ -61,6 +70,7 @@ log = logging.getLogger(__name__)
 SLOTS = 16384
 MAX_REDIRECTS = 5
 BLOCKING_POOL_SIZE = 1024  # dedicated connections for blocking reads, per node
+MAX_INFLIGHT = 10_000  # commands in flight per pipelined connection (METER_REDIS_MAX_INFLIGHT)
 BURST_WINDOW_S = 10.0
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -218,6 +228,7 @@ class Options:
     db: int = 0
     ssl: ssl.SSLContext | None = None
     timeout_s: float = 5.0
+    max_inflight: int = MAX_INFLIGHT
 
     def handshake(self) -> list[tuple[str | int, ...]]:
         """AUTH and SELECT as the URL asks, else PING: a reply proves a server is there
@@ -262,7 +273,9 @@ def _ssl_context(query: Mapping[str, list[str]]) -> ssl.SSLContext:
     return ctx
 
 
-def parse_url(url: str, timeout_s: float = 5.0) -> tuple[list[Endpoint], Options]:
+def parse_url(
+    url: str, timeout_s: float = 5.0, max_inflight: int = MAX_INFLIGHT
+) -> tuple[list[Endpoint], Options]:
     """The endpoints (seed nodes on a Cluster) and connection options of a URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -289,6 +302,7 @@ def parse_url(url: str, timeout_s: float = 5.0) -> tuple[list[Endpoint], Options
         db=db,
         ssl=_ssl_context(query) if scheme.startswith("rediss") else None,
         timeout_s=timeout_s,
+        max_inflight=max_inflight,
     )
     return endpoints, options
 
@@ -426,31 +440,99 @@ class Connection:
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
         self._closed = False
+        # Backpressure: commands issued and not answered yet, the most there ever were, and
+        # the calls waiting for room (future, commands), first come first served; `_admitted`
+        # calls were let in and have not written yet (nobody passes them meanwhile, so calls
+        # are written in the order they were issued).
+        self.max_inflight = max(options.max_inflight, 4)
+        self.inflight = 0
+        self.peak_inflight = 0
+        self._admitted = 0
+        self._room: collections.deque[tuple[asyncio.Future[None], int]] = collections.deque()
 
     async def request(self, *commands: bytes, timeout_s: float | None = -1) -> Any:
         """Writes `commands` back to back and returns the reply of the last one.
 
         `timeout_s`: -1 for the connection's timeout, None for none. Error replies raise
-        (the first one, if several). Connection failures raise NotSent or MaybeSent.
+        (the first one, if several). Connection failures raise NotSent or MaybeSent; no room
+        within the connection's timeout (max_inflight commands in flight) raises NotSent.
         """
-        timeout = self.options.timeout_s if timeout_s == -1 else timeout_s
-        link = self._link
-        if link is None or link.dead:
-            link = await self._connected()
-        if len(commands) == 1:
-            reply = await link.send(commands[0], timeout)
-            if type(reply) is _ErrorReply:
-                raise _raise_for(reply, self.node)
-            return reply
-        futs = [link.send(c, timeout) for c in commands]
-        replies = await asyncio.gather(*futs, return_exceptions=True)
-        for r in replies:
-            if isinstance(r, BaseException):
-                raise r
-        for r in replies:
-            if type(r) is _ErrorReply:
-                raise _raise_for(r, self.node)
-        return replies[-1]
+        n = len(commands)
+        if self._room or self._admitted or self.inflight + n > self.max_inflight:
+            await self._wait_for_room(n)
+        else:
+            self.inflight += n
+            if self.inflight > self.peak_inflight:
+                self.peak_inflight = self.inflight
+        try:
+            timeout = self.options.timeout_s if timeout_s == -1 else timeout_s
+            link = self._link
+            if link is None or link.dead:
+                link = await self._connected()
+            if n == 1:
+                reply = await link.send(commands[0], timeout)
+                if type(reply) is _ErrorReply:
+                    raise _raise_for(reply, self.node)
+                return reply
+            futs = [link.send(c, timeout) for c in commands]
+            replies = await asyncio.gather(*futs, return_exceptions=True)
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise r
+            for r in replies:
+                if type(r) is _ErrorReply:
+                    raise _raise_for(r, self.node)
+            return replies[-1]
+        finally:
+            self.inflight -= n
+            if self._room:
+                self._let_in()
+
+    async def _wait_for_room(self, n: int) -> None:
+        """Waits until `n` more commands fit (counted in `inflight` when this returns)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (fut, n)
+        self._room.append(entry)
+        try:
+            async with asyncio.timeout(self.options.timeout_s):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self._admitted -= 1
+                self.inflight -= n  # let in just as the wait ended: give the room back
+                self._let_in()
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._room.remove(entry)
+            if isinstance(exc, TimeoutError):
+                burst.note("send queue full", self.node, "no room in time")
+                raise NotSent(
+                    f"{self.max_inflight} commands in flight to {self.node}: no room in time",
+                    self.node,
+                    retry=False,
+                ) from None
+            raise
+        self._admitted -= 1
+        if self._room and not self._admitted:
+            self._let_in()  # those behind run after this call has written
+
+    def _let_in(self) -> None:
+        """Lets waiting calls in, in order, while they fit."""
+        room = self._room
+        while room:
+            fut, n = room[0]
+            if fut.done():  # gave up
+                room.popleft()
+                continue
+            if self.inflight + n > self.max_inflight:
+                return
+            room.popleft()
+            self.inflight += n
+            self._admitted += 1
+            if self.inflight > self.peak_inflight:
+                self.peak_inflight = self.inflight
+            fut.set_result(None)
 
     async def _connected(self) -> _Link:
         if self._closed:
@@ -761,8 +843,8 @@ class ClusterRouter(Router):
             node.close()
 
 
-def router_for(url: str, timeout_s: float) -> Router:
-    endpoints, options = parse_url(url, timeout_s)
+def router_for(url: str, timeout_s: float, max_inflight: int = MAX_INFLIGHT) -> Router:
+    endpoints, options = parse_url(url, timeout_s, max_inflight)
     if is_cluster_url(url):
         return ClusterRouter(endpoints, options)
     return Router(endpoints[0], options)

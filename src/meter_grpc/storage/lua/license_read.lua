@@ -1,7 +1,7 @@
 -- license_read.lua: reads a license after removing its dead machines (so its machine counters
 -- only count live ones), and optionally what it knows of a fingerprint (for validation).
 --
--- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
+-- KEYS[1..6], ARGV[1..2]  as in machines_common.lua
 -- ARGV[3]  fingerprint ("" for none)
 --
 -- Returns false when the license does not exist, else

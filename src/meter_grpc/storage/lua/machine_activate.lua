@@ -1,14 +1,16 @@
 -- machine_activate.lua: activates a machine on a license, the only place where a machine is
 -- added: checks the fingerprint, max_machines and max_cores (with the policy's overage) and
--- moves the counters in one step.
+-- moves the counters in one step. Besides the license's own limits, no license ever holds more
+-- than the server's cap (METER_MAX_MACHINES_PER_LICENSE), with or without max_machines.
 --
--- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
--- KEYS[6]  optional: idempotency record     (keys.request_record), only with a request_id
+-- KEYS[1..6], ARGV[1..2]  as in machines_common.lua
+-- KEYS[7]  optional: idempotency record     (keys.request_record), only with a request_id
 -- ARGV[3]  machine id (minted by the caller, embeds the license id)
 -- ARGV[4]  fingerprint
 -- ARGV[5]  cores (0 .. 2^20)
 -- ARGV[6]  machine JSON
--- ARGV[7]  with KEYS[6]: digest of the request's arguments
+-- ARGV[7]  the server's cap of live machines per license (>= 1)
+-- ARGV[8]  with KEYS[7]: digest of the request's arguments
 --
 -- Returns answer(status, l, extra): extra is the machine id holding the fingerprint for
 -- FINGERPRINT_TAKEN. Refused: suspended licenses, and expired ones unless ALLOW_ACCESS (4).
@@ -16,10 +18,11 @@
 -- With a request_id the outcome is stored ("<digest>|<status>|<extra>", where extra is
 -- "<activation time>|<machine JSON>" for OK) for REQUEST_RECORD_TTL_MS; a retry with the same
 -- digest gets it back as answer(0, l, json, activation time) or the same refusal, another
--- digest gets 10 (REQUEST_ID_REUSED). Nothing is activated twice.
+-- digest gets 10 (REQUEST_ID_REUSED). Nothing is activated twice. Status 11
+-- (MACHINE_CAP_EXCEEDED): one more machine would pass the server's cap.
 
-local id, fp, cores = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local rec = KEYS[6]
+local id, fp, cores, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[7])
+local rec = KEYS[7]
 
 local l = load_license()
 if not l then
@@ -31,7 +34,7 @@ if rec then
   local stored = redis.call('GET', rec)
   if stored then
     local digest, status, extra = string.match(stored, '^([^|]*)|(%d+)|(.*)$')
-    if digest ~= ARGV[7] then
+    if digest ~= ARGV[8] then
       return answer(10, l)
     end
     status = tonumber(status)
@@ -66,10 +69,15 @@ local function activate()
   if l.machine_ceiling ~= nil and l.machines + 1 > l.machine_ceiling then
     return 6
   end
+  if l.machines + 1 > cap then
+    return 11
+  end
   if l.core_ceiling ~= nil and l.cores + cores > l.core_ceiling then
     return 7
   end
+  index()
   redis.call('HSET', MACHINES, id, ARGV[6])
+  redis.call('ZADD', ORDER, 0, id)
   redis.call('HSET', FPS, fp, id)
   redis.call('ZADD', HBS, int(NOW), id)
   redis.call('ZREM', DEAD, fp)
@@ -85,7 +93,7 @@ if rec and status ~= 9 then
   if status == 0 then
     kept = int(NOW) .. '|' .. ARGV[6]
   end
-  redis.call('SET', rec, ARGV[7] .. '|' .. status .. '|' .. kept, 'PX', REQUEST_RECORD_TTL_MS)
+  redis.call('SET', rec, ARGV[8] .. '|' .. status .. '|' .. kept, 'PX', REQUEST_RECORD_TTL_MS)
 end
 if extra then
   return answer(status, l, extra)

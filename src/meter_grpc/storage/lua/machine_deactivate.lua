@@ -1,7 +1,7 @@
 -- machine_deactivate.lua: deactivates a machine, freeing its slot and its cores. Allowed
 -- whatever the license's state.
 --
--- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
+-- KEYS[1..6], ARGV[1..2]  as in machines_common.lua
 -- ARGV[3]  machine id
 --
 -- Returns answer(status, l): OK, LICENSE_NOT_FOUND or MACHINE_NOT_FOUND (also for a machine

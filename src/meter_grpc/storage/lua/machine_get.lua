@@ -1,6 +1,6 @@
 -- machine_get.lua: reads one live machine (after removing the dead ones).
 --
--- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
+-- KEYS[1..6], ARGV[1..2]  as in machines_common.lua
 -- ARGV[3]  machine id
 --
 -- Returns answer(status, l, json, last_heartbeat) with OK, else answer(status, l) with

@@ -1,6 +1,6 @@
 -- machine_heartbeat.lua: records a heartbeat of a live machine.
 --
--- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
+-- KEYS[1..6], ARGV[1..2]  as in machines_common.lua
 -- ARGV[3]  machine id
 --
 -- Returns answer(0, l, json, now), else answer(status, l) with LICENSE_NOT_FOUND,

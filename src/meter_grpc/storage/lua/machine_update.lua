@@ -3,7 +3,7 @@
 -- of cores against max_cores (with overage). A decrease is always allowed, but not to 0
 -- under a core limit.
 --
--- KEYS[1..5], ARGV[1..2]  as in machines_common.lua
+-- KEYS[1..6], ARGV[1..2]  as in machines_common.lua
 -- ARGV[3]  machine id
 -- ARGV[4]  the machine JSON the caller read
 -- ARGV[5]  the new machine JSON

@@ -6,10 +6,15 @@
 -- KEYS[3]  fingerprints: fingerprint -> id  (keys.fingerprints)
 -- KEYS[4]  heartbeats: id by last heartbeat (keys.heartbeats)
 -- KEYS[5]  dead fingerprints by death time  (keys.dead_fingerprints)
+-- KEYS[6]  live machine ids, ordered by id   (keys.machine_order: scores 0, ZRANGEBYLEX)
 -- ARGV[1]  now (ms)
 -- ARGV[2]  how many dead fingerprints to remember
 --
 -- load_license()  -> the license's machine rules and counters, or nil when it does not exist
+-- index()         -> makes sure KEYS[6] holds every live machine id: builds it from KEYS[2]
+--                    when it is missing while machines exist (data written before the index
+--                    existed). Called before any change of the machine set and before a list,
+--                    so the index and the machines hash always change together.
 -- prune(l)        -> removes the floating machines that missed their heartbeat (now >= last
 --                    heartbeat + heartbeat_duration), keeping the counters exact; their
 --                    fingerprints are remembered as dead. Every script calls it before it reads
@@ -20,12 +25,13 @@
 --                    meter_grpc.storage.scripts.MachineStatus:
 --   0 OK, 1 LICENSE_NOT_FOUND, 2 MACHINE_NOT_FOUND, 3 LICENSE_SUSPENDED, 4 LICENSE_EXPIRED,
 --   5 FINGERPRINT_TAKEN, 6 MACHINE_LIMIT_EXCEEDED, 7 CORE_LIMIT_EXCEEDED, 8 CORES_REQUIRED,
---   9 CONFLICT
+--   9 CONFLICT, 10 REQUEST_ID_REUSED, 11 MACHINE_CAP_EXCEEDED (the server's cap per license)
 --
 -- Machine JSON is written by Python only (cjson.encode would round large numbers); the
 -- scripts decode it to read `fingerprint` and `cores`.
 
 local LIC, MACHINES, FPS, HBS, DEAD = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ORDER = KEYS[6]
 local NOW = tonumber(ARGV[1])
 local DEAD_CAP = tonumber(ARGV[2])
 
@@ -63,6 +69,26 @@ local function expired(l)
   return l.expire ~= nil and NOW >= l.expire
 end
 
+local indexed = false
+local function index()
+  if indexed then
+    return
+  end
+  indexed = true
+  if redis.call('EXISTS', ORDER) == 1 or redis.call('HLEN', MACHINES) == 0 then
+    return
+  end
+  local ids = redis.call('HKEYS', MACHINES)
+  for i = 1, #ids, 1000 do
+    local args = {}
+    for j = i, math.min(i + 999, #ids) do
+      args[#args + 1] = 0
+      args[#args + 1] = ids[j]
+    end
+    redis.call('ZADD', ORDER, unpack(args))
+  end
+end
+
 -- Removes one live machine; returns its decoded JSON (nil when it is not live).
 local function remove_machine(l, id)
   local json = redis.call('HGET', MACHINES, id)
@@ -70,7 +96,9 @@ local function remove_machine(l, id)
     return nil
   end
   local m = cjson.decode(json)
+  index()
   redis.call('HDEL', MACHINES, id)
+  redis.call('ZREM', ORDER, id)
   redis.call('ZREM', HBS, id)
   if redis.call('HGET', FPS, m.fingerprint) == id then
     redis.call('HDEL', FPS, m.fingerprint)
