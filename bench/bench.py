@@ -293,6 +293,10 @@ async def main(args: argparse.Namespace) -> None:
             "no-events": ("always", {"METER_EVENT_RETENTION": "0"}),
         }
         targets = {name: f"127.0.0.1:{free_port()}" for name in meters}
+        # Servers sharing a store must share its license key secret.
+        secret_file = Path(tmp) / "key-secret"
+        secret_file.write_bytes(os.urandom(32))
+        secret_file.chmod(0o600)
         bare = spawn([str(ROOT / "bench" / "bare_server.py"), bare_target], {})
         procs = {"bare": bare}
         for name, (store, extra) in meters.items():
@@ -304,6 +308,7 @@ async def main(args: argparse.Namespace) -> None:
                     "METER_ADMIN_TOKENS": TOKEN,
                     "METER_REDIS_URL": args.redis_url or urls[store],
                     "METER_LOG_LEVEL": "WARNING",
+                    "METER_KEY_SECRET_FILE": str(secret_file),
                     **extra,
                 },
             )
