@@ -297,10 +297,10 @@ async def main(args: argparse.Namespace) -> None:
             "export": ("always", {"METER_EXPORT_NDJSON": str(Path(tmp) / "export.ndjson")}),
         }
         targets = {name: f"127.0.0.1:{free_port()}" for name in meters}
-        # Servers sharing a store share its license key secret (else the second one refuses
-        # to start: its keys would not authenticate on the first).
+        # Servers sharing a store must share its license key secret.
         secret_file = Path(tmp) / "key-secret"
-        secret_file.write_text(os.urandom(32).hex() + "\n")
+        secret_file.write_bytes(os.urandom(32))
+        secret_file.chmod(0o600)
         bare = spawn([str(ROOT / "bench" / "bare_server.py"), bare_target], {})
         procs = {"bare": bare}
         for name, (store, extra) in meters.items():

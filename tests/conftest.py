@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings as hypothesis_settings
 
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
@@ -33,6 +34,12 @@ from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.transport import is_cluster_url
 from tests.cluster import LocalCluster, redis_py_cluster
 from tests.support import ADMIN_TOKEN, admin_md, shared_key_secret_file
+
+# tests/test_fuzz.py: with CI set, the same examples on every run (no example database);
+# otherwise a new random seed each run (`--hypothesis-seed=N` repeats one).
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 BACKENDS = [
     "embedded",

@@ -18,8 +18,13 @@ from meter.v1 import policy_pb2, usage_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import ConfigError, Settings
+from meter_grpc.domain import watching
+from meter_grpc.domain.errors import MeterError, Reason
+from meter_grpc.domain.watching import WatchHub
 from meter_grpc.server import build_server
 from meter_grpc.storage import keys
+from meter_grpc.storage.commands import RedisClient
+from meter_grpc.storage.store import RedisStore
 from tests.conftest import Running
 from tests.support import (
     ADMIN_TOKEN,
@@ -167,3 +172,89 @@ def test_event_retention_setting() -> None:
     for bad in ("-1", "1e3", "ten", "1000001", "²", "99999999999"):
         with pytest.raises(ConfigError, match="METER_EVENT_RETENTION"):
             _env(bad)()
+
+
+async def _watch_error(call: Any) -> Any:
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in call:
+            pass
+    return rich_error(exc.value)
+
+
+async def test_watching_after_trimmed_events_is_told_never_given_a_hole(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A watch from a position whose next events were trimmed away ends at once with
+    OUT_OF_RANGE / USAGE_EVENTS_TRIMMED naming the oldest event kept, instead of skipping to
+    it; from a position still kept it goes on in order, and from_oldest starts with the
+    oldest kept."""
+    async with serving(running, tmp_path, 10) as (ls, us):
+        lic = await _license(ls)
+        md = license_md(lic.key)
+        stream = keys.license_events(lic.id)
+        await _increments(us, lic.id, 1)
+        ((first_id, _),) = await redis.xrange(stream)  # type: ignore[misc]
+        total = 10 + 3 * NODE + 7
+        await _increments(us, lic.id, total - 1)
+        entries = await redis.xrange(stream)  # type: ignore[misc]
+        oldest, kept = entries[0][0], len(entries)
+        assert kept < total  # trimmed
+        for after in (first_id, "0-0"):
+            err = await _watch_error(
+                us.WatchUsage(
+                    upb.WatchUsageRequest(license_id=lic.id, after_event_id=after), metadata=md
+                )
+            )
+            assert err.code == grpc.StatusCode.OUT_OF_RANGE
+            assert (err.reason, err.domain) == ("USAGE_EVENTS_TRIMMED", "meter.v1")
+            assert err.metadata == {
+                "license_id": lic.id,
+                "after_event_id": after,
+                "oldest_event_id": oldest,
+            }
+        # From the oldest kept event: what follows it, in order, and no error.
+        call = us.WatchUsage(
+            upb.WatchUsageRequest(license_id=lic.id, after_event_id=oldest), metadata=md
+        )
+        seen = []
+        async for msg in call:
+            seen.append(msg.event.uses)
+            if len(seen) == kept - 1:
+                break
+        call.cancel()
+        assert seen == list(range(total - kept + 2, total + 1))
+
+
+async def test_a_watcher_that_falls_behind_the_retained_events_is_told(
+    running: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher (queue of 1 event) that stops taking events while hundreds are made, more
+    than are kept: it gets the events queued for it, then USAGE_EVENTS_TRIMMED when it would
+    read on from a position whose next events are gone, never a stream with a hole."""
+    monkeypatch.setattr(watching, "WATCH_QUEUE", 1)
+    async with serving(running, tmp_path, 10) as (ls, us):
+        lic = await _license(ls)
+        store = RedisStore(RedisClient(running.redis_url), event_retention=10)
+        hub = WatchHub(store)
+        try:
+            newest = await store.last_event_id(lic.id)
+            events = hub.events(lic.id, newest, newest)
+            pending = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.2)  # its feed's read is in place
+            await _increments(us, lic.id, 1)
+            got = [(await asyncio.wait_for(pending, 10)).uses]
+            await _increments(us, lic.id, 10 + 3 * NODE + 7)
+
+            async def take_all() -> None:
+                while True:
+                    got.append((await asyncio.wait_for(anext(events), 10)).uses)
+
+            with pytest.raises(MeterError) as exc:
+                await take_all()
+            assert exc.value.reason == Reason.USAGE_EVENTS_TRIMMED
+            assert got == list(range(1, len(got) + 1))  # in order, no hole
+            assert exc.value.metadata["after_event_id"] != exc.value.metadata["oldest_event_id"]
+            await events.aclose()
+        finally:
+            await hub.close()
+            await store.close()

@@ -475,3 +475,110 @@ async def test_a_batch_entry_checks_every_element(monkeypatch: pytest.MonkeyPatc
         await authenticator.authorize("/t/Batch", mine, batch)
     assert exc.value.reason.value == "PERMISSION_DENIED"
     await authenticator.authorize("/t/Batch", auth.ADMIN, batch)  # an admin may do anything
+
+
+# --- found by tests/test_fuzz.py ---------------------------------------------------------------
+
+
+async def test_a_refused_create_leaves_its_request_id_free(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, make_policy: Any, redis: Any
+) -> None:
+    """A create refused before the license is written (unknown policy, a rule of the policy, a
+    key another license has) stores nothing under its request_id: a corrected retry with the
+    same id creates the license instead of answering REQUEST_ID_REUSED."""
+    taken = await make_license()
+    node_locked = await make_policy(floating=False)
+    floating = await make_policy(floating=True)
+    before = await keyspace(redis, taken.id)
+    refused = [
+        (lpb.CreateLicenseRequest(license={"policy_id": UNKNOWN_ID}, request_id="rid-1"), ""),
+        (
+            lpb.CreateLicenseRequest(
+                license={"policy_id": node_locked.id, "max_machines": 2}, request_id="rid-2"
+            ),
+            "license.max_machines",
+        ),
+        (
+            lpb.CreateLicenseRequest(
+                license={"policy_id": floating.id, "key": taken.key}, request_id="rid-3"
+            ),
+            "",
+        ),
+    ]
+    codes = []
+    for request, field in refused:
+        err = await expect_error(licenses.CreateLicense(request, metadata=admin_md()))
+        codes.append(err.reason)
+        if field:
+            assert_invalid(err, field)
+    assert codes == ["POLICY_NOT_FOUND", "INVALID_ARGUMENT", "LICENSE_KEY_TAKEN"]
+    assert await keyspace(redis, taken.id) == before
+    for i, policy_id in enumerate([floating.id, node_locked.id, floating.id]):
+        got = await licenses.CreateLicense(
+            lpb.CreateLicenseRequest(license={"policy_id": policy_id}, request_id=f"rid-{i + 1}"),
+            metadata=admin_md(),
+        )
+        assert got.license.policy_id == policy_id
+
+
+async def test_error_details_stay_small_whatever_the_request_holds(
+    licenses: lgrpc.LicenseServiceStub,
+    usage: ugrpc.UsageServiceStub,
+    make_license: Any,
+) -> None:
+    """An error echoes what was sent (a metadata key, an id): its status stays far below the
+    16 KiB a gRPC client accepts in one trailer, so the client gets the details, not
+    RESOURCE_EXHAUSTED 'Stream removed'."""
+    lic = await make_license()
+    huge = "A" * 70_000
+    err = await expect_error(
+        licenses.CreatePolicy(
+            lpb.CreatePolicyRequest(policy={"name": "p", "metadata": {huge: "v"}}),
+            metadata=admin_md(),
+        )
+    )
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.reason == "INVALID_ARGUMENT"
+    # the key's length, and the map's size as JSON
+    assert err.bad_fields == ["policy.metadata['" + "A" * 32 + "...']", "policy.metadata"]
+    err = await expect_error(
+        licenses.CreatePolicy(
+            lpb.CreatePolicyRequest(policy={"name": "p", "metadata": {"\x00" * 200: "v"}}),
+            metadata=admin_md(),
+        )
+    )
+    assert err.bad_fields == ["policy.metadata['\\x00\\x00\\x00\\x00...']"]
+    for md in (admin_md(), license_md(lic.key)):
+        err = await expect_error(
+            usage.IncrementUsage(upb.IncrementUsageRequest(license_id=huge), metadata=md)
+        )
+        assert err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+        assert err.reason in ("INVALID_ARGUMENT", "PERMISSION_DENIED")
+        assert len(err.message) < 1024
+    err = await expect_error(
+        licenses.CreatePolicy(
+            lpb.CreatePolicyRequest(
+                policy={"name": "p", "entitlements": [f"bad code {i}" for i in range(256)]}
+            ),
+            metadata=admin_md(),
+        )
+    )
+    assert err.bad_fields == [f"policy.entitlements[{i}]" for i in range(20)]
+    assert "(and 255 more)" in err.message
+
+
+async def test_an_activation_missing_its_cores_stores_nothing_under_its_request_id(
+    licenses: lgrpc.LicenseServiceStub, make_license: Any, redis: Any
+) -> None:
+    """`cores` is required under a core limit: bad input, so its refusal is not stored under
+    the request_id, and the retry with the cores set activates the machine."""
+    lic = await make_license(policy_fields={"floating": True, "max_cores": 8})
+    before = await keyspace(redis, lic.id)
+    request = lpb.ActivateMachineRequest(license_id=lic.id, fingerprint="fp-1", request_id="a-1")
+    assert_invalid(
+        await expect_error(licenses.ActivateMachine(request, metadata=admin_md())), "cores"
+    )
+    assert await keyspace(redis, lic.id) == before
+    request.cores = 2
+    got = await licenses.ActivateMachine(request, metadata=license_md(lic.key))
+    assert got.machine.cores == 2

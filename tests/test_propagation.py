@@ -6,6 +6,7 @@ store and proves enforcement with real increments."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import grpc
@@ -35,13 +36,23 @@ async def create_licenses(
 ) -> list[str]:
     ids: list[str] = []
     todo = iter(range(n))
+    batch = uuid.uuid4().hex[:12]  # request ids unique to this call
 
     async def worker() -> None:
-        for _ in todo:
-            r = await licenses.CreateLicense(
-                lpb.CreateLicenseRequest(license={"policy_id": policy_id}),
-                metadata=md or admin_md(),
+        for i in todo:
+            # With a request_id, a create that timed out on a loaded machine (UNAVAILABLE)
+            # is retried safely: the retry completes the same license.
+            request = lpb.CreateLicenseRequest(
+                license={"policy_id": policy_id}, request_id=f"setup-{batch}-{i}"
             )
+            for attempt in range(20):
+                try:
+                    r = await licenses.CreateLicense(request, metadata=md or admin_md())
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 19:
+                        raise
+                    await asyncio.sleep(0.05)
             ids.append(r.license.id)
 
     await asyncio.gather(*(worker() for _ in range(in_flight)))

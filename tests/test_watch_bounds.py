@@ -38,6 +38,7 @@ from meter_grpc.domain import watching
 from meter_grpc.domain.watching import DEFAULT_WATCH_PER_KEY, WatchHub
 from meter_grpc.server import Service, build_server
 from meter_grpc.storage import keys
+from meter_grpc.storage.store import RedisStore
 from meter_grpc.storage.transport import is_cluster_url
 from tests.cluster import SLOTS, LocalCluster
 from tests.conftest import Running
@@ -267,6 +268,17 @@ async def test_a_slow_watcher_reads_on_its_own_and_misses_nothing(
         await original(self, *args)
 
     monkeypatch.setattr(WatchHub, "_catch_up", counted)
+    # The shared reader pauses before each blocking read, so that events pile up and each
+    # read returns a batch (otherwise a fast reader may take them one at a time and no
+    # watcher ever falls behind).
+    read_events = RedisStore.read_events
+
+    async def batching(self: RedisStore, *args: Any) -> Any:
+        if args[2] is not None:  # block_ms: the license's shared reader
+            await asyncio.sleep(0.05)
+        return await read_events(self, *args)
+
+    monkeypatch.setattr(RedisStore, "read_events", batching)
     lic = await make_license()
     md = license_md(lic.key)
     fast = await subscribe(usage, lic.id, md)

@@ -6,9 +6,10 @@ import math
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from meter_grpc.domain import failpoints
 from meter_grpc.domain.clock import Clock, SystemClock
@@ -70,6 +71,55 @@ def check_redis_url(value: str) -> None:
         )
 
 
+OWN_COUNTER = "uses"  # how the export mappings name a license's own counter (meter "")
+
+
+@dataclass(frozen=True, slots=True)
+class LagoExport:
+    """METER_EXPORT_LAGO_*: events to `<url>/api/v1/events/batch`."""
+
+    url: str  # the API base, e.g. https://api.getlago.com
+    api_key: str = field(repr=False)
+    subscription_key: str = "external_subscription_id"  # license metadata key
+    codes: Mapping[str, str] = field(default_factory=dict)  # meter -> billable metric code
+
+
+@dataclass(frozen=True, slots=True)
+class M3terExport:
+    """METER_EXPORT_M3TER_*: measurements to `<url>/organizations/<org_id>/measurements`."""
+
+    org_id: str
+    access_key_id: str
+    api_secret: str = field(repr=False)
+    url: str = "https://ingest.m3ter.com"
+    token_url: str = "https://api.m3ter.com/oauth/token"
+    account_key: str = "m3ter_account"  # license metadata key holding the account code
+    meters: Mapping[str, str] = field(default_factory=dict)  # meter -> m3ter meter code
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMeterExport:
+    """METER_EXPORT_OPENMETER_*: CloudEvents batches to `<url>/api/v1/events`."""
+
+    url: str  # e.g. https://openmeter.cloud
+    token: str = field(default="", repr=False)  # empty: no Authorization header
+    source: str = "meter-grpc"
+    subject_key: str = "openmeter_subject"  # license metadata key
+    type: str = "license.usage"  # CloudEvents type of every event not in `types`
+    types: Mapping[str, str] = field(default_factory=dict)  # meter -> type
+
+
+@dataclass(frozen=True, slots=True)
+class StripeExport:
+    """METER_EXPORT_STRIPE_*: meter events to `<url>/v1/billing/meter_events`."""
+
+    api_key: str = field(repr=False)
+    url: str = "https://api.stripe.com"
+    customer_key: str = "stripe_customer_id"  # license metadata key
+    event_names: Mapping[str, str] = field(default_factory=dict)  # meter -> event_name
+    value: str = "delta"  # what payload[value] carries: "delta" (sum meters) or "uses" (last)
+
+
 @dataclass(slots=True)
 class Settings:
     listen: str = "127.0.0.1:50051"
@@ -103,6 +153,12 @@ class Settings:
     checkout_workers: int = 2
     max_license_file_bytes: int = 32 * 1024 * 1024
     redis_max_inflight: int = 10_000
+    # Billing sinks (export/sinks/): each None unless configured.
+    export_lago: LagoExport | None = None
+    export_m3ter: M3terExport | None = None
+    export_openmeter: OpenMeterExport | None = None
+    export_stripe: StripeExport | None = None
+    export_http_timeout_s: float = 30.0  # one call to a billing system, connecting included
     # Usage export (export/exporter.py): the NDJSON sink's file ("-" = stdout, "" = off) and
     # its CloudEvents source; how long a dead replica's outbox buckets wait before another
     # replica takes them over; dead letters kept per sink.
@@ -214,6 +270,8 @@ class Settings:
             export_lease_s=number("METER_EXPORT_LEASE", "10", float),
             export_dead_letters_max=count("METER_EXPORT_DEAD_LETTERS_MAX", 100_000),
         )
+        settings.export_http_timeout_s = number("METER_EXPORT_HTTP_TIMEOUT", "30", float)
+        _read_sinks(settings, get)
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))
         except ValueError as exc:
@@ -289,6 +347,93 @@ def _event_retention(raw: str) -> int:
     if value > MAX_EVENT_RETENTION:
         raise ConfigError(f"METER_EVENT_RETENTION={raw!r} is out of range: {expected}")
     return value
+
+
+def _read_sinks(settings: Settings, get: Callable[..., str]) -> None:
+    """METER_EXPORT_{LAGO,M3TER,OPENMETER,STRIPE}_*: a sink is on when its first variable
+    below is set; the variables it needs besides must then be set too."""
+
+    def url(name: str, default: str = "") -> str:
+        value = get(name) or default
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(
+                f"{name}={mask_url(value)!r} is not an http(s) URL: "
+                "expected e.g. https://api.example.com"
+            )
+        return value.rstrip("/")
+
+    def needed(name: str, because: str) -> str:
+        value = get(name)
+        if not value:
+            raise ConfigError(f"{name} is not set: {because} needs it")
+        if not value.isprintable() or any(ch.isspace() for ch in value):
+            raise ConfigError(f"{name} has a space or control character: expected a token")
+        return value
+
+    def key(name: str, default: str) -> str:
+        value = get(name) or default
+        if not value.isprintable():
+            raise ConfigError(f"{name}={value!r} has a control character: expected a name")
+        return value
+
+    def mapping(name: str, example: str) -> dict[str, str]:
+        raw = get(name)
+        pairs: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in raw.split(","))):
+            meter, eq, code = (x.strip() for x in item.partition("="))
+            if not eq or not meter or not code or not (meter + code).isprintable():
+                raise ConfigError(
+                    f"{name}={raw!r} is not a mapping: expected METER=NAME pairs separated "
+                    f"by commas, `{OWN_COUNTER}` for a license's own counter (e.g. {example})"
+                )
+            pairs[meter] = code
+        return pairs
+
+    if get("METER_EXPORT_LAGO_URL") or get("METER_EXPORT_LAGO_API_KEY"):
+        settings.export_lago = LagoExport(
+            url=url("METER_EXPORT_LAGO_URL"),
+            api_key=needed("METER_EXPORT_LAGO_API_KEY", "METER_EXPORT_LAGO_URL"),
+            subscription_key=key("METER_EXPORT_LAGO_SUBSCRIPTION_KEY", "external_subscription_id"),
+            codes=mapping("METER_EXPORT_LAGO_CODES", "API_CALLS=api_calls,uses=seats"),
+        )
+    if get("METER_EXPORT_M3TER_ORG_ID"):
+        because = "METER_EXPORT_M3TER_ORG_ID"
+        settings.export_m3ter = M3terExport(
+            org_id=needed("METER_EXPORT_M3TER_ORG_ID", because),
+            access_key_id=needed("METER_EXPORT_M3TER_ACCESS_KEY_ID", because),
+            api_secret=needed("METER_EXPORT_M3TER_API_SECRET", because),
+            url=url("METER_EXPORT_M3TER_URL", "https://ingest.m3ter.com"),
+            token_url=url("METER_EXPORT_M3TER_TOKEN_URL", "https://api.m3ter.com/oauth/token"),
+            account_key=key("METER_EXPORT_M3TER_ACCOUNT_KEY", "m3ter_account"),
+            meters=mapping("METER_EXPORT_M3TER_METERS", "API_CALLS=api_calls,uses=seats"),
+        )
+    if get("METER_EXPORT_OPENMETER_URL"):
+        token = get("METER_EXPORT_OPENMETER_TOKEN")
+        if token:
+            token = needed("METER_EXPORT_OPENMETER_TOKEN", "METER_EXPORT_OPENMETER_URL")
+        settings.export_openmeter = OpenMeterExport(
+            url=url("METER_EXPORT_OPENMETER_URL"),
+            token=token,
+            source=key("METER_EXPORT_OPENMETER_SOURCE", "meter-grpc"),
+            subject_key=key("METER_EXPORT_OPENMETER_SUBJECT_KEY", "openmeter_subject"),
+            type=key("METER_EXPORT_OPENMETER_TYPE", "license.usage"),
+            types=mapping("METER_EXPORT_OPENMETER_TYPES", "API_CALLS=api.calls"),
+        )
+    if get("METER_EXPORT_STRIPE_API_KEY"):
+        value = get("METER_EXPORT_STRIPE_VALUE") or "delta"
+        if value not in ("delta", "uses"):
+            raise ConfigError(
+                f"METER_EXPORT_STRIPE_VALUE={value!r} is not a choice: expected delta (for a "
+                "sum meter) or uses (for a last meter)"
+            )
+        settings.export_stripe = StripeExport(
+            api_key=needed("METER_EXPORT_STRIPE_API_KEY", "the Stripe export"),
+            url=url("METER_EXPORT_STRIPE_URL", "https://api.stripe.com"),
+            customer_key=key("METER_EXPORT_STRIPE_CUSTOMER_KEY", "stripe_customer_id"),
+            event_names=mapping("METER_EXPORT_STRIPE_EVENT_NAMES", "API_CALLS=api_calls"),
+            value=value,
+        )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -86,6 +86,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
     (METER_EVENT_RETENTION=0).
     """
+    ERROR_REASON_USAGE_EVENTS_TRIMMED: _ErrorReason.ValueType  # 22
+    """OUT_OF_RANGE: WatchUsage from a position (`after_event_id`, or where a watcher that
+    fell behind had got to) whose next events are no longer kept (METER_EVENT_RETENTION):
+    they cannot be delivered. Metadata `license_id`, `after_event_id`, `oldest_event_id`
+    (the oldest event kept). Read the counter with GetUsage, then watch again from
+    `oldest_event_id` or from now.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -168,5 +175,12 @@ ERROR_REASON_LICENSE_FILE_TOO_LARGE: ErrorReason.ValueType  # 20
 ERROR_REASON_USAGE_EVENTS_DISABLED: ErrorReason.ValueType  # 21
 """FAILED_PRECONDITION: WatchUsage on a server that keeps no usage events
 (METER_EVENT_RETENTION=0).
+"""
+ERROR_REASON_USAGE_EVENTS_TRIMMED: ErrorReason.ValueType  # 22
+"""OUT_OF_RANGE: WatchUsage from a position (`after_event_id`, or where a watcher that
+fell behind had got to) whose next events are no longer kept (METER_EVENT_RETENTION):
+they cannot be delivered. Metadata `license_id`, `after_event_id`, `oldest_event_id`
+(the oldest event kept). Read the counter with GetUsage, then watch again from
+`oldest_event_id` or from now.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -37,6 +37,7 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.WATCH_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.LICENSE_FILE_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.USAGE_EVENTS_DISABLED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.USAGE_EVENTS_TRIMMED: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 
@@ -46,14 +47,28 @@ def _pack(msg: object) -> any_pb2.Any:
     return a
 
 
+# An error echoes what the client sent (an id, a metadata key, a bad path), and its details
+# travel in one trailer, which clients cap (grpc: 16 KiB): every string of a status is clipped
+# and at most MAX_VIOLATIONS fields are named (the message counts the others), so the largest
+# status stays far below that, whatever the request held.
+MAX_MESSAGE_LEN = 512
+MAX_METADATA_VALUE_LEN = 128
+MAX_FIELD_LEN = 128
+MAX_DESCRIPTION_LEN = 256
+MAX_VIOLATIONS = 20
+
+
+def clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def to_status_proto(err: MeterError) -> status_pb2.Status:
     code = STATUS_CODES[err.reason]
+    metadata = {k: clip(v, MAX_METADATA_VALUE_LEN) for k, v in err.metadata.items()}
     details = [
-        _pack(
-            error_details_pb2.ErrorInfo(
-                reason=str(err.reason), domain=DOMAIN, metadata=dict(err.metadata)
-            )
-        )
+        _pack(error_details_pb2.ErrorInfo(reason=str(err.reason), domain=DOMAIN, metadata=metadata))
     ]
     if err.violations:
         details.append(
@@ -61,9 +76,10 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=clip(v.field, MAX_FIELD_LEN),
+                            description=clip(v.description, MAX_DESCRIPTION_LEN),
                         )
-                        for v in err.violations
+                        for v in err.violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -74,7 +90,8 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
-                            subject=err.quota_subject, description=err.message
+                            subject=clip(err.quota_subject, MAX_FIELD_LEN),
+                            description=clip(err.message, MAX_MESSAGE_LEN),
                         )
                     ]
                 )
@@ -84,7 +101,9 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(err.retry_after_ms or 1000)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(code=code.value[0], message=err.message, details=details)
+    return status_pb2.Status(
+        code=code.value[0], message=clip(err.message, MAX_MESSAGE_LEN), details=details
+    )
 
 
 def to_grpc_status(err: MeterError) -> grpc.Status:

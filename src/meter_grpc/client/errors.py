@@ -95,8 +95,22 @@ class WatchLimitExceeded(LimitExceeded):
     (metadata `scope`, `limit`, `setting`); nothing was opened."""
 
 
+class LicenseFileTooLarge(LimitExceeded):
+    """CheckOutLicense's file would pass the server's size limit (metadata `size`, `limit`);
+    check out one machine's file with `fingerprint`."""
+
+
 class FailedPrecondition(MeterClientError):
     pass
+
+
+class UsageEventsDisabled(FailedPrecondition):
+    """WatchUsage on a server that keeps no usage events (METER_EVENT_RETENTION=0)."""
+
+
+class UsageEventsTrimmed(MeterClientError):
+    """WatchUsage from a position whose next events are no longer kept (metadata
+    `oldest_event_id`): read the counter with GetUsage, then watch again."""
 
 
 class UsageUnderflow(FailedPrecondition):
@@ -158,6 +172,9 @@ _BY_REASON: dict[str, type[MeterClientError]] = {
     "MACHINE_LIMIT_EXCEEDED": MachineLimitExceeded,
     "CORE_LIMIT_EXCEEDED": CoreLimitExceeded,
     "WATCH_LIMIT_EXCEEDED": WatchLimitExceeded,
+    "LICENSE_FILE_TOO_LARGE": LicenseFileTooLarge,
+    "USAGE_EVENTS_DISABLED": UsageEventsDisabled,
+    "USAGE_EVENTS_TRIMMED": UsageEventsTrimmed,
     "USAGE_UNDERFLOW": UsageUnderflow,
     "LICENSE_SUSPENDED": LicenseSuspended,
     "LICENSE_EXPIRED": LicenseExpired,

@@ -40,6 +40,8 @@ class Reason(enum.StrEnum):
     LICENSE_FILE_TOO_LARGE = "LICENSE_FILE_TOO_LARGE"
     # WatchUsage on a server that keeps no usage events (METER_EVENT_RETENTION=0).
     USAGE_EVENTS_DISABLED = "USAGE_EVENTS_DISABLED"
+    # WatchUsage from a position whose next events were trimmed (METER_EVENT_RETENTION).
+    USAGE_EVENTS_TRIMMED = "USAGE_EVENTS_TRIMMED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -29,6 +28,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from meter_grpc.domain import secretfile
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +124,4 @@ class KeySecret:
 
 def _create(path: Path) -> None:
     """Writes 32 random bytes to `path` (mode 0600) atomically; the first creator wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, os.urandom(SECRET_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-        log.info("created the license key secret %s", path.resolve())
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    secretfile.create_once(path, os.urandom(SECRET_BYTES), "license key secret")

@@ -32,6 +32,11 @@ R = TypeVar("R", Policy, License)
 # The Policy attributes a caller sets (what identifies a create request, too).
 POLICY_ATTRS = tuple(masks.POLICY.fields.values())
 _UPDATE_RETRIES = 20
+# Refusals of a create decided before anything of the license is written: its request id is
+# released again (README: a refusal changes nothing).
+_CREATE_REFUSALS = frozenset(
+    {Reason.POLICY_NOT_FOUND, Reason.INVALID_ARGUMENT, Reason.LICENSE_KEY_TAKEN}
+)
 
 
 def _fingerprint(fields: dict[str, object]) -> str:
@@ -278,7 +283,14 @@ class Licensing:
             return periods.as_read_now(record.answer, now)
         license_id = record.id if record is not None else ids.new_id()
         for _ in range(2):
-            created = await self._create_license(lic, license_id, now)
+            try:
+                created = await self._create_license(lic, license_id, now)
+            except MeterError as exc:
+                if record is not None and exc.reason in _CREATE_REFUSALS:
+                    # refused before the license was written: the request id stays free, as if
+                    # the request had never come (a retry is decided afresh)
+                    await self.store.abandon_create("license", scoped, license_id)
+                raise
             if created is not None:
                 created = await self._finish("license", scoped, created)
                 return periods.as_read_now(created, now)

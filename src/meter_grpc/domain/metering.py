@@ -244,7 +244,8 @@ class Metering:
             after = OLDEST_EVENT_ID if from_oldest else (after_event_id or newest)
             if subscribed is not None:
                 await subscribed()
-            async with contextlib.aclosing(self.hub.events(license_id, after, newest)) as events:
+            watched = self.hub.events(license_id, after, newest, from_oldest=from_oldest)
+            async with contextlib.aclosing(watched) as events:
                 async for event in events:
                     yield event
         finally:

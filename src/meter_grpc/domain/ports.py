@@ -165,6 +165,9 @@ class Store(Protocol):
 
     async def finish_create(self, kind: str, request_id: str, answer: Policy | License) -> None: ...
 
+    async def abandon_create(self, kind: str, request_id: str, bound_id: str) -> None:
+        """Drops the record of a create that was refused (unless it holds an answer)."""
+
     async def claim_key(self, digest: str, license_id: str, ghost: str = "") -> str:
         """ "" when the license holds the key (by digest) now, else the id of the license
         holding it."""
@@ -221,6 +224,12 @@ class Store(Protocol):
     ) -> list[UsageEvent]:
         """Usage events after `after`, waiting up to `block_ms` for the first one; None: no
         wait (what is there now)."""
+
+    async def events_after(
+        self, license_id: str, after: str, count: int = 100
+    ) -> tuple[list[UsageEvent], str]:
+        """Usage events after `after` (no wait), and "" or, when events after `after` may
+        have been trimmed before they were read, the id of the oldest event kept."""
 
     async def license_exists(self, license_id: str) -> bool: ...
 

@@ -68,6 +68,15 @@ def is_machine_id(value: str) -> bool:
 _ENTITLEMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
+def _key_name(key: str) -> str:
+    """A map key quoted for a field name, by its first characters: the name stays short
+    (at most 64 characters of quoted key) whatever the key holds."""
+    quoted = repr(key if len(key) <= 32 else key[:32] + "...")
+    if len(quoted) > 64:  # escapes (control characters) make the quote longer
+        quoted = repr(key[:4] + "...")
+    return quoted
+
+
 class Violations:
     """Collects field violations; `raise_if_any()` raises one INVALID_ARGUMENT for all."""
 
@@ -167,12 +176,11 @@ class Violations:
             self.add(field, f"must have at most {MAX_METADATA_ENTRIES} entries")
             return
         for k, v in value.items():
+            name = f"{field}[{_key_name(k)}]"
             if not k or len(k) > MAX_METADATA_KEY_LEN:
-                self.add(f"{field}[{k!r}]", f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
+                self.add(name, f"keys must be 1 to {MAX_METADATA_KEY_LEN} characters")
             elif len(v) > MAX_METADATA_VALUE_LEN:
-                self.add(
-                    f"{field}[{k!r}]", f"values must be at most {MAX_METADATA_VALUE_LEN} characters"
-                )
+                self.add(name, f"values must be at most {MAX_METADATA_VALUE_LEN} characters")
         if value and len(json.dumps(value, separators=(",", ":"))) > MAX_METADATA_BYTES:
             self.add(
                 field,

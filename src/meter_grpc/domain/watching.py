@@ -18,11 +18,13 @@ never depends on when it joined:
   from the store by itself, without blocking, as fast as its client takes them, until it is
   level with the feed again.
 
-So a slow watcher is never ended and never skips an event: it falls back to reading on its
-own and catches up. Every watcher gets every event of its license in order, or the stream
-ends with an error (after the events already queued for it are delivered): the license was
-deleted (LICENSE_NOT_FOUND) or the store failed (STORAGE_UNAVAILABLE, UNAVAILABLE; a client
-resumes with `after_event_id` of the last event it got). A feed whose read fails ends; the
+So a slow watcher is never ended for being slow and never skips an event: it falls back to
+reading on its own and catches up. Every watcher gets every event of its license in order,
+or the stream ends with an error (after the events already queued for it are delivered):
+the license was deleted (LICENSE_NOT_FOUND), the store failed (STORAGE_UNAVAILABLE,
+UNAVAILABLE; a client resumes with `after_event_id` of the last event it got), or the events
+after its position were trimmed (METER_EVENT_RETENTION) before it read them
+(USAGE_EVENTS_TRIMMED, OUT_OF_RANGE: events_after.lua checks and reads in one step). A feed whose read fails ends; the
 next watcher of that license starts a new one.
 
 Caps (RESOURCE_EXHAUSTED, reason WATCH_LIMIT_EXCEEDED, checked before anything is read):
@@ -75,9 +77,11 @@ def position(event_id: str) -> Position:
 class Watcher:
     """One WatchUsage stream: its position, its queue, and how its feed reaches it."""
 
-    __slots__ = ("error", "queue", "tail", "tail_pos", "waiter")
+    __slots__ = ("error", "from_oldest", "queue", "tail", "tail_pos", "waiter")
 
-    def __init__(self, tail: str) -> None:
+    def __init__(self, tail: str, from_oldest: bool = False) -> None:
+        # from_oldest: starts with whatever is the oldest event kept (no gap before it)
+        self.from_oldest = from_oldest
         self.tail = tail
         self.tail_pos = position(tail)
         self.queue: collections.deque[UsageEvent] = collections.deque()
@@ -99,6 +103,7 @@ class Watcher:
         last = min(len(events), first + room)
         self.queue.extend(events[first:last])
         self.tail, self.tail_pos = events[last - 1].event_id, positions[last - 1]
+        self.from_oldest = False
         self.wake()
 
 
@@ -236,12 +241,12 @@ class WatchHub:
             _decrement(self.by_key, key_license_id)
 
     async def events(
-        self, license_id: str, start: str, newest: str
+        self, license_id: str, start: str, newest: str, *, from_oldest: bool = False
     ) -> AsyncGenerator[UsageEvent, None]:
         """The events of a license after `start`, in order, as they come (see the module
         docstring); ends only with an error. `newest`: the id of the license's newest event
         when the watch began (where a new feed starts reading; "0-0" when none)."""
-        w = Watcher(start)
+        w = Watcher(start, from_oldest)
         feed = self.feeds.get(license_id)
         if feed is None or feed.ended:
             feed = self.feeds[license_id] = Feed(self, license_id, newest)
@@ -270,7 +275,23 @@ class WatchHub:
     async def _catch_up(self, w: Watcher, license_id: str, feed: Feed) -> None:
         """One non-blocking read of the events after a watcher's position (it is behind its
         feed's): on the request path's connection, never a blocking one."""
-        events = await self.store.read_events(license_id, w.tail, None, WATCH_BATCH)
+        events, oldest = await self.store.events_after(license_id, w.tail, WATCH_BATCH)
+        if w.from_oldest:  # its first read: the events trimmed before it are not its concern
+            w.from_oldest, oldest = False, ""
+        if oldest:
+            # Events after its position were trimmed (METER_EVENT_RETENTION) before it read
+            # them: it is told, never given a stream with a hole in it.
+            raise MeterError(
+                Reason.USAGE_EVENTS_TRIMMED,
+                f"the usage events of license {license_id!r} after {w.tail} are no longer "
+                f"kept (the oldest kept is {oldest}): read the counter with GetUsage, then "
+                "watch again",
+                metadata={
+                    "license_id": license_id,
+                    "after_event_id": w.tail,
+                    "oldest_event_id": oldest,
+                },
+            )
         if events:
             w.take(events, [position(e.event_id) for e in events])
             return

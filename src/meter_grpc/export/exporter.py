@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meter_grpc.config import Settings
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
+from meter_grpc.export.sinks import build_sinks
+from meter_grpc.export.sinks.ndjson import build_ndjson
 from meter_grpc.storage import keys
 from meter_grpc.storage.store import RedisStore
 
@@ -68,13 +69,7 @@ class ExportMetrics(Protocol):
 def sinks_of(settings: Settings) -> list[Sink]:
     """Every sink the settings turn on: the HTTP sinks of export/sinks (`build_sinks`) and the
     NDJSON sink (`build_ndjson`)."""
-    from meter_grpc.export.sinks.ndjson import build_ndjson
-
-    found: list[Sink] = []
-    module = importlib.import_module("meter_grpc.export.sinks")
-    build: Callable[[Settings], list[Sink]] | None = getattr(module, "build_sinks", None)
-    if build is not None:
-        found += build(settings)
+    found: list[Sink] = build_sinks(settings)
     ndjson = build_ndjson(settings)
     if ndjson is not None:
         found.append(ndjson)

@@ -23,6 +23,7 @@ SCRIPT_NAMES = (
     "usage",
     "usage_sync",
     "cas",
+    "events_after",
     "create_record",
     "key_migrate",
     "policy_create",

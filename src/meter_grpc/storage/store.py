@@ -98,6 +98,11 @@ _EVENT_TYPES = {
 }
 
 
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    """A stream entry's fields as a script returns them ([name, value, ...]) as a dict."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
 def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
     return UsageEvent(
         event_id=event_id,
@@ -328,6 +333,12 @@ class RedisStore:
         await self.scripts.create_record(
             keys=[keys.create_request(kind, request_id)],
             args=["finish", answer.id, codec.answer_to_text(answer)],
+        )
+
+    @storage_call
+    async def abandon_create(self, kind: str, request_id: str, bound_id: str) -> None:
+        await self.scripts.create_record(
+            keys=[keys.create_request(kind, request_id)], args=["abandon", bound_id]
         )
 
     # --- licenses -------------------------------------------------------------------------
@@ -575,6 +586,17 @@ class RedisStore:
             return []
         entries = reply[0][1]
         return [_event(str(eid), fields) for eid, fields in entries]
+
+    @storage_call
+    async def events_after(
+        self, license_id: str, after: str, count: int = 100
+    ) -> tuple[list[UsageEvent], str]:
+        """events_after.lua: the events after `after` and, in the same atomic step, whether
+        some after it were trimmed first ("" or the oldest event id kept)."""
+        gap, entries = await self.scripts.events_after(
+            keys=[keys.license_events(license_id)], args=[after, count]
+        )
+        return [_event(str(eid), _pairs(fields)) for eid, fields in entries], str(gap)
 
     @storage_call
     async def license_exists(self, license_id: str) -> bool:

@@ -12,11 +12,14 @@
 --          rebind  ARGV[2] the id bound now, ARGV[3] a fresh id: binds the request to the fresh
 --                  id (its first id can no longer be created; see the create window)
 --          finish  ARGV[2] the id bound now, ARGV[3] the answer: stores the answer
+--          abandon ARGV[2] the id bound now: drops the record unless it holds an answer (the
+--                  create was refused, and a refusal leaves nothing behind)
 --
 -- begin returns {0} when the request id was used for another request (another fingerprint),
 -- else {1, id, answer or '', secret}: the id to create, when the create is done its answer,
 -- and the secret to use (the first attempt's, so a retry never generates a second key).
--- rebind and finish return 1 when done, 0 when the record is gone or bound to another id.
+-- rebind, finish and abandon return 1 when done, 0 when the record is gone or bound to another
+-- id (abandon: or holds an answer).
 
 local op = ARGV[1]
 if op == 'begin' then
@@ -38,6 +41,11 @@ if op == 'rebind' then
   redis.call('HSET', KEYS[1], 'id', ARGV[3])
 elseif op == 'finish' then
   redis.call('HSET', KEYS[1], 'answer', ARGV[3])
+elseif op == 'abandon' then
+  if redis.call('HEXISTS', KEYS[1], 'answer') == 1 then
+    return 0
+  end
+  redis.call('DEL', KEYS[1])
 else
   return redis.error_reply('create_record.lua: unknown operation ' .. op)
 end

@@ -18,8 +18,9 @@
 -- With a request_id the outcome is stored ("<digest>|<status>|<extra>", where extra is
 -- "<activation time>|<machine JSON>" for OK) for REQUEST_RECORD_TTL_MS; a retry with the same
 -- digest gets it back as answer(0, l, json, activation time) or the same refusal, another
--- digest gets 10 (REQUEST_ID_REUSED). Nothing is activated twice. Status 11
--- (MACHINE_CAP_EXCEEDED): one more machine would pass the server's cap.
+-- digest gets 10 (REQUEST_ID_REUSED). Nothing is activated twice. CORES_REQUIRED (8, bad
+-- input) and CONFLICT (9) are not stored. Status 11 (MACHINE_CAP_EXCEEDED): one more machine
+-- would pass the server's cap.
 
 local id, fp, cores, cap = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[7])
 local rec = KEYS[7]
@@ -88,7 +89,9 @@ local function activate()
 end
 
 local status, extra = activate()
-if rec and status ~= 9 then
+-- CORES_REQUIRED (8) is bad input (INVALID_ARGUMENT): a retry with the cores set is decided
+-- afresh. CONFLICT (9) is retried by the caller.
+if rec and status ~= 9 and status ~= 8 then
   local kept = extra or ''
   if status == 0 then
     kept = int(NOW) .. '|' .. ARGV[6]
