@@ -23,10 +23,12 @@ from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
-from meter_grpc.config import Settings
-from meter_grpc.export.model import ExportEvent, Outcome, Sink, Verdict
+from meter_grpc.config import ConfigError, OpenMeterExport, Settings
+from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
+from meter_grpc.export.sinks.ndjson import NdjsonSink
 from meter_grpc.server import Service, build_server
 from meter_grpc.storage import keys
+from tests.billing_emulators import OpenMeterEmulator
 from tests.conftest import Running
 from tests.support import (
     ADMIN_TOKEN,
@@ -89,12 +91,6 @@ class FlakySink:
         pass
 
 
-def billing_sinks() -> list[Sink]:
-    """The HTTP sinks the tests export to besides the NDJSON file: the hook where the billing
-    systems' emulators (tests/billing_emulators.py) plug in; today one FlakySink."""
-    return [FlakySink()]
-
-
 @asynccontextmanager
 async def exporting(
     running: Running, data_dir: Path, sinks: Sequence[Sink], **extra: Any
@@ -122,10 +118,16 @@ async def exporting(
         await service.stop(0)
 
 
-def ndjson_lines(path: Path) -> list[dict[str, Any]]:
+def ndjson_lines(path: Path, *, complete: bool = False) -> list[dict[str, Any]]:
+    """The file's lines; one being written (no newline yet) is left out unless `complete`,
+    which asserts there is none."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    text = path.read_text()
+    lines = text.split("\n")
+    if complete:
+        assert lines[-1] == "", f"a torn last line: {lines[-1][:80]!r}"
+    return [json.loads(line) for line in lines[:-1] if line]
 
 
 async def _licenses(ch: grpc.aio.Channel, n: int) -> list[str]:
@@ -238,7 +240,7 @@ async def test_export_under_faults_holds_each_event_once(
         )
         await until(lambda: _idle(service), 30, "the exporter to acknowledge everything")
     assert len(held()) == total
-    lines = [e for e in ndjson_lines(ndjson) if e["subject"] in mine]
+    lines = [e for e in ndjson_lines(ndjson, complete=True) if e["subject"] in mine]
     by_id = {e["id"]: e for e in lines}
     assert len(by_id) == total == len(lines)  # no crash here: no line twice
     for name, events in (
@@ -272,6 +274,48 @@ async def test_export_under_faults_holds_each_event_once(
         "delta", "uses", "meter", "license_id", "policy_id", "request_id", "kind",
     }  # fmt: skip
     await _nothing_pending(redis, ids, ["flaky", "ndjson"])
+
+
+@pytest.mark.timeout(600)
+async def test_export_to_the_openmeter_emulator_under_faults(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The real OpenMeter sink over HTTP against the emulator of its contract: 30% of calls
+    answered 503, 10% 429 with its reset header, some taken but never answered, and down
+    (connections refused) for a stretch; 10,000 changes over 4 channels."""
+    emu = await OpenMeterEmulator(
+        seed=5, fail_rate=0.3, throttle_rate=0.1, lost_rate=0.03, throttle_s=0.2
+    ).start()
+    try:
+        om = OpenMeterExport(url=emu.url, token=emu.token)
+        async with exporting(running, tmp_path, [], export_openmeter=om) as (service, ch):
+            ids = await _licenses(ch, 16)
+            target = f"127.0.0.1:{service.port}"
+            await _traffic([target], ids, 4000, seed=21)
+            await emu.down()
+            await _traffic([target], ids, 2000, seed=22)
+            await asyncio.sleep(1)
+            await emu.up()
+            await _traffic([target], ids, 4000, seed=23)
+            counters = await _counters(ch, ids)
+            total = await _outbox_total(redis, ids)
+            mine = set(ids)
+
+            def held() -> dict[str, Any]:
+                return {i: e for (_, i), e in emu.held.items() if e["data"]["license_id"] in mine}
+
+            await until(lambda: len(held()) >= total, 300, "every event held by the emulator")
+            await until(lambda: _idle(service), 60, "the exporter to acknowledge everything")
+        assert len(held()) == total and emu.double_billed() == []
+        assert emu.calls > 0 and emu.statuses[503] > 0 and emu.statuses[429] > 0
+        sums: dict[str, int] = {}
+        for e in held().values():
+            lid = e["data"]["license_id"]
+            sums[lid] = sums.get(lid, 0) + e["data"]["delta"]
+        assert sums == {lid: n for lid, n in counters.items() if n or lid in sums}
+        await _nothing_pending(redis, ids, ["openmeter", "ndjson"])
+    finally:
+        await emu.close()
 
 
 def _idle(service: Service) -> bool:
@@ -435,12 +479,16 @@ async def test_exporting_replica_killed_twice_mid_export_loses_nothing(
                 return {e["id"] for e in ndjson_lines(ndjson) if e["subject"] in mine}
 
             await b.start(**env)
-            traffic = asyncio.create_task(_traffic([f"127.0.0.1:{port}"], ids, 8000, seed=11))
+            traffic = asyncio.create_task(_traffic([f"127.0.0.1:{port}"], ids, 10_000, seed=11))
             for _ in range(2):
                 start = len(exported())
-                await until(lambda s=start: len(exported()) > s + 300, 60, "some export")  # type: ignore[misc]
-                # Mid-export: events counted and not yet in the file.
-                assert await _outbox_total(redis, ids) > len(exported())
+
+                async def backlog(start: int = start) -> bool:
+                    # Mid-export: it wrote some since its start, and some counted are not yet.
+                    done = len(exported())
+                    return done > start + 300 and await _outbox_total(redis, ids) > done
+
+                await until_async(backlog, 60)
                 assert b.proc is not None
                 b.proc.kill()  # SIGKILL while calls come and its backlog is being written
                 await b.wait_exit()
@@ -452,7 +500,7 @@ async def test_exporting_replica_killed_twice_mid_export_loses_nothing(
     finally:
         await b.close()
         await a.stop(0)
-    lines = [e for e in ndjson_lines(ndjson) if e["subject"] in mine]
+    lines = [e for e in ndjson_lines(ndjson, complete=True) if e["subject"] in mine]
     by_id = {e["id"]: e for e in lines}
     assert len(by_id) == total
     for e in lines:  # a line written twice is the same event
@@ -470,3 +518,49 @@ async def _acked(redis: aioredis.Redis, ids: Sequence[str]) -> bool:
         if (await redis.xpending(stream, "ndjson"))["pending"]:  # type: ignore[misc]
             return False
     return True
+
+
+async def test_ndjson_cuts_a_torn_last_line_before_appending(tmp_path: Path) -> None:
+    path = tmp_path / "u.ndjson"
+    path.write_bytes(b'{"id":"a"}\n{"id":"b","spec')  # killed mid-write
+    sink = NdjsonSink(str(path))
+    e = ExportEvent("l:1", "l", "p", "", Kind.INCREMENT, 2, 2, "", 1_700_000_000_000)
+    assert await sink.deliver([e]) == [Outcome.delivered()]
+    await sink.close()
+    lines = ndjson_lines(path, complete=True)
+    assert [x["id"] for x in lines] == ["a", "l:1"]
+    assert lines[1]["time"] == "2023-11-14T22:13:20.000Z" and lines[1]["data"]["delta"] == 2
+
+
+def test_export_settings(tmp_path: Path) -> None:
+    s = Settings.from_env({})
+    assert (s.export_ndjson, s.export_ndjson_source) == ("", "meter-grpc")
+    assert (s.export_lease_s, s.export_dead_letters_max) == (10.0, 100_000)
+    s = Settings.from_env(
+        {
+            "METER_EXPORT_NDJSON": str(tmp_path / "u.ndjson"),
+            "METER_EXPORT_NDJSON_SOURCE": "billing-a",
+            "METER_EXPORT_LEASE": "2.5",
+            "METER_EXPORT_DEAD_LETTERS_MAX": "500",
+        }
+    )
+    assert s.export_ndjson == str(tmp_path / "u.ndjson") and s.export_ndjson_source == "billing-a"
+    assert (s.export_lease_s, s.export_dead_letters_max) == (2.5, 500)
+    for name, bad in (
+        ("METER_EXPORT_LEASE", "0"),
+        ("METER_EXPORT_LEASE", "-1"),
+        ("METER_EXPORT_LEASE", "soon"),
+        ("METER_EXPORT_DEAD_LETTERS_MAX", "0"),
+        ("METER_EXPORT_DEAD_LETTERS_MAX", "many"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: bad})
+    # The file's directory must exist and be writable; a directory is no file.
+    for path in (tmp_path / "missing" / "u.ndjson", tmp_path):
+        s = Settings(listen="127.0.0.1:0", data_dir=tmp_path, export_ndjson=str(path))
+        with pytest.raises(ConfigError, match="METER_EXPORT_NDJSON"):
+            s.check_files()
+    Settings(listen="127.0.0.1:0", data_dir=tmp_path, export_ndjson="-").check_files()
+    Settings(
+        listen="127.0.0.1:0", data_dir=tmp_path, export_ndjson=str(tmp_path / "u.ndjson")
+    ).check_files()

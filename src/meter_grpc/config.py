@@ -328,6 +328,8 @@ class Settings:
         )
         if uses_data_dir:
             _check_data_dir(self.data_dir)
+        if self.export_ndjson and self.export_ndjson != "-":
+            _check_ndjson(Path(self.export_ndjson))
 
 
 # Above this, a license's event stream alone would outweigh everything else it stores by far.
@@ -494,6 +496,21 @@ def _check_bindable(name: str, address: str) -> None:
             f"{name}={address!r}: cannot listen there ({why}): expected a free port on an "
             "address of this host"
         ) from None
+
+
+def _check_ndjson(path: Path) -> None:
+    """METER_EXPORT_NDJSON: a file that can be appended to (created if missing)."""
+    expected = "expected a file path whose directory exists and is writable, or - for stdout"
+    if path.is_dir():
+        raise ConfigError(f"METER_EXPORT_NDJSON={str(path)!r} is a directory: {expected}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"METER_EXPORT_NDJSON={str(path)!r}: {str(parent)!r} is not a directory: {expected}"
+        )
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(parent, os.W_OK)
+    if not writable:
+        raise ConfigError(f"METER_EXPORT_NDJSON={str(path)!r} is not writable: {expected}")
 
 
 def _check_data_dir(path: Path) -> None:

@@ -6,6 +6,8 @@ after a crash has the same id), `source` METER_EXPORT_NDJSON_SOURCE (default "me
 `type` "meter.usage.<kind>", `subject` the license id, `time` RFC 3339 (UTC, milliseconds),
 `datacontenttype` "application/json", and `data` with `delta`, `uses`, `meter`, `license_id`,
 `policy_id`, `request_id`, `kind`. Delivery is at least once: a reader deduplicates by `id`.
+A last line left without its newline by a kill mid-write is cut off when the file is opened
+again (its events were not acknowledged, so they are written again).
 """
 
 from __future__ import annotations
@@ -46,6 +48,31 @@ def cloudevent(e: ExportEvent, source: str) -> dict[str, object]:
     }
 
 
+def _drop_torn_line(path: str) -> None:
+    """A process killed in the middle of a write leaves a last line without its newline: it
+    was never acknowledged (its events are written again), so it is cut off, and the next
+    line does not run into it."""
+    try:
+        f = open(path, "rb+")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            chunk = f.read(end - start)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        if end != size:
+            f.truncate(end)
+            os.fsync(f.fileno())
+
+
 class NdjsonSink:
     name = "ndjson"
     max_batch = MAX_BATCH
@@ -61,6 +88,7 @@ class NdjsonSink:
             sys.stdout.buffer.flush()
             return
         if self._file is None:
+            _drop_torn_line(self.path)
             self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
         self._file.write(data)
         self._file.flush()
