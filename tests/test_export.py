@@ -479,7 +479,15 @@ async def test_exporting_replica_killed_twice_mid_export_loses_nothing(
                 return {e["id"] for e in ndjson_lines(ndjson) if e["subject"] in mine}
 
             await b.start(**env)
-            traffic = asyncio.create_task(_traffic([f"127.0.0.1:{port}"], ids, 10_000, seed=11))
+            stop = asyncio.Event()
+
+            async def calls() -> None:  # until both kills are done: 10,000 at least
+                seed = 11
+                while seed < 21 or not stop.is_set():
+                    await _traffic([f"127.0.0.1:{port}"], ids, 1000, seed=seed)
+                    seed += 1
+
+            traffic = asyncio.create_task(calls())
             for _ in range(2):
                 start = len(exported())
 
@@ -488,11 +496,12 @@ async def test_exporting_replica_killed_twice_mid_export_loses_nothing(
                     done = len(exported())
                     return done > start + 300 and await _outbox_total(redis, ids) > done
 
-                await until_async(backlog, 60)
+                await until_async(backlog, 120)
                 assert b.proc is not None
                 b.proc.kill()  # SIGKILL while calls come and its backlog is being written
                 await b.wait_exit()
                 await b.start(**env)
+            stop.set()
             await traffic
             total = await _outbox_total(redis, ids)
             await until(lambda: len(exported()) >= total, 120, "every event in the file")
