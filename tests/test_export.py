@@ -573,3 +573,35 @@ def test_export_settings(tmp_path: Path) -> None:
     Settings(
         listen="127.0.0.1:0", data_dir=tmp_path, export_ndjson=str(tmp_path / "u.ndjson")
     ).check_files()
+
+
+async def test_licenses_written_before_export_was_on_export_from_then_on(
+    running: Running, channel: grpc.aio.Channel, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Data of a server without export (or of an earlier version): the same keys, no
+    `xseq`. Once export is on, its changes go out numbered from 1, `uses` the full count."""
+    ids = await _licenses(channel, 2)  # the session's server: export off
+    us = ugrpc.UsageServiceStub(channel)
+    for lid in ids:
+        await us.IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lid, amount=5), metadata=admin_md()
+        )
+    assert await _outbox_total(redis, ids) == 0
+    async with exporting(running, tmp_path, []) as (_service, ch):
+        us2 = ugrpc.UsageServiceStub(ch)
+        for lid in ids:
+            await us2.IncrementUsage(
+                upb.IncrementUsageRequest(license_id=lid, amount=2), metadata=admin_md()
+            )
+            await us2.DecrementUsage(upb.DecrementUsageRequest(license_id=lid), metadata=admin_md())
+        path = tmp_path / "usage.ndjson"
+        mine = set(ids)
+        await until(
+            lambda: len([e for e in ndjson_lines(path) if e["subject"] in mine]) == 4, 30, "4 lines"
+        )
+    lines = [e for e in ndjson_lines(path, complete=True) if e["subject"] in mine]
+    for lid in ids:
+        got = [
+            (e["id"], e["data"]["delta"], e["data"]["uses"]) for e in lines if e["subject"] == lid
+        ]
+        assert got == [(f"{lid}:1", 2, 7), (f"{lid}:2", -1, 6)]
