@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(PY) bench/propagation.py
 	$(PY) bench/watch.py
 	$(PY) bench/keycheck.py
+	$(PY) bench/export.py
 
 # The optional extra `glide` (valkey-glide) is installed for this target only.
 $(GLIDE_STAMP): $(STAMP) pyproject.toml
