@@ -1210,6 +1210,10 @@ def test_each_rpc_was_called_by_every_caller(request: pytest.FixtureRequest) -> 
         for m in METHODS
         if not any("OK" in w[(m.name, c)] for c in ("admin", "license key"))
         and not (m.server_streaming and any("DEADLINE_EXCEEDED" in w[(m.name, c)] for c in CALLERS))
+        # Succeeds only for a configured export sink: the fuzz server has none (its keyspace
+        # must not change behind the snapshots), so every call names an unknown sink;
+        # tests/test_export.py replays dead letters with sinks.
+        and m.name != "ReplayDeadLetters"
     ]
     # client mistakes are logged at most once per burst (10 s), never with a traceback
     assert not [r for r in LOGGED if r.exc_info], [r.getMessage() for r in LOGGED if r.exc_info]
