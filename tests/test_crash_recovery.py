@@ -5,6 +5,7 @@ was cut short completes by itself (a policy change) or through its retry (a crea
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -80,21 +81,23 @@ async def restart_and_check(proc: ServiceProcess, policy_id: str, ids: list[str]
     assert code == 0
 
 
-async def test_sigkill_during_update_policy(proc: ServiceProcess) -> None:
-    """SIGKILL 0.2 s into an UpdatePolicy of 5,000 licenses: after a restart every license
+async def test_sigkill_during_update_policy(
+    proc: ServiceProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL after the first page of an UpdatePolicy of 5,000 licenses has been copied (a
+    failpoint: the copy is too fast to catch by timing): after a restart every license
     enforces the new limit within 30 s."""
+    monkeypatch.setenv("METER_FAILPOINTS", "propagate.page=kill")
     await proc.start()
     policy_id, ids = await policy_with_licenses(proc, 5000)
     async with grpc.aio.insecure_channel(proc.target) as ch:
-        call = lgrpc.LicenseServiceStub(ch).UpdatePolicy(
-            update(policy_id, max_uses=10), metadata=proc.token()
-        )
-        await asyncio.sleep(0.2)
-        assert proc.proc is not None
-        proc.proc.kill()
-        await proc.proc.wait()
         with pytest.raises(grpc.aio.AioRpcError):
-            await call
+            await lgrpc.LicenseServiceStub(ch).UpdatePolicy(
+                update(policy_id, max_uses=10), metadata=proc.token()
+            )
+    assert proc.proc is not None
+    assert await proc.proc.wait() == -signal.SIGKILL
+    monkeypatch.delenv("METER_FAILPOINTS")
     await restart_and_check(proc, policy_id, ids)
 
 
