@@ -19,9 +19,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -30,8 +28,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from meter_grpc.domain import secretfile
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FILE_NAME = "key-secret"
 SECRET_BYTES = 32
@@ -106,9 +102,7 @@ class KeySecret:
                 f"{path} holds {len(data)} bytes: expected {SECRET_BYTES} random bytes "
                 f"or {2 * SECRET_BYTES} hex digits"
             )
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("key secret %s is readable by others (mode %o); use 0600", path, mode)
+        secretfile.warn_if_readable_by_others(path, "key secret")
         return cls(secret)
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,3 +36,10 @@ def create_once(path: Path, data: bytes, what: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def warn_if_readable_by_others(path: Path, what: str) -> None:
+    """Logs a warning when a secret's file may be read by group or others."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s %s is readable by others (mode %o); use 0600", what, path, mode)

@@ -8,16 +8,12 @@ when two replicas share a data dir the first one's key wins.
 
 from __future__ import annotations
 
-import logging
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meter_grpc.domain import secretfile
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FILE_NAME = "signing-key.pem"
 
@@ -64,9 +60,7 @@ class Signer:
             raise SigningKeyError(f"{path} is not an unencrypted PEM private key") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise SigningKeyError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("signing key %s is readable by others (mode %o); use 0600", path, mode)
+        secretfile.warn_if_readable_by_others(path, "signing key")
         return cls(key)
 
     @classmethod
