@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-import grpc
 import uvloop
+from _serving import MD, serving
 
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import policy_pb2
 from meter_grpc.api.auth import Authenticator
-from meter_grpc.config import Settings
 from meter_grpc.domain.clock import SystemClock
-from meter_grpc.server import build_server
 from meter_grpc.storage import codec, keys
 
-MD = (("authorization", "Bearer bench"),)
 METHOD = "/meter.v1.UsageService/GetUsage"
 
 
@@ -46,72 +41,65 @@ async def timed(calls: int, check: Callable[[int], Awaitable[object]]) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(listen="127.0.0.1:0", data_dir=Path(tmp), admin_tokens=["bench"])
-        service, port = await build_server(settings)
-        await service.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = lgrpc.LicenseServiceStub(ch)
-                policy = (
-                    await stub.CreatePolicy(
-                        lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")),
-                        metadata=MD,
-                    )
-                ).policy
-                made = [
-                    (
-                        await stub.CreateLicense(
-                            lpb.CreateLicenseRequest(license={"policy_id": policy.id}),
-                            metadata=MD,
-                        )
-                    ).license
-                    for _ in range(args.licenses)
-                ]
-            store, licensing = service.store, service.licensing
-            digests = [licensing.key_digest(lic.key) for lic in made]
-            n = len(digests)
+    async with serving() as (service, ch):
+        stub = lgrpc.LicenseServiceStub(ch)
+        policy = (
+            await stub.CreatePolicy(
+                lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="bench")),
+                metadata=MD,
+            )
+        ).policy
+        made = [
+            (
+                await stub.CreateLicense(
+                    lpb.CreateLicenseRequest(license={"policy_id": policy.id}),
+                    metadata=MD,
+                )
+            ).license
+            for _ in range(args.licenses)
+        ]
+        store, licensing = service.store, service.licensing
+        digests = [licensing.key_digest(lic.key) for lic in made]
+        n = len(digests)
 
-            async def baseline(i: int) -> object:
-                d = digests[i % n]
-                license_id = await store.client.get(keys.license_by_key(d))
-                h = await store.client.hgetall(keys.license(str(license_id)))
-                return codec.license_from_hash(h)
+        async def baseline(i: int) -> object:
+            d = digests[i % n]
+            license_id = await store.client.get(keys.license_by_key(d))
+            h = await store.client.hgetall(keys.license(str(license_id)))
+            return codec.license_from_hash(h)
 
-            async def miss(i: int) -> object:
-                return await store.key_holder(digests[i % n])
+        async def miss(i: int) -> object:
+            return await store.key_holder(digests[i % n])
 
-            auth = Authenticator([], licensing.key_holder, SystemClock(), licensing.key_digest)
-            auth.cache.ttl_s = auth.cache.unknown_ttl_s = 3600.0
+        auth = Authenticator([], licensing.key_holder, SystemClock(), licensing.key_digest)
+        auth.cache.ttl_s = auth.cache.unknown_ttl_s = 3600.0
 
-            async def hit(i: int) -> object:
-                return await auth.authenticate(METHOD, f"License {made[i % n].key}")
+        async def hit(i: int) -> object:
+            return await auth.authenticate(METHOD, f"License {made[i % n].key}")
 
-            async def unknown(i: int) -> object:
-                try:
-                    await auth.authenticate(METHOD, "License NO-SUCH-KEY-00000000")
-                except Exception as exc:
-                    return exc
-                raise AssertionError("an unknown key authenticated")
+        async def unknown(i: int) -> object:
+            try:
+                await auth.authenticate(METHOD, "License NO-SUCH-KEY-00000000")
+            except Exception as exc:
+                return exc
+            raise AssertionError("an unknown key authenticated")
 
-            for i in range(n):  # fill the cache
-                await hit(i)
-            results: dict[str, list[float]] = {
-                "baseline": [],
-                "miss": [],
-                "hit": [],
-                "unknown": [],
-            }
-            for _ in range(args.rounds):
-                for name, check in (
-                    ("baseline", baseline),
-                    ("miss", miss),
-                    ("hit", hit),
-                    ("unknown", unknown),
-                ):
-                    results[name].append(await timed(args.calls, check))
-        finally:
-            await service.stop(1)
+        for i in range(n):  # fill the cache
+            await hit(i)
+        results: dict[str, list[float]] = {
+            "baseline": [],
+            "miss": [],
+            "hit": [],
+            "unknown": [],
+        }
+        for _ in range(args.rounds):
+            for name, check in (
+                ("baseline", baseline),
+                ("miss", miss),
+                ("hit", hit),
+                ("unknown", unknown),
+            ):
+                results[name].append(await timed(args.calls, check))
     base = statistics.median(results["baseline"])
     print(
         f"# key check, {args.licenses} licenses, {args.calls} checks x {args.rounds} rounds, "

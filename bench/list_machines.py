@@ -12,77 +12,60 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
-import grpc
 import uvloop
+from _serving import MD, serving
 
 from meter.v1 import license_pb2, policy_pb2
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
-from meter_grpc.config import Settings
-from meter_grpc.server import build_server
-
-MD = (("authorization", "Bearer bench"),)
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(listen="127.0.0.1:0", data_dir=Path(tmp), admin_tokens=["bench"])
-        service, port = await build_server(settings)
-        await service.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = lgrpc.LicenseServiceStub(ch)
-                policy = await stub.CreatePolicy(
-                    lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="b", floating=True)),
-                    metadata=MD,
+    async with serving() as (_, ch):
+        stub = lgrpc.LicenseServiceStub(ch)
+        policy = await stub.CreatePolicy(
+            lpb.CreatePolicyRequest(policy=policy_pb2.Policy(name="b", floating=True)),
+            metadata=MD,
+        )
+        lic = await stub.CreateLicense(
+            lpb.CreateLicenseRequest(license=license_pb2.License(policy_id=policy.policy.id)),
+            metadata=MD,
+        )
+        license_id = lic.license.id
+        t0 = time.perf_counter()
+        for start in range(0, args.machines, 200):
+            await asyncio.gather(
+                *(
+                    stub.ActivateMachine(
+                        lpb.ActivateMachineRequest(license_id=license_id, fingerprint=f"f{i}"),
+                        metadata=MD,
+                    )
+                    for i in range(start, min(args.machines, start + 200))
                 )
-                lic = await stub.CreateLicense(
-                    lpb.CreateLicenseRequest(
-                        license=license_pb2.License(policy_id=policy.policy.id)
+            )
+        print(f"{args.machines} machines activated in {time.perf_counter() - t0:.1f} s")
+        for size in (50, 1000):
+            t0 = time.perf_counter()
+            token, listed, pages = "", 0, 0
+            while True:
+                resp = await stub.ListMachines(
+                    lpb.ListMachinesRequest(
+                        license_id=license_id, page_size=size, page_token=token
                     ),
                     metadata=MD,
                 )
-                license_id = lic.license.id
-                t0 = time.perf_counter()
-                for start in range(0, args.machines, 200):
-                    await asyncio.gather(
-                        *(
-                            stub.ActivateMachine(
-                                lpb.ActivateMachineRequest(
-                                    license_id=license_id, fingerprint=f"f{i}"
-                                ),
-                                metadata=MD,
-                            )
-                            for i in range(start, min(args.machines, start + 200))
-                        )
-                    )
-                print(f"{args.machines} machines activated in {time.perf_counter() - t0:.1f} s")
-                for size in (50, 1000):
-                    t0 = time.perf_counter()
-                    token, listed, pages = "", 0, 0
-                    while True:
-                        resp = await stub.ListMachines(
-                            lpb.ListMachinesRequest(
-                                license_id=license_id, page_size=size, page_token=token
-                            ),
-                            metadata=MD,
-                        )
-                        listed, pages = listed + len(resp.machines), pages + 1
-                        token = resp.next_page_token
-                        if not token:
-                            break
-                    took = time.perf_counter() - t0
-                    assert listed == args.machines
-                    print(
-                        f"page_size {size:4d}: {pages} pages in {took:.2f} s "
-                        f"({took / pages * 1000:.1f} ms a page)"
-                    )
-        finally:
-            await service.stop(0)
+                listed, pages = listed + len(resp.machines), pages + 1
+                token = resp.next_page_token
+                if not token:
+                    break
+            took = time.perf_counter() - t0
+            assert listed == args.machines
+            print(
+                f"page_size {size:4d}: {pages} pages in {took:.2f} s "
+                f"({took / pages * 1000:.1f} ms a page)"
+            )
 
 
 if __name__ == "__main__":

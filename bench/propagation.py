@@ -13,21 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-import grpc
 import uvloop
+from _serving import MD, serving
 from google.protobuf import field_mask_pb2
 
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import policy_pb2
-from meter_grpc.config import Settings
-from meter_grpc.server import build_server
-
-MD = (("authorization", "Bearer bench"),)
 
 
 async def create(licenses: lgrpc.LicenseServiceStub, policy_id: str, n: int) -> None:
@@ -43,36 +37,29 @@ async def create(licenses: lgrpc.LicenseServiceStub, policy_id: str, n: int) -> 
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(listen="127.0.0.1:0", data_dir=Path(tmp), admin_tokens=["bench"])
-        service, port = await build_server(settings)
-        await service.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                licenses = lgrpc.LicenseServiceStub(ch)
-                policy = (
-                    await licenses.CreatePolicy(
-                        lpb.CreatePolicyRequest(policy=policy_pb2.Policy(max_uses=10)), metadata=MD
-                    )
-                ).policy
-                await create(licenses, policy.id, args.licenses)
-                times = []
-                for r in range(args.rounds):
-                    start = time.perf_counter()
-                    p = (
-                        await licenses.UpdatePolicy(
-                            lpb.UpdatePolicyRequest(
-                                policy=policy_pb2.Policy(id=policy.id, max_uses=11 + r),
-                                update_mask=field_mask_pb2.FieldMask(paths=["max_uses"]),
-                            ),
-                            metadata=MD,
-                        )
-                    ).policy
-                    times.append(time.perf_counter() - start)
-                    assert p.propagated_revision == p.revision
-                    print(f"round {r + 1}: {times[-1]:.3f} s")
-        finally:
-            await service.stop(1)
+    async with serving() as (_, ch):
+        licenses = lgrpc.LicenseServiceStub(ch)
+        policy = (
+            await licenses.CreatePolicy(
+                lpb.CreatePolicyRequest(policy=policy_pb2.Policy(max_uses=10)), metadata=MD
+            )
+        ).policy
+        await create(licenses, policy.id, args.licenses)
+        times = []
+        for r in range(args.rounds):
+            start = time.perf_counter()
+            p = (
+                await licenses.UpdatePolicy(
+                    lpb.UpdatePolicyRequest(
+                        policy=policy_pb2.Policy(id=policy.id, max_uses=11 + r),
+                        update_mask=field_mask_pb2.FieldMask(paths=["max_uses"]),
+                    ),
+                    metadata=MD,
+                )
+            ).policy
+            times.append(time.perf_counter() - start)
+            assert p.propagated_revision == p.revision
+            print(f"round {r + 1}: {times[-1]:.3f} s")
     median = statistics.median(times)
     print(
         f"UpdatePolicy of {args.licenses} licenses: {median:.3f} s "
