@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,26 @@ async def _create(
         metadata=admin_md(),
     )
     return resp.license
+
+
+@contextlib.asynccontextmanager
+async def another_replica(running: Running, data_dir: Path) -> AsyncIterator[grpc.aio.Channel]:
+    """A second meter-grpc server on the session's store (with its key secret), and a channel
+    to it."""
+    settings = Settings(
+        listen="127.0.0.1:0",
+        redis_url=running.redis_url,
+        data_dir=data_dir,
+        admin_tokens=[ADMIN_TOKEN],
+        key_secret_file=running.key_secret_file,
+    )
+    service, port = await build_server(settings)
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield ch
+    finally:
+        await service.stop(1)
 
 
 async def _key_works(usage: ugrpc.UsageServiceStub, license_id: str, key: str) -> bool:
@@ -274,26 +296,14 @@ async def test_old_format_is_migrated_on_start(
         pytest.skip("hangs on the session's shared Cluster after other suites (open)")
     policy = await make_policy(name="old format")
     made, rids, _ = await _old_data(running, redis, licenses, policy.id, 6)
-    settings = Settings(
-        listen="127.0.0.1:0",
-        redis_url=running.redis_url,
-        data_dir=tmp_path,
-        admin_tokens=[ADMIN_TOKEN],
-        key_secret_file=running.key_secret_file,
-    )
-    service, port = await build_server(settings)
-    await service.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            other = ugrpc.UsageServiceStub(ch)
-            for lic in made:
-                assert await _key_works(other, lic.id, lic.key)
+    async with another_replica(running, tmp_path) as ch:
+        other = ugrpc.UsageServiceStub(ch)
+        for lic in made:
+            assert await _key_works(other, lic.id, lic.key)
         await _assert_migrated(running, redis, licenses, usage, policy.id, made, rids)
         assert await redis.get(keys.keys_migrated()) == "1"  # later starts skip the SCAN
         if running.redis_url.startswith("unix://"):  # the embedded server: its files are here
             await _assert_not_in_append_only_file(running, redis, [lic.key for lic in made])
-    finally:
-        await service.stop(1)
 
 
 async def _assert_not_in_append_only_file(running: Running, redis: Any, secrets: list[str]) -> None:
@@ -546,27 +556,15 @@ async def test_an_unknown_key_created_on_another_replica_works_within_the_bound(
     it once its entry is older than the unknown-key bound (a second), as the loop shows."""
     policy = await make_policy(name="negative cache, two replicas")
     key = f"ELSEWHERE-{os.urandom(8).hex()}"
-    settings = Settings(
-        listen="127.0.0.1:0",
-        redis_url=running.redis_url,
-        data_dir=tmp_path,
-        admin_tokens=[ADMIN_TOKEN],
-        key_secret_file=running.key_secret_file,
-    )
-    service, port = await build_server(settings)
-    await service.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            other = ugrpc.UsageServiceStub(ch)
-            assert not await _key_works(other, "x", key)  # now remembered as unknown on B
-            lic = await _create(licenses, policy.id, key=key)  # on A
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10 * auth.UNKNOWN_KEY_TTL_S
-            while not await _key_works(other, lic.id, key):
-                assert loop.time() < deadline, "B still refuses the key"
-                await asyncio.sleep(0.05)
-    finally:
-        await service.stop(1)
+    async with another_replica(running, tmp_path) as ch:
+        other = ugrpc.UsageServiceStub(ch)
+        assert not await _key_works(other, "x", key)  # now remembered as unknown on B
+        lic = await _create(licenses, policy.id, key=key)  # on A
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10 * auth.UNKNOWN_KEY_TTL_S
+        while not await _key_works(other, lic.id, key):
+            assert loop.time() < deadline, "B still refuses the key"
+            await asyncio.sleep(0.05)
 
 
 class _Counting:
