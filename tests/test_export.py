@@ -93,8 +93,15 @@ class FlakySink:
 
 @asynccontextmanager
 async def exporting(
-    running: Running, data_dir: Path, sinks: Sequence[Sink], **extra: Any
+    running: Running,
+    data_dir: Path,
+    sinks: Sequence[Sink],
+    *,
+    export: bool = True,
+    **extra: Any,
 ) -> AsyncIterator[tuple[Service, grpc.aio.Channel]]:
+    """A second server on the session's store with export on; `export` False: its outbox is
+    written, its exporter never started."""
     ndjson = data_dir / "usage.ndjson"
     settings = Settings(
         listen="127.0.0.1:0",
@@ -110,6 +117,8 @@ async def exporting(
     )
     service, port = await build_server(settings, extra_sinks=sinks)
     assert service.exporter is not None and service.store.export
+    if not export:
+        service.exporter = None
     await service.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -605,3 +614,27 @@ async def test_licenses_written_before_export_was_on_export_from_then_on(
             (e["id"], e["data"]["delta"], e["data"]["uses"]) for e in lines if e["subject"] == lid
         ]
         assert got == [(f"{lid}:1", 2, 7), (f"{lid}:2", -1, 6)]
+
+
+async def test_outbox_streams_missing_from_the_registry_are_found_by_a_scan(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Streams written before the registry of outbox streams existed (an earlier version, or
+    the registry lost): the exporter SCANs for them when it starts and exports them."""
+    async with exporting(running, tmp_path, [], export=False) as (service, ch):
+        ids = await _licenses(ch, 12)
+        await _traffic([f"127.0.0.1:{service.port}"], ids, 200, seed=31)
+    total = await _outbox_total(redis, ids)
+    streams = {keys.outbox(lid) for lid in ids}
+    assert streams <= await redis.smembers(keys.export_streams())  # type: ignore[misc]
+    await redis.delete(keys.export_streams())
+    flaky = FlakySink(fail=0, throttle=0)
+    mine = set(ids)
+    async with exporting(running, tmp_path, [flaky]) as (service, _ch):
+
+        def held() -> int:
+            return sum(1 for e in flaky.held.values() if e.license_id in mine)
+
+        await until(lambda: held() >= total, 60, "every event of the unregistered streams")
+        assert streams <= await redis.smembers(keys.export_streams())  # type: ignore[misc]
+    assert held() == total > 0

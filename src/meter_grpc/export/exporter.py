@@ -18,7 +18,9 @@ waits for a retry holding its later events back; RETRY waits an exponential back
 (at least the sink's retry_after_s); DEAD goes to the sink's dead-letter stream
 (keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then is acknowledged. Entries
 every group acknowledged are trimmed (XTRIM MINID). A stream found empty is polled less and
-less often (up to IDLE_POLL_MAX_S); slots without a stream are looked for every SWEEP_S.
+less often (up to IDLE_POLL_MAX_S). Streams are found in a registry (keys.export_streams) that
+every replica adds a stream to before its first write there, read every SWEEP_S; a SCAN at
+start and every RESCAN_S finds streams written before the registry existed.
 Nothing here runs on the request path: it shares only the Redis connection.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -36,16 +39,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meter_grpc.config import Settings
+from meter_grpc.domain.watching import position
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
 from meter_grpc.export.sinks import build_sinks
 from meter_grpc.export.sinks.ndjson import build_ndjson
 from meter_grpc.storage import keys
+from meter_grpc.storage.commands import pairs
 from meter_grpc.storage.store import RedisStore
 
 log = logging.getLogger(__name__)
 
 BUCKETS = 64
-SWEEP_S = 10.0  # slots without an outbox stream are looked at again after this
+SWEEP_S = 10.0  # the registry of outbox streams (keys.export_streams) is read again after this
+RESCAN_S = 600.0  # the keyspace is SCANned again for unregistered outbox streams after this
 POLL_S = 0.05  # a stream that had entries is read again after this
 IDLE_POLL_MAX_S = 5.0  # an empty stream is read at most this long after its last look
 READ_COUNT = 500  # entries read from one stream at once
@@ -108,11 +114,6 @@ def fields_of(e: ExportEvent) -> dict[str, str]:
     }
 
 
-def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
-    it = iter(flat)
-    return {str(k): v for k, v in zip(it, it, strict=True)}
-
-
 def _id_ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
@@ -120,12 +121,6 @@ def _id_ms(entry_id: str) -> int:
 def _next_id(entry_id: str) -> str:
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq) + 1}"
-
-
-def _older(a: str, b: str) -> bool:
-    am, _, asq = a.partition("-")
-    bm, _, bsq = b.partition("-")
-    return (int(am), int(asq)) < (int(bm), int(bsq))
 
 
 @dataclass(slots=True)
@@ -197,7 +192,8 @@ class Exporter:
         self.metrics = metrics
         self.buckets: set[int] = set()  # held now
         self._known: dict[int, set[str]] = {}  # bucket -> outbox streams that exist
-        self._swept: dict[int, float] = {}
+        self._sweep_at = 0.0  # the registry is read again from then on
+        self._rescan_at = 0.0  # the keyspace is SCANned again from then on
         # license id -> (until, metadata, policy id), looked up for the events of a batch
         self._meta: dict[str, tuple[float, dict[str, str], str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,7 +273,7 @@ class Exporter:
             if ok and b not in self.buckets:
                 self.buckets.add(b)
                 self._known[b] = set()
-                self._swept[b] = 0.0
+                self._sweep_at = 0.0
         self._wake.set()
 
     def _drop(self, lost: set[int]) -> None:
@@ -295,26 +291,33 @@ class Exporter:
     # --- discovery ------------------------------------------------------------------------
 
     async def _sweep(self) -> None:
+        """Adds the registered outbox streams (keys.export_streams) of the buckets held to
+        `_known`, creating the sinks' groups on each. The first sweep, and one every
+        RESCAN_S, also SCANs for streams written before the registry existed."""
         now = time.monotonic()
-        for b in list(self.buckets):
-            if now - self._swept.get(b, 0.0) < self.sweep_s:
-                continue
-            self._swept[b] = now
-            names = [keys.outbox_of_slot(s) for s in range(b, keys.SLOTS, BUCKETS)]
+        if now < self._sweep_at or not self.buckets:
+            return
+        self._sweep_at = now + self.sweep_s
+        registry = keys.export_streams()
+        if now >= self._rescan_at:
+            self._rescan_at = now + RESCAN_S
+            found = [n async for n in self.store.client.scan_iter(keys.outbox_pattern())]
+            if found:
+                await self.store.client.sadd(registry, *found)
+        registered: set[str] = await self.store.client.smembers(registry)
+        for name in sorted(registered):
+            b = keys.slot_of(name) % BUCKETS
             known = self._known.get(b)
-            if known is None:
+            if known is None or name in known:
                 continue
-            todo = [n for n in names if n not in known]
-            found = await asyncio.gather(*(self.store.client.exists(n) for n in todo))
-            for name, there in zip(todo, found, strict=True):
-                if there and b in self.buckets:
-                    await self._groups(name)
-                    known.add(name)
+            await self._groups(name)
+            if b in self.buckets:
+                known.add(name)
 
     async def _groups(self, stream: str) -> None:
         for name in self.runs:
             try:
-                await self._call("XGROUP", "CREATE", stream, name, "0")
+                await self._call("XGROUP", "CREATE", stream, name, "0", "MKSTREAM")
             except Exception as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -391,7 +394,7 @@ class Exporter:
         for entry_id, flat in rows:
             if flat is None:  # acknowledged meanwhile and trimmed
                 continue
-            item = _Item(stream, str(entry_id), _pairs(flat), st.bucket)
+            item = _Item(stream, str(entry_id), pairs(flat), st.bucket)
             if pending:  # read by an earlier holder: it may have been tried already
                 item.first_attempt_ms = int(item.fields.get("t", "0"))
             run.queue.append(item)
@@ -452,7 +455,7 @@ class Exporter:
                 item.first_attempt_ms = now_ms
             m, policy = meta[item.license_id]
             e = event_of(item.fields, m, policy)
-            events.append(_with_first_attempt(e, item.first_attempt_ms))
+            events.append(dataclasses.replace(e, first_attempt_ms=item.first_attempt_ms))
         async with run.lock:
             outcomes = await run.sink.deliver(events)
         if len(outcomes) != len(events):
@@ -536,7 +539,7 @@ class Exporter:
             await self._call("XTRIM", stream, "MINID", low)
 
     async def _oldest_unacked(self, stream: str) -> str | None:
-        groups = [_pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+        groups = [pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
         if not groups:
             return None
         low: str | None = None
@@ -546,7 +549,7 @@ class Exporter:
                 first = str(summary[1])
             else:
                 first = _next_id(str(g["last-delivered-id"]))
-            if low is None or _older(first, low):
+            if low is None or position(first) < position(low):
                 low = first
         return low
 
@@ -560,7 +563,7 @@ class Exporter:
         streams = await self.outbox_streams()
         for stream in streams:
             try:
-                groups = [_pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+                groups = [pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
             except Exception:
                 continue
             present = {str(g["name"]): g for g in groups}
@@ -600,9 +603,8 @@ class Exporter:
         return list(out.values())
 
     async def outbox_streams(self) -> list[str]:
-        names = [keys.outbox_of_slot(s) for s in range(keys.SLOTS)]
-        there = await asyncio.gather(*(self.store.client.exists(n) for n in names))
-        return [n for n, t in zip(names, there, strict=True) if t]
+        """The outbox streams registered (keys.export_streams), in name order."""
+        return sorted(await self.store.client.smembers(keys.export_streams()))
 
     async def dead_letters(self, sink: str, limit: int) -> list[tuple[str, ExportEvent, str]]:
         rows = await self.store.client.xrange(keys.export_dead(sink), count=limit or None)
@@ -619,7 +621,11 @@ class Exporter:
         for start in range(0, len(rows), run.sink.max_batch):
             chunk = rows[start : start + run.sink.max_batch]
             meta = await self._metadata({e.license_id for _, e, _ in chunk})
-            events = [_with_metadata(e, meta[e.license_id][0]) for _, e, _ in chunk]
+            # a replay is a first attempt again (Stripe's 24 h window counts from it)
+            events = [
+                dataclasses.replace(e, license_metadata=meta[e.license_id][0], first_attempt_ms=0)
+                for _, e, _ in chunk
+            ]
             async with run.lock:
                 outcomes = await run.sink.deliver(events)
             for (eid, event, _), outcome in zip(chunk, outcomes, strict=True):
@@ -633,20 +639,6 @@ class Exporter:
                         await self._dead_letter(sink, event, outcome.reason)
         left = int(await self.store.client.execute_command("XLEN", name))
         return delivered, failed, left
-
-
-def _with_first_attempt(e: ExportEvent, ms: int) -> ExportEvent:
-    return ExportEvent(
-        e.id, e.license_id, e.policy_id, e.meter, e.kind, e.delta, e.uses, e.request_id,
-        e.time_ms, e.license_metadata, first_attempt_ms=ms,
-    )  # fmt: skip
-
-
-def _with_metadata(e: ExportEvent, meta: dict[str, str]) -> ExportEvent:
-    return ExportEvent(
-        e.id, e.license_id, e.policy_id, e.meter, e.kind, e.delta, e.uses, e.request_id,
-        e.time_ms, meta,
-    )  # fmt: skip
 
 
 __all__ = ["BUCKETS", "Exporter", "Outcome", "SinkStatus", "event_of", "sinks_of"]

@@ -10,6 +10,7 @@ split per slot; blocking reads (xread with `block`) go to a dedicated connection
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -17,13 +18,14 @@ from typing import Any
 from meter_grpc.storage.transport import MAX_INFLIGHT, router_for, slot_of
 
 
-def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
+def pairs(flat: Sequence[Any]) -> dict[Any, Any]:
+    """[name, value, name, value, ...] (HGETALL, XINFO, stream entry fields) as a dict."""
     it = iter(flat)
     return dict(zip(it, it, strict=True))
 
 
 def _entries(rows: Sequence[Any] | None) -> list[tuple[str, dict[str, str]]]:
-    return [(eid, _pairs(fields or ())) for eid, fields in rows or ()]
+    return [(eid, pairs(fields or ())) for eid, fields in rows or ()]
 
 
 def _ms(t: int | timedelta) -> int:
@@ -204,12 +206,17 @@ class RedisClient:
         return await self._call("HSET", name, *flat)  # type: ignore[no-any-return]
 
     async def hgetall(self, name: str) -> dict[str, str]:
-        return _pairs(await self._call("HGETALL", name))
+        return pairs(await self._call("HGETALL", name))
 
     async def hdel(self, name: str, *keys: str) -> int:
         return await self._call("HDEL", name, *keys)  # type: ignore[no-any-return]
 
     # sets
+    async def sadd(self, name: str, *values: str) -> int:
+        return await self._call("SADD", name, *values)  # type: ignore[no-any-return]
+
+    async def smembers(self, name: str) -> builtins.set[str]:
+        return set(await self._call("SMEMBERS", name))
 
     # sorted sets
     async def zadd(
@@ -247,7 +254,7 @@ class RedisClient:
         if withscores:
             args.append("WITHSCORES")
         reply = await self._call(*args)
-        return [(m, float(s)) for m, s in _pairs(reply).items()] if withscores else reply
+        return [(m, float(s)) for m, s in pairs(reply).items()] if withscores else reply
 
     async def zrangebylex(
         self, name: str, min: str, max: str, start: int | None = None, num: int | None = None

@@ -206,9 +206,21 @@ def outbox_of_slot(slot: int) -> str:
     return f"{PREFIX}:{{ob:{_outbox_tags()[slot]}}}:outbox"
 
 
+def outbox_pattern() -> str:
+    """SCAN pattern matching every outbox stream's name."""
+    return f"{PREFIX}:{{ob:*}}:outbox"
+
+
 def outbox(license_id: str) -> str:
     """The outbox stream of the license's slot (same slot as `license(license_id)`)."""
     return outbox_of_slot(slot_of(license(license_id)))
+
+
+def export_streams() -> str:
+    """Set: the names of the outbox streams that exist (or are about to: a replica adds the
+    stream of a license's slot before its first script call there writes to it). The
+    exporter reads it instead of looking for 16,384 possible streams."""
+    return f"{PREFIX}:export:streams"
 
 
 def export_dead(sink: str) -> str:

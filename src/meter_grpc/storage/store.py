@@ -33,7 +33,7 @@ from meter_grpc.domain.models import (
 )
 from meter_grpc.domain.ports import CreateRecord, LicenseRead, MachineResult, UsageResult
 from meter_grpc.storage import codec, keys
-from meter_grpc.storage.commands import RedisClient
+from meter_grpc.storage.commands import RedisClient, pairs
 from meter_grpc.storage.scripts import (
     EVENTS_MAXLEN,
     REQUEST_RECORD_TTL_MS,
@@ -98,11 +98,6 @@ _EVENT_TYPES = {
 }
 
 
-def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    """A stream entry's fields as a script returns them ([name, value, ...]) as a dict."""
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
 def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
     return UsageEvent(
         event_id=event_id,
@@ -139,6 +134,8 @@ class RedisStore:
         # Usage export on (a sink configured): counted changes are appended to the outbox.
         self.export = export
         self.scripts = Scripts(client, event_retention, export)
+        # Outbox streams this process has added to keys.export_streams() (at most 16,384).
+        self._registered: set[str] = set()
         # policy id -> the policy as last read from its hash, for building Licenses (a license
         # hash holds only the policy fields its scripts read). Used for a license whose
         # revision it covers; policies only move forward, so it is never wrong, only re-read.
@@ -521,6 +518,16 @@ class RedisStore:
 
     # --- usage ----------------------------------------------------------------------------
 
+    async def _outbox(self, license_id: str) -> str:
+        """The license's outbox stream; with export on, added to keys.export_streams() before
+        the first script call of this process that may write to it (one SADD per stream and
+        process), so the exporter finds every stream that holds an event."""
+        name = keys.outbox(license_id)
+        if self.export and name not in self._registered:
+            await self.client.sadd(keys.export_streams(), name)
+            self._registered.add(name)
+        return name
+
     @storage_call
     async def usage(
         self,
@@ -536,7 +543,7 @@ class RedisStore:
         script_keys = [
             keys.license(license_id),
             keys.license_events(license_id),
-            keys.outbox(license_id),
+            await self._outbox(license_id),
         ]
         if request_id:
             script_keys.append(keys.request_record(license_id, request_id))
@@ -596,7 +603,7 @@ class RedisStore:
         gap, entries = await self.scripts.events_after(
             keys=[keys.license_events(license_id)], args=[after, count]
         )
-        return [_event(str(eid), _pairs(fields)) for eid, fields in entries], str(gap)
+        return [_event(str(eid), pairs(fields)) for eid, fields in entries], str(gap)
 
     @storage_call
     async def license_exists(self, license_id: str) -> bool:
@@ -619,7 +626,7 @@ class RedisStore:
         script_keys = [
             keys.license(license_id),
             keys.license_events(license_id),
-            keys.outbox(license_id),
+            await self._outbox(license_id),
         ]
         args: list[object] = [now_ms, periods]
         for record_id, amount in records:
