@@ -638,3 +638,36 @@ async def test_outbox_streams_missing_from_the_registry_are_found_by_a_scan(
         await until(lambda: held() >= total, 60, "every event of the unregistered streams")
         assert streams <= await redis.smembers(keys.export_streams())  # type: ignore[misc]
     assert held() == total > 0
+
+
+async def test_idle_streams_are_not_read_until_their_newest_entry_changes(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """An exporter with 600 outbox streams and nothing new reads none of them again: it looks
+    at their newest ids in one script call per node (outbox_heads.lua), and reads only the
+    stream whose head moved, then delivers its event."""
+    slots = range(7, keys.SLOTS, keys.SLOTS // 600)
+    await redis.sadd(keys.export_streams(), *(keys.outbox_of_slot(s) for s in slots))  # type: ignore[misc]
+    flaky = FlakySink(fail=0, throttle=0)
+    async with exporting(running, tmp_path, [flaky]) as (service, ch):
+        exporter = service.exporter
+        assert exporter is not None
+        reads: list[str] = []
+        read = exporter._read
+
+        async def counted(run: Any, stream: str, st: Any) -> int:
+            reads.append(stream)
+            return await read(run, stream, st)
+
+        exporter._read = counted  # type: ignore[method-assign]
+        await until(lambda: len(set(reads)) >= len(slots), 30, "every stream read once")
+        await asyncio.sleep(3 * 2.0)  # past the longest idle interval (IDLE_POLL_MAX_S)
+        reads.clear()
+        await asyncio.sleep(2 * 2.0)
+        assert reads == []
+        [lid] = await _licenses(ch, 1)
+        await ugrpc.UsageServiceStub(ch).IncrementUsage(
+            upb.IncrementUsageRequest(license_id=lid, amount=3), metadata=admin_md()
+        )
+        await until(lambda: f"{lid}:1" in flaky.held, 30, "the new event delivered")
+        assert set(reads) == {keys.outbox(lid)}

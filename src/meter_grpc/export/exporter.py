@@ -17,8 +17,9 @@ Per sink: at most `max_batch` events per delivery, oldest first, a license whose
 waits for a retry holding its later events back; RETRY waits an exponential backoff with jitter
 (at least the sink's retry_after_s); DEAD goes to the sink's dead-letter stream
 (keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then is acknowledged. Entries
-every group acknowledged are trimmed (XTRIM MINID). A stream found empty is polled less and
-less often (up to IDLE_POLL_MAX_S). Streams are found in a registry (keys.export_streams) that
+every group acknowledged are trimmed (XTRIM MINID). A stream read to its end is read again
+only once its newest entry changed (outbox_heads.lua: one call per node for many streams),
+looked at less and less often while nothing changes (up to IDLE_POLL_MAX_S). Streams are found in a registry (keys.export_streams) that
 every replica adds a stream to before its first write there, read every SWEEP_S; a SCAN at
 start and every RESCAN_S finds streams written before the registry existed.
 Nothing here runs on the request path: it shares only the Redis connection.
@@ -46,6 +47,7 @@ from meter_grpc.export.sinks.ndjson import build_ndjson
 from meter_grpc.storage import keys
 from meter_grpc.storage.commands import pairs
 from meter_grpc.storage.store import RedisStore
+from meter_grpc.storage.transport import Node, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ BUCKETS = 64
 SWEEP_S = 10.0  # the registry of outbox streams (keys.export_streams) is read again after this
 RESCAN_S = 600.0  # the keyspace is SCANned again for unregistered outbox streams after this
 POLL_S = 0.05  # a stream that had entries is read again after this
-IDLE_POLL_MAX_S = 5.0  # an empty stream is read at most this long after its last look
+IDLE_POLL_MAX_S = 2.0  # a stream with nothing new is looked at again at most this long after
+HEADS_PER_CALL = 1000  # streams looked at in one outbox_heads.lua call
 READ_COUNT = 500  # entries read from one stream at once
 QUEUE_MAX = 5000  # events held in memory per sink (read, not yet acknowledged)
 BACKOFF_BASE_S = 0.2
@@ -144,6 +147,8 @@ class _StreamState:
     cursor: str = "0"  # "0..": the bucket consumer's pending entries first; then ">"
     next_poll: float = 0.0
     idle_s: float = POLL_S
+    drained: bool = False  # the last read (">") got every new entry there was
+    head: str | None = None  # the stream's newest entry id before that read (_heads)
 
 
 @dataclass
@@ -358,22 +363,57 @@ class Exporter:
         return True
 
     async def _fill(self, run: _SinkRun) -> None:
+        """Reads the streams that are due: a stream read to its end before is read again only
+        if its newest entry changed since (`_heads`, one script call per node)."""
         now = time.monotonic()
+        due: list[tuple[str, _StreamState]] = []
         for b in list(self.buckets):
-            for stream in list(self._known.get(b, ())):
+            for stream in self._known.get(b, ()):
                 st = run.streams.get(stream)
                 if st is None:
                     st = run.streams[stream] = _StreamState(b)
-                if len(run.queue) >= QUEUE_MAX:
-                    return
-                if st.next_poll > now:
-                    continue
+                if st.next_poll <= now:
+                    due.append((stream, st))
+        heads = await self._heads([s for s, st in due if st.cursor == ">"])
+        for stream, st in due:
+            if len(run.queue) >= QUEUE_MAX:
+                return
+            head = heads.get(stream)
+            if st.drained and head is not None and head == st.head:
+                got = 0  # nothing new: not read
+            else:
                 got = await self._read(run, stream, st)
-                if got:
-                    st.idle_s = POLL_S
-                else:
-                    st.idle_s = min(IDLE_POLL_MAX_S, st.idle_s * 2)
-                st.next_poll = now + st.idle_s
+                st.head = head
+            if got:
+                st.idle_s = POLL_S
+            else:
+                st.idle_s = min(IDLE_POLL_MAX_S, st.idle_s * 2)
+            st.next_poll = now + st.idle_s
+
+    async def _heads(self, streams: Sequence[str]) -> dict[str, str]:
+        """Stream -> the id of its newest entry ("" when empty), one outbox_heads.lua call
+        per node and HEADS_PER_CALL streams. A stream missing from the answer (its node not
+        known yet, or a slot that moved during the call) is read."""
+        router = self.store.client.router
+        by_node: dict[int, tuple[Node, list[str]]] = {}
+        for stream in streams:
+            node = router.node_of(stream)
+            if node is not None:
+                by_node.setdefault(id(node), (node, []))[1].append(stream)
+        out: dict[str, str] = {}
+
+        async def one(node: Node, names: list[str]) -> None:
+            for i in range(0, len(names), HEADS_PER_CALL):
+                chunk = names[i : i + HEADS_PER_CALL]
+                try:
+                    ids = await self.store.scripts.outbox_heads(args=chunk, node=node)
+                except (StoreError, OSError) as exc:
+                    log.debug("export heads on %s: %s", node.name, exc)
+                    continue
+                out.update(zip(chunk, map(str, ids), strict=True))
+
+        await asyncio.gather(*(one(node, names) for node, names in by_node.values()))
+        return out
 
     async def _read(self, run: _SinkRun, stream: str, st: _StreamState) -> int:
         count = min(READ_COUNT, QUEUE_MAX - len(run.queue))
@@ -401,6 +441,8 @@ class Exporter:
             n += 1
         if pending:
             st.cursor = str(rows[-1][0]) if rows else ">"
+        else:
+            st.drained = len(rows) < count
         return n if not pending else max(n, 1 if rows else 0)
 
     def _batch(self, run: _SinkRun) -> list[_Item]:

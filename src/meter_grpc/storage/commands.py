@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequenc
 from datetime import timedelta
 from typing import Any
 
-from meter_grpc.storage.transport import MAX_INFLIGHT, router_for, slot_of
+from meter_grpc.storage.transport import MAX_INFLIGHT, Node, router_for, slot_of
 
 
 def pairs(flat: Sequence[Any]) -> dict[Any, Any]:
@@ -119,11 +119,18 @@ class RedisClient:
 
     # scripts
     def run_script(
-        self, sha: str, source: str, keys: Sequence[Any], args: Sequence[Any]
+        self,
+        sha: str,
+        source: str,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        node: Node | None = None,
     ) -> Coroutine[Any, Any, Any]:
-        """EVALSHA, loading the script on NOSCRIPT (on the node that said it)."""
+        """EVALSHA on the node of keys[0] (or `node`), loading the script on NOSCRIPT (on the
+        node that said it)."""
         command = ("EVALSHA", sha, len(keys), *keys, *args)
-        return self.router.call(command, str(keys[0]) if keys else None, source=source)
+        key = str(keys[0]) if keys and node is None else None
+        return self.router.call(command, key, node=node, source=source)
 
     async def script_load(self, source: str) -> str:
         nodes = await self.router.primaries()

@@ -18,6 +18,7 @@ from typing import Any
 from meter_grpc.domain.ports import MachineStatus, SyncCode, UsageStatus
 from meter_grpc.domain.rules import MAX_COUNTER
 from meter_grpc.storage.commands import RedisClient
+from meter_grpc.storage.transport import Node
 
 SCRIPT_NAMES = (
     "usage",
@@ -43,6 +44,7 @@ SCRIPT_NAMES = (
     "machine_heartbeat",
     "machine_update",
     "machine_list",
+    "outbox_heads",
 )
 # Scripts that take the machine KEYS/ARGV and helpers of machines_common.lua.
 MACHINE_SCRIPTS = frozenset(
@@ -87,8 +89,12 @@ def source(name: str, events_maxlen: int = EVENTS_MAXLEN, export: bool = False) 
         raise ValueError(f"events_maxlen must be >= 0 (got {events_maxlen})")
     lua = files("meter_grpc.storage") / "lua"
     parts = ["common", "machines_common", name] if name in MACHINE_SCRIPTS else ["common", name]
-    body = "\n".join((lua / f"{part}.lua").read_text() for part in parts)
-    return _constants(events_maxlen, export) + body
+    texts = [(lua / f"{part}.lua").read_text() for part in parts]
+    shebang = ""  # `#!lua flags=...` must be the very first line
+    if texts[-1].startswith("#!"):
+        shebang, _, texts[-1] = texts[-1].partition("\n")
+        shebang += "\n"
+    return shebang + _constants(events_maxlen, export) + "\n".join(texts)
 
 
 class Script:
@@ -99,8 +105,11 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._client = client
 
-    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Awaitable[Any]:
-        return self._client.run_script(self.sha, self.source, keys, args)
+    def __call__(
+        self, keys: Sequence[Any] = (), args: Sequence[Any] = (), node: Node | None = None
+    ) -> Awaitable[Any]:
+        """Runs on the node of keys[0], or on `node` (its keys must all be served there)."""
+        return self._client.run_script(self.sha, self.source, keys, args, node=node)
 
 
 class Scripts:

@@ -674,6 +674,10 @@ class Router:
     def _route(self, key: str | None) -> Node | None:
         return self.node
 
+    def node_of(self, key: str) -> Node | None:
+        """The node that serves `key` as far as the slot map knows (None: not known yet)."""
+        return self._route(key)
+
     async def _located(self, key: str | None) -> Node:
         return self.node
 
