@@ -41,7 +41,7 @@ NODE = 100
 
 @asynccontextmanager
 async def serving(
-    running: Running, data_dir: Path, retention: int
+    running: Running, data_dir: Path, retention: int, **extra: Any
 ) -> AsyncIterator[tuple[lgrpc.LicenseServiceStub, ugrpc.UsageServiceStub]]:
     settings = Settings(
         listen="127.0.0.1:0",
@@ -50,6 +50,7 @@ async def serving(
         admin_tokens=[ADMIN_TOKEN],
         key_secret_file=shared_key_secret_file(),
         event_retention=retention,
+        **extra,
     )
     service, port = await build_server(settings)
     await service.start()
@@ -162,6 +163,45 @@ async def test_retention_zero_writes_no_events_and_watch_is_refused(
 
 def _env(value: str) -> Callable[[], Settings]:
     return lambda: Settings.from_env({"METER_EVENT_RETENTION": value})
+
+
+async def test_retention_age_drops_older_events_when_the_next_is_written(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """METER_EVENT_RETENTION_AGE: writing an event drops the license's events older than the
+    age (by stream id), whatever the count; a watch from before them is told, not given a
+    hole."""
+    async with serving(running, tmp_path, 1000, event_retention_age_s=1.0) as (ls, us):
+        lic = await _license(ls)
+        await _increments(us, lic.id, 20)
+        stream = keys.license_events(lic.id)
+        old = await redis.xrange(stream)  # type: ignore[misc]
+        assert len(old) == 20
+        await asyncio.sleep(1.2)
+        await _increments(us, lic.id, 3)
+        kept = await redis.xrange(stream)  # type: ignore[misc]
+        newest_ms = int(kept[-1][0].split("-")[0])
+        assert [int(f["uses"]) for _, f in kept] == list(range(24 - len(kept), 24))
+        assert 1 <= len(kept) <= 3  # none of the 20, and at most the 3 new ones
+        assert all(int(i.split("-")[0]) >= newest_ms - 1000 for i, _ in kept)
+        call = us.WatchUsage(
+            upb.WatchUsageRequest(license_id=lic.id, after_event_id=old[0][0]),
+            metadata=license_md(lic.key),
+        )
+        err = await _watch_error(call)
+        assert err.reason == "USAGE_EVENTS_TRIMMED"
+        assert err.metadata["oldest_event_id"] == kept[0][0]
+
+
+def test_event_retention_age_setting() -> None:
+    def age(value: str) -> float:
+        return Settings.from_env({"METER_EVENT_RETENTION_AGE": value}).event_retention_age_s
+
+    assert Settings.from_env({}).event_retention_age_s == 0
+    assert age("0") == 0 and age("86400") == 86400 and age("0.5") == 0.5
+    for bad in ("-1", "ten", "nan", "inf", "0.0001", "400000000", "1d"):
+        with pytest.raises(ConfigError, match="METER_EVENT_RETENTION_AGE"):
+            age(bad)
 
 
 def test_event_retention_setting() -> None:

@@ -137,6 +137,7 @@ class Settings:
     shutdown_grace_s: float = 10.0
     # Usage events kept per license for WatchUsage (at least the newest N); 0 = none written.
     event_retention: int = 1000
+    event_retention_age_s: float = 0.0  # 0: events are kept by count only
     log_level: str = "INFO"
     # WatchUsage streams open at once: per license key, and in the whole process (admin too).
     watch_per_key: int = DEFAULT_WATCH_PER_KEY
@@ -248,6 +249,7 @@ class Settings:
             shutdown_grace_s=number("METER_SHUTDOWN_GRACE", "10", float),
             log_level=log_level,
             event_retention=_event_retention(get("METER_EVENT_RETENTION")),
+            event_retention_age_s=_event_retention_age(get("METER_EVENT_RETENTION_AGE")),
             watch_per_key=count("METER_WATCH_PER_KEY", DEFAULT_WATCH_PER_KEY),
             watch_max=count("METER_WATCH_MAX", DEFAULT_WATCH_MAX),
             max_machines_per_license=count("METER_MAX_MACHINES_PER_LICENSE", 10_000),
@@ -348,6 +350,27 @@ def _event_retention(raw: str) -> int:
     value = int(raw)
     if value > MAX_EVENT_RETENTION:
         raise ConfigError(f"METER_EVENT_RETENTION={raw!r} is out of range: {expected}")
+    return value
+
+
+MAX_EVENT_RETENTION_AGE_S = 10 * 366 * 86400  # ten years
+
+
+def _event_retention_age(raw: str) -> float:
+    expected = (
+        "expected a number of seconds from 0.001 to 316,224,000 (ten years), or 0 or "
+        "nothing for no age limit (default)"
+    )
+    if not raw or raw == "0":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"METER_EVENT_RETENTION_AGE={raw!r} is not a number: {expected}"
+        ) from None
+    if not math.isfinite(value) or not 0.001 <= value <= MAX_EVENT_RETENTION_AGE_S:
+        raise ConfigError(f"METER_EVENT_RETENTION_AGE={raw!r} is out of range: {expected}")
     return value
 
 

@@ -271,6 +271,7 @@ async def build_server(
             ),
             event_retention=settings.event_retention,
             export=bool(sinks),
+            event_retention_age_ms=round(settings.event_retention_age_s * 1000),
         )
         with contextlib.suppress(Exception):
             await store.client.ping()  # connect (and load the slot map) now, not on a request

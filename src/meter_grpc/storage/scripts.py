@@ -68,9 +68,10 @@ USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000  # SyncUsage record ids are remember
 EVENTS_MAXLEN = 1000
 
 
-def _constants(events_maxlen: int, export: bool) -> str:
+def _constants(events_maxlen: int, export: bool, events_max_age_ms: int) -> str:
     values = {
         "EXPORT": int(export),
+        "EVENTS_MAX_AGE_MS": events_max_age_ms,
         "MAX_COUNTER": MAX_COUNTER,
         "REQUEST_RECORD_TTL_MS": REQUEST_RECORD_TTL_MS,
         "USAGE_RECORD_TTL_MS": USAGE_RECORD_TTL_MS,
@@ -81,12 +82,15 @@ def _constants(events_maxlen: int, export: bool) -> str:
 
 
 @cache
-def source(name: str, events_maxlen: int = EVENTS_MAXLEN, export: bool = False) -> str:
+def source(
+    name: str, events_maxlen: int = EVENTS_MAXLEN, export: bool = False, events_max_age_ms: int = 0
+) -> str:
     """The full text sent to Redis for script `name`: the constants, common.lua,
     machines_common.lua for machine scripts, then `<name>.lua`. `export`: counted changes are
-    appended to the outbox (usage export on)."""
-    if events_maxlen < 0:
-        raise ValueError(f"events_maxlen must be >= 0 (got {events_maxlen})")
+    appended to the outbox (usage export on); `events_max_age_ms` > 0: usage events older than
+    that (by their stream id) are trimmed when the license's next event is written."""
+    if events_maxlen < 0 or events_max_age_ms < 0:
+        raise ValueError("events_maxlen and events_max_age_ms must be >= 0")
     lua = files("meter_grpc.storage") / "lua"
     parts = ["common", "machines_common", name] if name in MACHINE_SCRIPTS else ["common", name]
     texts = [(lua / f"{part}.lua").read_text() for part in parts]
@@ -94,7 +98,7 @@ def source(name: str, events_maxlen: int = EVENTS_MAXLEN, export: bool = False) 
     if texts[-1].startswith("#!"):
         shebang, _, texts[-1] = texts[-1].partition("\n")
         shebang += "\n"
-    return shebang + _constants(events_maxlen, export) + "\n".join(texts)
+    return shebang + _constants(events_maxlen, export, events_max_age_ms) + "\n".join(texts)
 
 
 class Script:
@@ -114,13 +118,19 @@ class Script:
 
 class Scripts:
     """One Script per script name, all on one client; `events_maxlen` usage events kept per
-    license (0: none written); `export`: counted changes appended to the outbox."""
+    license (0: none written), and none older than `events_max_age_ms` (0: no age limit);
+    `export`: counted changes appended to the outbox."""
 
     def __init__(
-        self, client: RedisClient, events_maxlen: int = EVENTS_MAXLEN, export: bool = False
+        self,
+        client: RedisClient,
+        events_maxlen: int = EVENTS_MAXLEN,
+        export: bool = False,
+        events_max_age_ms: int = 0,
     ) -> None:
         self._scripts = {
-            name: Script(source(name, events_maxlen, export), client) for name in SCRIPT_NAMES
+            name: Script(source(name, events_maxlen, export, events_max_age_ms), client)
+            for name in SCRIPT_NAMES
         }
 
     def __getattr__(self, name: str) -> Script:

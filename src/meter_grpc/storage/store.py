@@ -126,14 +126,19 @@ class RedisStore:
     connections of the transport's blocking pool, never the request path's."""
 
     def __init__(
-        self, client: RedisClient, event_retention: int = EVENTS_MAXLEN, export: bool = False
+        self,
+        client: RedisClient,
+        event_retention: int = EVENTS_MAXLEN,
+        export: bool = False,
+        event_retention_age_ms: int = 0,
     ) -> None:
         self.client = client
-        # Usage events kept per license (METER_EVENT_RETENTION); 0: none are written.
+        # Usage events kept per license (METER_EVENT_RETENTION); 0: none are written. None
+        # older than event_retention_age_ms either (METER_EVENT_RETENTION_AGE; 0: no limit).
         self.event_retention = event_retention
         # Usage export on (a sink configured): counted changes are appended to the outbox.
         self.export = export
-        self.scripts = Scripts(client, event_retention, export)
+        self.scripts = Scripts(client, event_retention, export, event_retention_age_ms)
         # Outbox streams this process has added to keys.export_streams() (at most 16,384).
         self._registered: set[str] = set()
         # policy id -> the policy as last read from its hash, for building Licenses (a license

@@ -8,9 +8,12 @@
 --                         `p`, an ARGV of "start,end" pairs for DAILY, WEEKLY, MONTHLY, YEARLY
 --                         (domain.periods.period_bounds_arg), or nil when usage never resets
 -- Constants defined before this file (storage/scripts.py): MAX_COUNTER, EVENTS_MAXLEN,
--- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS, EXPORT (1: usage export on, METER_EXPORT_*).
+-- REQUEST_RECORD_TTL_MS, USAGE_RECORD_TTL_MS, EXPORT (1: usage export on, METER_EXPORT_*),
+-- EVENTS_MAX_AGE_MS.
 -- emit(stream, maxlen, now, kind, amount, uses, max, rid) -> appends a usage event, keeping
---                         about `maxlen` (EVENTS_MAXLEN, METER_EVENT_RETENTION); none when 0
+--                         about `maxlen` (EVENTS_MAXLEN, METER_EVENT_RETENTION); none when 0;
+--                         with EVENTS_MAX_AGE_MS > 0 (METER_EVENT_RETENTION_AGE) also drops
+--                         the events older than that before the new one (by stream id)
 -- outbox(ob, lic, kind, delta, uses, rid, now) -> appends a counted change to the outbox
 --                         stream `ob` of the license's slot (keys.outbox), only when EXPORT
 --                         is 1 and delta ~= 0; its id is "<license id>:<n>" (the id read from
@@ -63,8 +66,15 @@ local function emit(stream, maxlen, now, kind, amount, uses, max, rid)
   if maxlen <= 0 then
     return
   end
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
-    'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now))
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind,
+    'amount', int(amount), 'uses', int(uses), 'max', max and int(max) or '', 'rid', rid,
+    'ts', int(now))
+  if EVENTS_MAX_AGE_MS > 0 then
+    local ms = tonumber(string.match(id, '^(%d+)'))
+    if ms > EVENTS_MAX_AGE_MS then
+      redis.call('XTRIM', stream, 'MINID', int(ms - EVENTS_MAX_AGE_MS))
+    end
+  end
 end
 
 local function outbox(ob, lic, kind, delta, uses, rid, now)
