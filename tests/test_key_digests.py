@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,31 +56,52 @@ def _bytes_client(url: str) -> Any:
 
 
 async def _keyspace(url: str) -> list[bytes]:
-    """Every key name and value of the store (all primaries), as bytes."""
+    """Every key name and value of the store (all primaries), as bytes: SCANned, then read a
+    page at a time in two pipelined rounds (the types, then the values), since the session's
+    store holds every earlier test's keys."""
     client = _bytes_client(url)
     out: list[bytes] = []
+    reads: dict[str, Callable[[Any, bytes], Any]] = {
+        "string": lambda p, n: p.get(n),
+        "hash": lambda p, n: p.hgetall(n),
+        "zset": lambda p, n: p.zrange(n, 0, -1),
+        "set": lambda p, n: p.smembers(n),
+        "list": lambda p, n: p.lrange(n, 0, -1),
+        "stream": lambda p, n: p.xrange(n),
+    }
     try:
-        async for name in client.scan_iter(count=1000):
-            out.append(name)
-            kind = (await client.type(name)).decode()
-            if kind == "string":
-                value = await client.get(name)
-                out.append(value or b"")
-            elif kind == "hash":
-                for f, v in (await client.hgetall(name)).items():
-                    out += [f, v]
-            elif kind == "zset":
-                out += await client.zrange(name, 0, -1)
-            elif kind == "set":
-                out += list(await client.smembers(name))
-            elif kind == "list":
-                out += await client.lrange(name, 0, -1)
-            elif kind == "stream":
-                for _, fields in await client.xrange(name):
-                    for f, v in fields.items():
-                        out += [f, v]
+        names = [name async for name in client.scan_iter(count=1000)]
+        for i in range(0, len(names), 500):
+            page = names[i : i + 500]
+            pipe = client.pipeline(transaction=False)
+            for name in page:
+                pipe.type(name)
+            kinds = [k.decode() for k in await pipe.execute()]
+            pipe = client.pipeline(transaction=False)
+            for name, kind in zip(page, kinds, strict=True):
+                reads.get(kind, lambda p, n: p.exists(n))(pipe, name)  # gone meanwhile: 0
+            for name, value in zip(page, await pipe.execute(), strict=True):
+                out.append(name)
+                out += _flat(value)
     finally:
         await client.aclose()
+    return out
+
+
+def _flat(value: Any) -> list[bytes]:
+    """The bytes in a reply: a string, a hash, members, or stream entries (id, fields)."""
+    if value is None or isinstance(value, int):
+        return []
+    if isinstance(value, bytes):
+        return [value]
+    if isinstance(value, dict):
+        return [b for kv in value.items() for b in kv]
+    out: list[bytes] = []
+    for item in value:
+        if isinstance(item, tuple):  # a stream entry
+            out += _flat(item[1])
+        else:
+            out.append(item)
     return out
 
 
@@ -98,10 +119,14 @@ def _needles(key: str) -> list[bytes]:
 
 
 def _revealed(blobs: list[bytes], secrets: list[str]) -> list[str]:
+    """The needles of `secrets` found in some blob: searched in one buffer of the blobs
+    joined by a NUL byte, so that a needle without one is never found across two blobs (a
+    raw digest holding a NUL is looked for blob by blob)."""
+    joined = b"\0".join(blobs)
     found = []
     for key in secrets:
         for needle in _needles(key):
-            if any(needle in blob for blob in blobs):
+            if needle in joined if b"\0" not in needle else any(needle in b for b in blobs):
                 found.append(f"{key}: {needle!r}")
     return found
 
@@ -289,11 +314,12 @@ async def test_old_format_is_migrated_on_start(
     key still authenticates (on that replica and this one), replays return the full key,
     and nothing of the earlier format remains."""
     if is_cluster_url(running.redis_url):
-        # Alone, and after tests/test_export.py, it passes on the Cluster in seconds; after
-        # test_propagation, test_faults and test_outbox have filled the session's shared
-        # Cluster it was seen to hang past the test timeout (cause not found yet). The
-        # Cluster's migration stays covered by the concurrent and killed migrations below.
-        pytest.skip("hangs on the session's shared Cluster after other suites (open)")
+        # On the session's shared Cluster, after test_export and test_propagation filled it,
+        # this test was seen to stall past its timeout about one run in three, after its
+        # assertions (while the second replica stops); alone and in other orders it passes in
+        # seconds. The Cluster's migration stays covered by the concurrent and killed
+        # migrations below.
+        pytest.skip("stalls intermittently on the session's shared Cluster (open)")
     policy = await make_policy(name="old format")
     made, rids, _ = await _old_data(running, redis, licenses, policy.id, 6)
     async with another_replica(running, tmp_path) as ch:
