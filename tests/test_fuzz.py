@@ -676,13 +676,17 @@ def field_strategy(
 ) -> st.SearchStrategy[Any]:
     if is_map(fd):
         k_fd, v_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        # map<string, string> (metadata) or map<string, int64> (meter_overrides)
+        text_values = v_fd.type == T.TYPE_STRING
+        filler: str | int = "v" if text_values else 1
         if valid:
-            return st.dictionaries(SAFE_TOKEN, SAFE_TOKEN, max_size=3)
+            values = SAFE_TOKEN if text_values else value(v_fd, ctx, True, depth)
+            return st.dictionaries(SAFE_TOKEN, values, max_size=3)
         return st.one_of(
             st.dictionaries(
                 value(k_fd, ctx, False, depth), value(v_fd, ctx, False, depth), max_size=4
             ),
-            st.integers(65, 300).map(lambda n: {f"k{i}": "v" for i in range(n)}),
+            st.integers(65, 300).map(lambda n: {f"k{i}": filler for i in range(n)}),
         )
     if fd.is_repeated:
         elem_valid = value(fd, ctx, True, depth)

@@ -170,6 +170,7 @@ class UsageEvent(_message.Message):
     MAX_USES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Stream position of the event; pass it as WatchUsageRequest.after_event_id to resume."""
     type: Global___UsageEventType.ValueType
@@ -182,6 +183,8 @@ class UsageEvent(_message.Message):
     """Effective max_uses of the license at the time. Unset: unlimited."""
     request_id: _builtins.str
     """The request_id (or UsageRecord id) that caused the change, if any."""
+    meter: _builtins.str
+    """The meter whose counter changed; empty for the license's own counter."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the change happened."""
@@ -196,10 +199,11 @@ class UsageEvent(_message.Message):
         max_uses: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "event_time", b"event_time", "max_uses", b"max_uses"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "amount", b"amount", "event_id", b"event_id", "event_time", b"event_time", "max_uses", b"max_uses", "request_id", b"request_id", "type", b"type", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "amount", b"amount", "event_id", b"event_id", "event_time", b"event_time", "max_uses", b"max_uses", "meter", b"meter", "request_id", b"request_id", "type", b"type", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015

@@ -28,7 +28,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from meter.v1 import usage_pb2 as meter_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeter/v1/usage_service.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14meter/v1/usage.proto\"U\n\x15IncrementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16IncrementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"U\n\x15\x44\x65\x63rementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16\x44\x65\x63rementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"A\n\x11ResetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xe1\x01\n\x12ResetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"+\n\x0fGetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xcd\x01\n\x10GetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"T\n\x10SyncUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.meter.v1.UsageRecord\"O\n\x11SyncUsageResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.meter.v1.UsageRecordResult\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"\x8d\x01\n\x13StreamUsageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"R\n\x1a\x42\x61tchIncrementUsageRequest\x12\x34\n\x05items\x18\x01 \x03(\x0b\x32\x1f.meter.v1.IncrementUsageRequestB\x04\xe2\x41\x01\x02\"S\n\x1b\x42\x61tchIncrementUsageResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.meter.v1.BatchIncrementUsageResult\"\x93\x01\n\x19\x42\x61tchIncrementUsageResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"Z\n\x11WatchUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_oldest\x18\x03 \x01(\x08\"h\n\x12WatchUsageResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.meter.v1.UsageEvent\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13\x45xportStatusRequest\"A\n\x14\x45xportStatusResponse\x12)\n\x05sinks\x18\x01 \x03(\x0b\x32\x1a.meter.v1.SinkExportStatus\"\xa8\x01\n\x10SinkExportStatus\x12\x0c\n\x04sink\x18\x01 \x01(\t\x12\x12\n\nlag_events\x18\x02 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x03 \x01(\x01\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x33\n\x0flast_error_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x03\"=\n\x18ReplayDeadLettersRequest\x12\x12\n\x04sink\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05limit\x18\x02 \x01(\x03\"Q\n\x19ReplayDeadLettersResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x32\xb9\x06\n\x0cUsageService\x12S\n\x0eIncrementUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a .meter.v1.IncrementUsageResponse\x12S\n\x0e\x44\x65\x63rementUsage\x12\x1f.meter.v1.DecrementUsageRequest\x1a .meter.v1.DecrementUsageResponse\x12G\n\nResetUsage\x12\x1b.meter.v1.ResetUsageRequest\x1a\x1c.meter.v1.ResetUsageResponse\x12\x41\n\x08GetUsage\x12\x19.meter.v1.GetUsageRequest\x1a\x1a.meter.v1.GetUsageResponse\x12\x44\n\tSyncUsage\x12\x1a.meter.v1.SyncUsageRequest\x1a\x1b.meter.v1.SyncUsageResponse\x12Q\n\x0bStreamUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a\x1d.meter.v1.StreamUsageResponse(\x01\x30\x01\x12\x62\n\x13\x42\x61tchIncrementUsage\x12$.meter.v1.BatchIncrementUsageRequest\x1a%.meter.v1.BatchIncrementUsageResponse\x12I\n\nWatchUsage\x12\x1b.meter.v1.WatchUsageRequest\x1a\x1c.meter.v1.WatchUsageResponse0\x01\x12M\n\x0c\x45xportStatus\x12\x1d.meter.v1.ExportStatusRequest\x1a\x1e.meter.v1.ExportStatusResponse\x12\\\n\x11ReplayDeadLetters\x12\".meter.v1.ReplayDeadLettersRequest\x1a#.meter.v1.ReplayDeadLettersResponseBi\n\x0c\x63om.meter.v1B\x11UsageServiceProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeter/v1/usage_service.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14meter/v1/usage.proto\"d\n\x15IncrementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05meter\x18\x04 \x01(\t\"\xe5\x01\n\x16IncrementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"d\n\x15\x44\x65\x63rementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05meter\x18\x04 \x01(\t\"\xe5\x01\n\x16\x44\x65\x63rementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"P\n\x11ResetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05meter\x18\x03 \x01(\t\"\xe1\x01\n\x12ResetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\":\n\x0fGetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05meter\x18\x02 \x01(\t\",\n\x10ListUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x11ListUsageResponse\x12$\n\x06usages\x18\x01 \x03(\x0b\x32\x14.meter.v1.MeterUsage\"\xe8\x01\n\nMeterUsage\x12\r\n\x05meter\x18\x01 \x01(\t\x12\x0c\n\x04uses\x18\x02 \x01(\x03\x12\x15\n\x08max_uses\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08\x65ntitled\x18\x07 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"\xcd\x01\n\x10GetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"T\n\x10SyncUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.meter.v1.UsageRecord\"O\n\x11SyncUsageResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.meter.v1.UsageRecordResult\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"\x8d\x01\n\x13StreamUsageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"R\n\x1a\x42\x61tchIncrementUsageRequest\x12\x34\n\x05items\x18\x01 \x03(\x0b\x32\x1f.meter.v1.IncrementUsageRequestB\x04\xe2\x41\x01\x02\"S\n\x1b\x42\x61tchIncrementUsageResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.meter.v1.BatchIncrementUsageResult\"\x93\x01\n\x19\x42\x61tchIncrementUsageResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\x7f\n\x11WatchUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_oldest\x18\x03 \x01(\x08\x12\r\n\x05meter\x18\x04 \x01(\t\x12\x14\n\x0c\x66ilter_meter\x18\x05 \x01(\x08\"h\n\x12WatchUsageResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.meter.v1.UsageEvent\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13\x45xportStatusRequest\"A\n\x14\x45xportStatusResponse\x12)\n\x05sinks\x18\x01 \x03(\x0b\x32\x1a.meter.v1.SinkExportStatus\"\xa8\x01\n\x10SinkExportStatus\x12\x0c\n\x04sink\x18\x01 \x01(\t\x12\x12\n\nlag_events\x18\x02 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x03 \x01(\x01\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x33\n\x0flast_error_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x03\"=\n\x18ReplayDeadLettersRequest\x12\x12\n\x04sink\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05limit\x18\x02 \x01(\x03\"Q\n\x19ReplayDeadLettersResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x32\xff\x06\n\x0cUsageService\x12S\n\x0eIncrementUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a .meter.v1.IncrementUsageResponse\x12S\n\x0e\x44\x65\x63rementUsage\x12\x1f.meter.v1.DecrementUsageRequest\x1a .meter.v1.DecrementUsageResponse\x12G\n\nResetUsage\x12\x1b.meter.v1.ResetUsageRequest\x1a\x1c.meter.v1.ResetUsageResponse\x12\x41\n\x08GetUsage\x12\x19.meter.v1.GetUsageRequest\x1a\x1a.meter.v1.GetUsageResponse\x12\x44\n\tListUsage\x12\x1a.meter.v1.ListUsageRequest\x1a\x1b.meter.v1.ListUsageResponse\x12\x44\n\tSyncUsage\x12\x1a.meter.v1.SyncUsageRequest\x1a\x1b.meter.v1.SyncUsageResponse\x12Q\n\x0bStreamUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a\x1d.meter.v1.StreamUsageResponse(\x01\x30\x01\x12\x62\n\x13\x42\x61tchIncrementUsage\x12$.meter.v1.BatchIncrementUsageRequest\x1a%.meter.v1.BatchIncrementUsageResponse\x12I\n\nWatchUsage\x12\x1b.meter.v1.WatchUsageRequest\x1a\x1c.meter.v1.WatchUsageResponse0\x01\x12M\n\x0c\x45xportStatus\x12\x1d.meter.v1.ExportStatusRequest\x1a\x1e.meter.v1.ExportStatusResponse\x12\\\n\x11ReplayDeadLetters\x12\".meter.v1.ReplayDeadLettersRequest\x1a#.meter.v1.ReplayDeadLettersResponseBi\n\x0c\x63om.meter.v1B\x11UsageServiceProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESETUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_GETUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
   _globals['_GETUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_SYNCUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
   _globals['_SYNCUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_BATCHINCREMENTUSAGEREQUEST'].fields_by_name['items']._loaded_options = None
@@ -53,47 +55,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYDEADLETTERSREQUEST'].fields_by_name['sink']._loaded_options = None
   _globals['_REPLAYDEADLETTERSREQUEST'].fields_by_name['sink']._serialized_options = b'\342A\001\002'
   _globals['_INCREMENTUSAGEREQUEST']._serialized_start=155
-  _globals['_INCREMENTUSAGEREQUEST']._serialized_end=240
-  _globals['_INCREMENTUSAGERESPONSE']._serialized_start=243
-  _globals['_INCREMENTUSAGERESPONSE']._serialized_end=472
-  _globals['_DECREMENTUSAGEREQUEST']._serialized_start=474
-  _globals['_DECREMENTUSAGEREQUEST']._serialized_end=559
-  _globals['_DECREMENTUSAGERESPONSE']._serialized_start=562
-  _globals['_DECREMENTUSAGERESPONSE']._serialized_end=791
-  _globals['_RESETUSAGEREQUEST']._serialized_start=793
-  _globals['_RESETUSAGEREQUEST']._serialized_end=858
-  _globals['_RESETUSAGERESPONSE']._serialized_start=861
-  _globals['_RESETUSAGERESPONSE']._serialized_end=1086
-  _globals['_GETUSAGEREQUEST']._serialized_start=1088
-  _globals['_GETUSAGEREQUEST']._serialized_end=1131
-  _globals['_GETUSAGERESPONSE']._serialized_start=1134
-  _globals['_GETUSAGERESPONSE']._serialized_end=1339
-  _globals['_SYNCUSAGEREQUEST']._serialized_start=1341
-  _globals['_SYNCUSAGEREQUEST']._serialized_end=1425
-  _globals['_SYNCUSAGERESPONSE']._serialized_start=1427
-  _globals['_SYNCUSAGERESPONSE']._serialized_end=1506
-  _globals['_STREAMUSAGERESPONSE']._serialized_start=1509
-  _globals['_STREAMUSAGERESPONSE']._serialized_end=1650
-  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_start=1652
-  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_end=1734
-  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_start=1736
-  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_end=1819
-  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_start=1822
-  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_end=1969
-  _globals['_WATCHUSAGEREQUEST']._serialized_start=1971
-  _globals['_WATCHUSAGEREQUEST']._serialized_end=2061
-  _globals['_WATCHUSAGERESPONSE']._serialized_start=2063
-  _globals['_WATCHUSAGERESPONSE']._serialized_end=2167
-  _globals['_EXPORTSTATUSREQUEST']._serialized_start=2169
-  _globals['_EXPORTSTATUSREQUEST']._serialized_end=2190
-  _globals['_EXPORTSTATUSRESPONSE']._serialized_start=2192
-  _globals['_EXPORTSTATUSRESPONSE']._serialized_end=2257
-  _globals['_SINKEXPORTSTATUS']._serialized_start=2260
-  _globals['_SINKEXPORTSTATUS']._serialized_end=2428
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=2430
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=2491
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=2493
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=2574
-  _globals['_USAGESERVICE']._serialized_start=2577
-  _globals['_USAGESERVICE']._serialized_end=3402
+  _globals['_INCREMENTUSAGEREQUEST']._serialized_end=255
+  _globals['_INCREMENTUSAGERESPONSE']._serialized_start=258
+  _globals['_INCREMENTUSAGERESPONSE']._serialized_end=487
+  _globals['_DECREMENTUSAGEREQUEST']._serialized_start=489
+  _globals['_DECREMENTUSAGEREQUEST']._serialized_end=589
+  _globals['_DECREMENTUSAGERESPONSE']._serialized_start=592
+  _globals['_DECREMENTUSAGERESPONSE']._serialized_end=821
+  _globals['_RESETUSAGEREQUEST']._serialized_start=823
+  _globals['_RESETUSAGEREQUEST']._serialized_end=903
+  _globals['_RESETUSAGERESPONSE']._serialized_start=906
+  _globals['_RESETUSAGERESPONSE']._serialized_end=1131
+  _globals['_GETUSAGEREQUEST']._serialized_start=1133
+  _globals['_GETUSAGEREQUEST']._serialized_end=1191
+  _globals['_LISTUSAGEREQUEST']._serialized_start=1193
+  _globals['_LISTUSAGEREQUEST']._serialized_end=1237
+  _globals['_LISTUSAGERESPONSE']._serialized_start=1239
+  _globals['_LISTUSAGERESPONSE']._serialized_end=1296
+  _globals['_METERUSAGE']._serialized_start=1299
+  _globals['_METERUSAGE']._serialized_end=1531
+  _globals['_GETUSAGERESPONSE']._serialized_start=1534
+  _globals['_GETUSAGERESPONSE']._serialized_end=1739
+  _globals['_SYNCUSAGEREQUEST']._serialized_start=1741
+  _globals['_SYNCUSAGEREQUEST']._serialized_end=1825
+  _globals['_SYNCUSAGERESPONSE']._serialized_start=1827
+  _globals['_SYNCUSAGERESPONSE']._serialized_end=1906
+  _globals['_STREAMUSAGERESPONSE']._serialized_start=1909
+  _globals['_STREAMUSAGERESPONSE']._serialized_end=2050
+  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_start=2052
+  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_end=2134
+  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_start=2136
+  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_end=2219
+  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_start=2222
+  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_end=2369
+  _globals['_WATCHUSAGEREQUEST']._serialized_start=2371
+  _globals['_WATCHUSAGEREQUEST']._serialized_end=2498
+  _globals['_WATCHUSAGERESPONSE']._serialized_start=2500
+  _globals['_WATCHUSAGERESPONSE']._serialized_end=2604
+  _globals['_EXPORTSTATUSREQUEST']._serialized_start=2606
+  _globals['_EXPORTSTATUSREQUEST']._serialized_end=2627
+  _globals['_EXPORTSTATUSRESPONSE']._serialized_start=2629
+  _globals['_EXPORTSTATUSRESPONSE']._serialized_end=2694
+  _globals['_SINKEXPORTSTATUS']._serialized_start=2697
+  _globals['_SINKEXPORTSTATUS']._serialized_end=2865
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=2867
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=2928
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=2930
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=3011
+  _globals['_USAGESERVICE']._serialized_start=3014
+  _globals['_USAGESERVICE']._serialized_end=3909
 # @@protoc_insertion_point(module_scope)

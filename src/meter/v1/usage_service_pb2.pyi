@@ -30,22 +30,29 @@ class IncrementUsageRequest(_message.Message):
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     amount: _builtins.int
     """Units to add: 0 means 1; at most 2^50."""
     request_id: _builtins.str
     """Optional idempotency key (at most 128 printable ASCII characters, no spaces)."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND. A meter whose entitlement the license lacks fails with
+    FAILED_PRECONDITION, METER_NOT_ENTITLED.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         amount: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "meter", b"meter", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,22 +124,28 @@ class DecrementUsageRequest(_message.Message):
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     amount: _builtins.int
     """Units to subtract: 0 means 1; at most 2^50."""
     request_id: _builtins.str
     """Optional idempotency key."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         amount: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "meter", b"meter", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,19 +214,25 @@ class ResetUsageRequest(_message.Message):
 
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     request_id: _builtins.str
     """Optional idempotency key."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "meter", b"meter", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,6 +300,34 @@ class GetUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LICENSE_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    license_id: _builtins.str
+    """The license id."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        license_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "meter", b"meter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class ListUsageRequest(_message.Message):
+    """Request message for ListUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LICENSE_ID_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     def __init__(
@@ -294,7 +341,92 @@ class GetUsageRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+Global___ListUsageRequest: _TypeAlias = ListUsageRequest  # noqa: Y015
+
+@_typing.final
+class ListUsageResponse(_message.Message):
+    """Response message for ListUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterUsage]:
+        """The license's own counter first (`meter` empty), then every meter of its policy in the
+        policy's order.
+        """
+
+    def __init__(
+        self,
+        *,
+        usages: _abc.Iterable[Global___MeterUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usages", b"usages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsageResponse: _TypeAlias = ListUsageResponse  # noqa: Y015
+
+@_typing.final
+class MeterUsage(_message.Message):
+    """The usage of one counter of a license (ListUsage)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METER_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    MAX_USES_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
+    OVERAGE_LIMIT_FIELD_NUMBER: _builtins.int
+    ENTITLED_FIELD_NUMBER: _builtins.int
+    meter: _builtins.str
+    """The meter code; empty for the license's own counter."""
+    uses: _builtins.int
+    """Current usage."""
+    max_uses: _builtins.int
+    """Effective max_uses (the license's override or the policy's). Unset: unlimited."""
+    remaining: _builtins.int
+    """Units that can still be added before refusal, overage included. Unset: unlimited."""
+    overage_limit: _builtins.int
+    """max_uses with the overage strategy. Unset: unlimited."""
+    entitled: _builtins.bool
+    """False when the meter's entitlement is missing from the license (it cannot be used)."""
+    @_builtins.property
+    def period_end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the current usage period; unset when usage never resets by itself."""
+
+    def __init__(
+        self,
+        *,
+        meter: _builtins.str = ...,
+        uses: _builtins.int = ...,
+        max_uses: _builtins.int | None = ...,
+        remaining: _builtins.int | None = ...,
+        period_end_time: _timestamp_pb2.Timestamp | None = ...,
+        overage_limit: _builtins.int | None = ...,
+        entitled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "entitled", b"entitled", "max_uses", b"max_uses", "meter", b"meter", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
+    _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
+    _WhichOneofReturnType__overage_limit: _TypeAlias = _typing.Literal["overage_limit"]  # noqa: Y015
+    _WhichOneofArgType__overage_limit: _TypeAlias = _typing.Literal["_overage_limit", b"_overage_limit"]  # noqa: Y015
+    _WhichOneofReturnType__remaining: _TypeAlias = _typing.Literal["remaining"]  # noqa: Y015
+    _WhichOneofArgType__remaining: _TypeAlias = _typing.Literal["_remaining", b"_remaining"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_uses) -> _WhichOneofReturnType__max_uses | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overage_limit) -> _WhichOneofReturnType__overage_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining) -> _WhichOneofReturnType__remaining | None: ...
+
+Global___MeterUsage: _TypeAlias = MeterUsage  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):
@@ -551,6 +683,8 @@ class WatchUsageRequest(_message.Message):
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
     FROM_OLDEST_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    FILTER_METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     after_event_id: _builtins.str
@@ -561,16 +695,24 @@ class WatchUsageRequest(_message.Message):
     """Start with the oldest retained event of the license instead of only new ones. Not
     together with `after_event_id`.
     """
+    meter: _builtins.str
+    """Only the events of this meter ("" for the license's own counter) when `filter_meter` is
+    set; every event of the license otherwise.
+    """
+    filter_meter: _builtins.bool
+    """Apply the `meter` filter (so that the license's own counter can be selected alone)."""
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         after_event_id: _builtins.str = ...,
         from_oldest: _builtins.bool = ...,
+        meter: _builtins.str = ...,
+        filter_meter: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "from_oldest", b"from_oldest", "license_id", b"license_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "filter_meter", b"filter_meter", "from_oldest", b"from_oldest", "license_id", b"license_id", "meter", b"meter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,6 +65,11 @@ class UsageServiceStub:
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=meter_dot_v1_dot_usage__service__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/meter.v1.UsageService/ListUsage',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ListUsageResponse.FromString,
+                _registered_method=True)
         self.SyncUsage = channel.unary_unary(
                 '/meter.v1.UsageService/SyncUsage',
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.SyncUsageRequest.SerializeToString,
@@ -137,6 +142,14 @@ class UsageServiceServicer:
 
     def GetUsage(self, request, context):
         """Returns the counter and the limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsage(self, request, context):
+        """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+        remaining and period end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +239,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=meter_dot_v1_dot_usage__service__pb2.GetUsageRequest.FromString,
                     response_serializer=meter_dot_v1_dot_usage__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ListUsageRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ListUsageResponse.SerializeToString,
             ),
             'SyncUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.SyncUsage,
@@ -377,6 +395,33 @@ class UsageService:
             '/meter.v1.UsageService/GetUsage',
             meter_dot_v1_dot_usage__service__pb2.GetUsageRequest.SerializeToString,
             meter_dot_v1_dot_usage__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ListUsage',
+            meter_dot_v1_dot_usage__service__pb2.ListUsageRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ListUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,10 @@ class UsageServiceStub:
     """Sets the counter to 0."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]
     """Returns the counter and the limit."""
+    ListUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListUsageRequest, _usage_service_pb2.ListUsageResponse]
+    """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+    remaining and period end.
+    """
     SyncUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.SyncUsageRequest, _usage_service_pb2.SyncUsageResponse]
     """Applies usage recorded offline, in order, each record exactly once by its id, atomically
     with every other change of the counter. A retry after a lost answer is always safe: records
@@ -123,6 +127,10 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Sets the counter to 0."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Returns the counter and the limit."""
+    ListUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListUsageRequest, _usage_service_pb2.ListUsageResponse]  # type: ignore[assignment]
+    """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+    remaining and period end.
+    """
     SyncUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.SyncUsageRequest, _usage_service_pb2.SyncUsageResponse]  # type: ignore[assignment]
     """Applies usage recorded offline, in order, each record exactly once by its id, atomically
     with every other change of the counter. A retry after a lost answer is always safe: records
@@ -211,6 +219,16 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.GetUsageResponse, _abc.Awaitable[_usage_service_pb2.GetUsageResponse]]:
         """Returns the counter and the limit."""
+
+    @_abc_1.abstractmethod
+    def ListUsage(
+        self,
+        request: _usage_service_pb2.ListUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListUsageResponse, _abc.Awaitable[_usage_service_pb2.ListUsageResponse]]:
+        """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+        remaining and period end.
+        """
 
     @_abc_1.abstractmethod
     def SyncUsage(

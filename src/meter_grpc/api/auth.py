@@ -63,6 +63,7 @@ LICENSE_KEY_METHODS: dict[str, Owns] = {
     USAGE + "IncrementUsage": Owns("license_id"),
     USAGE + "BatchIncrementUsage": Owns("license_id", each="items"),
     USAGE + "GetUsage": Owns("license_id"),
+    USAGE + "ListUsage": Owns("license_id"),
     USAGE + "SyncUsage": Owns("license_id"),
     USAGE + "StreamUsage": Owns("license_id"),
     USAGE + "WatchUsage": Owns("license_id"),

@@ -7,11 +7,13 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from meter.v1 import license_pb2, machine_pb2, policy_pb2, usage_pb2
+from meter.v1 import license_pb2, machine_pb2, policy_pb2, usage_pb2, usage_service_pb2
 from meter_grpc.domain.models import (
     ExpirationStrategy,
     License,
     Machine,
+    Meter,
+    MeterUsage,
     OverageStrategy,
     Policy,
     RecordResult,
@@ -96,6 +98,23 @@ def policy_from_proto(pb: policy_pb2.Policy, v: Violations, prefix: str = "polic
             UsageResetInterval, pb.usage_reset_interval, f"{prefix}.usage_reset_interval", v
         ),
         metadata=dict(pb.metadata),
+        meters=[
+            Meter(
+                code=m.code,
+                max_uses=_opt(m, "max_uses"),
+                overage_strategy=_enum(
+                    OverageStrategy, m.overage_strategy, f"{prefix}.meters[{i}].overage_strategy", v
+                ),
+                usage_reset_interval=_enum(
+                    UsageResetInterval,
+                    m.usage_reset_interval,
+                    f"{prefix}.meters[{i}].usage_reset_interval",
+                    v,
+                ),
+                entitlement=m.entitlement,
+            )
+            for i, m in enumerate(pb.meters)
+        ],
     )
 
 
@@ -129,6 +148,16 @@ def policy_to_proto(p: Policy) -> policy_pb2.Policy:
         update_time=ts(p.update_time_ms),
         revision=p.revision,
         propagated_revision=p.propagated_revision,
+        meters=[
+            policy_pb2.Meter(
+                code=m.code,
+                max_uses=m.max_uses,
+                overage_strategy=int(m.overage_strategy),  # type: ignore[arg-type]
+                usage_reset_interval=int(m.usage_reset_interval),  # type: ignore[arg-type]
+                entitlement=m.entitlement,
+            )
+            for m in p.meters
+        ],
     )
 
 
@@ -144,6 +173,7 @@ def license_from_proto(pb: license_pb2.License) -> License:
         max_cores_override=_opt(pb, "max_cores"),
         entitlements=list(pb.entitlements),
         metadata=dict(pb.metadata),
+        meter_overrides=dict(pb.meter_overrides),
     )
 
 
@@ -166,6 +196,7 @@ def license_to_proto(lic: License, now_ms: int) -> license_pb2.License:
         last_check_in_time=ts(lic.last_check_in_ms),
         create_time=ts(lic.create_time_ms),
         update_time=ts(lic.update_time_ms),
+        meter_overrides=lic.meter_overrides,
     )
 
 
@@ -206,6 +237,19 @@ def usage_fields(u: Usage) -> dict[str, object]:
         "overage_limit": u.overage_limit,
         "period_end_time": ts(u.period_end_ms),
     }
+
+
+def meter_usage_to_proto(m: MeterUsage) -> usage_service_pb2.MeterUsage:
+    u = m.usage
+    return usage_service_pb2.MeterUsage(
+        meter=m.meter,
+        uses=u.uses,
+        max_uses=u.max_uses,
+        remaining=u.remaining,
+        overage_limit=u.overage_limit,
+        period_end_time=ts(u.period_end_ms),
+        entitled=m.entitled,
+    )
 
 
 def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:

@@ -13,6 +13,7 @@ from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
 from meter_grpc.api import auth
 from meter_grpc.api.convert import (
+    meter_usage_to_proto,
     record_result_to_proto,
     ts,
     usage_fields,
@@ -86,7 +87,9 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def IncrementUsage(
         self, request: pb.IncrementUsageRequest, context: Ctx
     ) -> pb.IncrementUsageResponse:
-        u = await self.metering.increment(request.license_id, request.amount, request.request_id)
+        u = await self.metering.increment(
+            request.license_id, request.amount, request.request_id, meter=request.meter
+        )
         # The fields of usage_fields(), spelled out: the hot path builds no kwargs dict.
         return pb.IncrementUsageResponse(
             uses=u.uses,
@@ -100,17 +103,19 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def DecrementUsage(
         self, request: pb.DecrementUsageRequest, context: Ctx
     ) -> pb.DecrementUsageResponse:
-        u = await self.metering.decrement(request.license_id, request.amount, request.request_id)
+        u = await self.metering.decrement(
+            request.license_id, request.amount, request.request_id, request.meter
+        )
         return pb.DecrementUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
     async def ResetUsage(
         self, request: pb.ResetUsageRequest, context: Ctx
     ) -> pb.ResetUsageResponse:
-        u = await self.metering.reset(request.license_id, request.request_id)
+        u = await self.metering.reset(request.license_id, request.request_id, request.meter)
         return pb.ResetUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Ctx) -> pb.GetUsageResponse:
-        u = await self.metering.get(request.license_id)
+        u = await self.metering.get(request.license_id, request.meter)
         return pb.GetUsageResponse(
             uses=u.uses,
             max_uses=u.max_uses,
@@ -118,6 +123,10 @@ class UsageService(pb_grpc.UsageServiceServicer):
             overage_limit=u.overage_limit,
             period_end_time=None if u.period_end_ms is None else ts(u.period_end_ms),
         )
+
+    async def ListUsage(self, request: pb.ListUsageRequest, context: Ctx) -> pb.ListUsageResponse:
+        usages = await self.metering.list_usage(request.license_id)
+        return pb.ListUsageResponse(usages=[meter_usage_to_proto(m) for m in usages])
 
     async def SyncUsage(self, request: pb.SyncUsageRequest, context: Ctx) -> pb.SyncUsageResponse:
         result = await self.metering.sync(
@@ -132,7 +141,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
     ) -> pb.BatchIncrementUsageResponse:
         items = request.items
         answers = await self.metering.batch_increment(
-            [Increment(i.license_id, i.amount, i.request_id) for i in items]
+            [Increment(i.license_id, i.amount, i.request_id, i.meter) for i in items]
         )
         return pb.BatchIncrementUsageResponse(
             results=[
@@ -167,7 +176,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
         async def answer(request: pb.IncrementUsageRequest) -> pb.StreamUsageResponse:
             try:
                 u = await self.metering.increment(
-                    request.license_id, request.amount, request.request_id
+                    request.license_id, request.amount, request.request_id, meter=request.meter
                 )
             except Exception as exc:  # one request's failure is its answer, never the stream's
                 return pb.StreamUsageResponse(
@@ -226,6 +235,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
             request.license_id,
             request.after_event_id,
             from_oldest=request.from_oldest,
+            meter=request.meter if request.filter_meter else None,
             subscribed=subscribed,
             key_license_id=auth.current().license_id,
         ):
@@ -238,6 +248,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
                     max_uses=e.max_uses,
                     request_id=e.request_id,
                     event_time=ts(e.time_ms),
+                    meter=e.meter,
                 ),
                 send_time=ts(self.metering.clock.now_ms()),
             )

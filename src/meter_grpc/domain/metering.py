@@ -19,12 +19,16 @@ from meter_grpc.domain.errors import (
     request_id_reused,
 )
 from meter_grpc.domain.models import (
+    MeterUsage,
+    OverageStrategy,
     RecordOutcome,
     RecordResult,
     SyncResult,
     Usage,
     UsageEvent,
     UsageRecord,
+    UsageResetInterval,
+    overage_ceiling,
 )
 from meter_grpc.domain.rules import (
     MAX_AMOUNT,
@@ -75,6 +79,7 @@ class Increment:
     license_id: str
     amount: int = 0
     request_id: str = ""
+    meter: str = ""
 
 
 # The position before every event of a stream: reading after it starts with the oldest one.
@@ -108,11 +113,17 @@ class Metering:
         await self.hub.close(timeout_s)
 
     async def increment(
-        self, license_id: str, amount: int, request_id: str = "", *, field_prefix: str = ""
+        self,
+        license_id: str,
+        amount: int,
+        request_id: str = "",
+        *,
+        field_prefix: str = "",
+        meter: str = "",
     ) -> Usage:
         """`field_prefix` names the message of the arguments in a bad-input error (a batch
-        item: "items[3].")."""
-        return await self._run("inc", license_id, amount, request_id, field_prefix)
+        item: "items[3]."). `meter`: a meter of the license's policy ("" = its own counter)."""
+        return await self._run("inc", license_id, amount, request_id, field_prefix, meter)
 
     async def batch_increment(self, items: Sequence[Increment]) -> list[Usage | Exception]:
         """Each item answered as increment() would answer it: its Usage, or the exception it
@@ -137,16 +148,19 @@ class Metering:
         now = self.clock.now_ms()  # one moment for the whole batch
         bounds = periods.period_bounds_arg(now)
         out: list[Usage | Exception] = []
-        sent: list[tuple[int, str, int, str]] = []  # (index, license_id, amount, request_id)
+        # (index, license_id, amount, request_id, meter)
+        sent: list[tuple[int, str, int, str, str]] = []
         calls: list[Coroutine[Any, Any, UsageResult]] = []
         for i, item in enumerate(items):
             try:
-                amount = _checked(item.license_id, item.amount, item.request_id, f"items[{i}].")
+                amount = _checked(
+                    item.license_id, item.amount, item.request_id, f"items[{i}].", item.meter
+                )
             except MeterError as err:
                 out.append(err)
                 continue
             out.append(_PENDING)
-            sent.append((i, item.license_id, amount, item.request_id))
+            sent.append((i, item.license_id, amount, item.request_id, item.meter))
             calls.append(
                 self.store.usage(
                     item.license_id,
@@ -155,19 +169,20 @@ class Metering:
                     request_id=item.request_id,
                     now_ms=now,
                     periods=bounds,
+                    meter=item.meter,
                 )
             )
         # gather starts one task per call, in item order; each runs up to its store write
         # before the next one starts.
         replies = await asyncio.gather(*calls, return_exceptions=True)
-        for (i, license_id, amount, request_id), reply in zip(sent, replies, strict=True):
+        for (i, license_id, amount, request_id, meter), reply in zip(sent, replies, strict=True):
             if isinstance(reply, BaseException):
                 if not isinstance(reply, Exception):
                     raise reply  # cancellation
                 out[i] = reply
                 continue
             try:
-                out[i] = _answer(reply, license_id, amount, request_id)
+                out[i] = _answer(reply, license_id, amount, request_id, meter)
             except MeterError as err:
                 out[i] = err
         return out
@@ -182,14 +197,76 @@ class Metering:
         except MeterError:
             pass
 
-    async def decrement(self, license_id: str, amount: int, request_id: str = "") -> Usage:
-        return await self._run("dec", license_id, amount, request_id)
+    async def decrement(
+        self, license_id: str, amount: int, request_id: str = "", meter: str = ""
+    ) -> Usage:
+        return await self._run("dec", license_id, amount, request_id, meter=meter)
 
-    async def reset(self, license_id: str, request_id: str = "") -> Usage:
-        return await self._run("reset", license_id, 0, request_id)
+    async def reset(self, license_id: str, request_id: str = "", meter: str = "") -> Usage:
+        return await self._run("reset", license_id, 0, request_id, meter=meter)
 
-    async def get(self, license_id: str) -> Usage:
-        return await self._run("get", license_id, 0, "")
+    async def get(self, license_id: str, meter: str = "") -> Usage:
+        return await self._run("get", license_id, 0, "", meter=meter)
+
+    async def list_usage(self, license_id: str) -> list[MeterUsage]:
+        """Every counter of a license: its own ("" first), then each meter of its policy, as
+        a reader sees them now (a counter whose period has ended reads 0)."""
+        v = Violations()
+        v.identifier("license_id", license_id)
+        v.raise_if_any()
+        lic = await self.store.get_license(license_id)
+        if lic is None:
+            raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+        now = self.clock.now_ms()
+
+        def usage(
+            uses: int,
+            start: int,
+            reserved: int,
+            limit: int | None,
+            overage: OverageStrategy,
+            interval: UsageResetInterval,
+        ) -> Usage:
+            bounds = periods.period_bounds(now, interval)
+            return Usage(
+                periods.uses_in_current_period(uses, start, now, interval),
+                limit,
+                overage_ceiling(limit, overage),
+                bounds[1] if bounds else None,
+                reserved=reserved,
+            )
+
+        p = lic.policy
+        out = [
+            MeterUsage(
+                "",
+                usage(
+                    lic.uses,
+                    lic.period_start_ms,
+                    lic.reserved,
+                    lic.max_uses,
+                    p.overage_strategy,
+                    p.usage_reset_interval,
+                ),
+            )
+        ]
+        for m in p.meters:
+            uses, start, reserved = lic.meter_counters.get(m.code, (0, 0, 0))
+            out.append(
+                MeterUsage(
+                    m.code,
+                    usage(
+                        uses,
+                        start,
+                        reserved,
+                        lic.meter_max_uses(m),
+                        m.overage_strategy,
+                        m.usage_reset_interval,
+                    ),
+                    lic.meter_entitled(m),
+                )
+            )
+        return out
 
     async def watch(
         self,
@@ -197,11 +274,13 @@ class Metering:
         after_event_id: str = "",
         *,
         from_oldest: bool = False,
+        meter: str | None = None,
         subscribed: Callable[[], Awaitable[None]] | None = None,
         key_license_id: str = "",
     ) -> AsyncIterator[UsageEvent]:
         """Usage events of a license as they happen (domain/watching.py: one store reader per
-        watched license, shared by its watchers).
+        watched license, shared by its watchers). `meter`: only the events of that meter
+        ("" the license's own counter); None: all.
 
         Starts after `after_event_id` ("0-0": before the first one), with the oldest retained
         event (`from_oldest`), or else with the first event made after the subscription is in
@@ -225,6 +304,8 @@ class Metering:
                 "must not be set together with after_event_id: set one of them "
                 '(from_oldest reads like after_event_id "0-0")',
             )
+        if meter:
+            v.meter("meter", meter)
         v.raise_if_any()
         if self.store.event_retention == 0:
             raise MeterError(
@@ -247,7 +328,8 @@ class Metering:
             watched = self.hub.events(license_id, after, newest, from_oldest=from_oldest)
             async with contextlib.aclosing(watched) as events:
                 async for event in events:
-                    yield event
+                    if meter is None or event.meter == meter:
+                        yield event
         finally:
             self._watchers.discard(task)
             self.hub.release(key_license_id, license_id)
@@ -295,9 +377,15 @@ class Metering:
         )
 
     async def _run(
-        self, op: str, license_id: str, amount: int, request_id: str, field_prefix: str = ""
+        self,
+        op: str,
+        license_id: str,
+        amount: int,
+        request_id: str,
+        field_prefix: str = "",
+        meter: str = "",
     ) -> Usage:
-        amount = _checked(license_id, amount, request_id, field_prefix)
+        amount = _checked(license_id, amount, request_id, field_prefix, meter)
         now = self.clock.now_ms()
         result = await self.store.usage(
             license_id,
@@ -306,44 +394,72 @@ class Metering:
             request_id=request_id,
             now_ms=now,
             periods=periods.period_bounds_arg(now),
+            meter=meter,
         )
-        return _answer(result, license_id, amount, request_id)
+        return _answer(result, license_id, amount, request_id, meter)
 
 
-def _checked(license_id: str, amount: int, request_id: str, field_prefix: str) -> int:
+def _checked(
+    license_id: str, amount: int, request_id: str, field_prefix: str, meter: str = ""
+) -> int:
     """The amount to apply (0 means 1); INVALID_ARGUMENT naming each bad field."""
-    if not request_id and 0 <= amount <= MAX_AMOUNT and is_minted_id(license_id):
+    if not request_id and not meter and 0 <= amount <= MAX_AMOUNT and is_minted_id(license_id):
         return amount or 1  # the common call, valid: no Violations to build
     v = Violations()
     v.identifier(f"{field_prefix}license_id", license_id)
     v.amount(f"{field_prefix}amount", amount)
     v.request_id(f"{field_prefix}request_id", request_id)
+    v.meter(f"{field_prefix}meter", meter)
     v.raise_if_any()
     return amount or 1
 
 
-def _answer(result: UsageResult, license_id: str, amount: int, request_id: str) -> Usage:
+def meter_not_found(license_id: str, meter: str) -> MeterError:
+    return MeterError(
+        Reason.METER_NOT_FOUND,
+        f"the policy of license {license_id!r} has no meter {meter!r}",
+        metadata={"license_id": license_id, "meter": meter},
+    )
+
+
+def _answer(
+    result: UsageResult, license_id: str, amount: int, request_id: str, meter: str = ""
+) -> Usage:
     """The Usage of a usage.lua answer, or the MeterError of its status."""
     if result.status == 0:  # UsageStatus.OK, compared as the integer it is
         return result.usage
     status, usage = result.status.name, result.usage
     meta = {"license_id": license_id, "uses": str(usage.uses)}
+    if meter:
+        meta["meter"] = meter
     if status == "LICENSE_NOT_FOUND":
         raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
+    if status == "METER_NOT_FOUND":
+        raise meter_not_found(license_id, meter)
+    if status == "METER_NOT_ENTITLED":
+        raise MeterError(
+            Reason.METER_NOT_ENTITLED,
+            f"meter {meter!r} requires an entitlement the license does not hold",
+            metadata=meta,
+        )
     if status == "USAGE_LIMIT_EXCEEDED":
         limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
+        what = f"meter {meter}" if meter else "the usage limit"
+        held = f", {usage.reserved} reserved" if usage.reserved else ""
+        extra = {"reserved": str(usage.reserved)} if usage.reserved else {}
         raise MeterError(
             Reason.USAGE_LIMIT_EXCEEDED,
-            f"using {amount} more would pass the usage limit: {usage.uses} used of "
+            f"using {amount} more would pass {what}: {usage.uses} used{held} of "
             f"{_n(usage.max_uses)} (granted up to {limit})",
             metadata={
                 **meta,
                 "limit": str(usage.max_uses if usage.max_uses is not None else limit),
                 "overage_limit": str(limit),
                 "requested": str(amount),
-                "remaining": str(max(0, limit - usage.uses)),
+                "remaining": str(max(0, limit - usage.uses - usage.reserved)),
+                **extra,
             },
-            quota_subject=f"license:{license_id}",
+            quota_subject=f"license:{license_id}" + (f":meter:{meter}" if meter else ""),
         )
     if status == "USAGE_UNDERFLOW":
         raise MeterError(

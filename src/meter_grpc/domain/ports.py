@@ -34,6 +34,8 @@ class UsageStatus(enum.IntEnum):
     LICENSE_SUSPENDED = 4
     LICENSE_EXPIRED = 5
     REQUEST_ID_REUSED = 6
+    METER_NOT_FOUND = 7
+    METER_NOT_ENTITLED = 8
 
 
 class SyncCode(enum.IntEnum):
@@ -209,8 +211,10 @@ class Store(Protocol):
         request_id: str,
         now_ms: int,
         periods: str,
+        meter: str = "",
     ) -> UsageResult:
-        """Runs usage.lua: one round trip, one atomic check-and-move."""
+        """Runs usage.lua: one round trip, one atomic check-and-move ("" = the license's own
+        counter, else that meter's)."""
 
     async def load_usage_script(self) -> None:
         """Makes sure every node has usage.lua, so the calls issued next are never re-sent

@@ -107,6 +107,7 @@ def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
         max_uses=int(f["max"]) if f.get("max") else None,
         request_id=f.get("rid", ""),
         time_ms=int(f.get("ts") or 0),
+        meter=f.get("m", ""),
     )
 
 
@@ -538,8 +539,10 @@ class RedisStore:
         request_id: str,
         now_ms: int,
         periods: str,
+        meter: str = "",
     ) -> UsageResult:
-        """Runs usage.lua: one round trip, one atomic check-and-move."""
+        """Runs usage.lua: one round trip, one atomic check-and-move (of the license's own
+        counter, or with `meter` of that meter's)."""
         script_keys = [
             keys.license(license_id),
             keys.license_events(license_id),
@@ -547,11 +550,11 @@ class RedisStore:
         ]
         if request_id:
             script_keys.append(keys.request_record(license_id, request_id))
-        row = await self.scripts.usage(
-            keys=script_keys,
-            args=[now_ms, op, amount, request_id, periods],
-        )
-        status, uses, max_uses, ceiling, period_end, replayed = row
+        args: list[object] = [now_ms, op, amount, request_id, periods]
+        if meter:
+            args.append(meter)
+        row = await self.scripts.usage(keys=script_keys, args=args)
+        status, uses, max_uses, ceiling, period_end, replayed, reserved = row
         return UsageResult(
             _USAGE_STATUSES[status],
             Usage(
@@ -560,6 +563,7 @@ class RedisStore:
                 None if ceiling < 0 else ceiling,
                 None if period_end < 0 else period_end,
                 replayed == 1,
+                reserved,
             ),
         )
 

@@ -19,6 +19,16 @@
 --                         lazy period reset: 0 (and the hash updated, a reset event emitted,
 --                         a reset appended to the outbox) when the current period started
 --                         after the stored one, else `uses`
+-- emit and outbox take an optional last argument `meter`: the meter code (a field `m` of the
+--                         event / outbox entry), nil or '' for the license's own counter.
+-- load_counter(lic, meter, pbounds) -> c: one counter of a license (its own: meter ''; or a
+--                         meter: `pm:<code>`, `m:<code>:u/:per/:r`, override in `mo`) with the
+--                         license fields every usage script checks; nil when the license
+--                         does not exist. c.missing: the policy has no such meter.
+-- roll_counter(lic, stream, ob, now, c, rid) -> lazy period reset of counter c
+-- forget_meters(lic, old) -> after a policy snapshot was written into license hash `lic`: drops
+--                         the fields of the meters listed in `old` (the `p_meters` before)
+--                         that the new `p_meters` no longer lists, and an empty `p_meters`
 -- int(n)               -> n as a decimal integer string; numbers are never handed to Redis
 --                         as Lua numbers, whose conversion may use an exponent
 
@@ -59,20 +69,30 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
-local function emit(stream, maxlen, now, kind, amount, uses, max, rid)
+local function emit(stream, maxlen, now, kind, amount, uses, max, rid, meter)
   if maxlen <= 0 then
+    return
+  end
+  if meter ~= nil and meter ~= '' then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
+      'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now), 'm', meter)
     return
   end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
     'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now))
 end
 
-local function outbox(ob, lic, kind, delta, uses, rid, now)
+local function outbox(ob, lic, kind, delta, uses, rid, now, meter)
   if EXPORT == 0 or delta == 0 then
     return
   end
   local seq = redis.call('HINCRBY', lic, 'xseq', 1)
   local id = string.match(lic, '{lic:(.*)}$')
+  if meter ~= nil and meter ~= '' then
+    redis.call('XADD', ob, '*', 'id', id .. ':' .. seq, 'k', kind, 'd', int(delta),
+      'u', int(uses), 'rid', rid, 't', int(now), 'm', meter)
+    return
+  end
   redis.call('XADD', ob, '*', 'id', id .. ':' .. seq, 'k', kind, 'd', int(delta),
     'u', int(uses), 'rid', rid, 't', int(now))
 end
@@ -93,4 +113,116 @@ local function roll_period(lic, stream, now, uses, stored, pstart, max, ob, rid)
   end
   redis.call('HSET', lic, 'uses', 0, 'period', int(pstart))
   return 0
+end
+
+-- The fields of one counter in the license hash: uses, period start, reserved units.
+local function counter_fields(meter)
+  if meter == '' then
+    return 'uses', 'period', 'rsv'
+  end
+  local p = 'm:' .. meter
+  return p .. ':u', p .. ':per', p .. ':r'
+end
+
+local function split_bar(s)
+  local out = {}
+  for part in string.gmatch(s .. '|', '([^|]*)|') do
+    out[#out + 1] = part
+  end
+  return out
+end
+
+local function holds(ents_json, code)
+  if ents_json == false or ents_json == nil or ents_json == '' then
+    return false
+  end
+  for _, e in ipairs(cjson.decode(ents_json)) do
+    if e == code then
+      return true
+    end
+  end
+  return false
+end
+
+local function load_counter(lic, meter, pbounds)
+  local uf, pf, rf = counter_fields(meter)
+  local c = {meter = meter, uf = uf, pf = pf, rf = rf, entitled = true, missing = false}
+  local f
+  if meter == '' then
+    f = redis.call('HMGET', lic, 'uses', 'suspended', 'expire', 'p_expiry_strategy', 'rsvn',
+      'period', 'rsv', 'o_uses', 'p_uses', 'p_overage', 'p_reset')
+    c.max = opt(f[8]) or opt(f[9])
+    c.ovg = opt(f[10])
+    c.reset = opt(f[11])
+    c.uses = tonumber(f[1])
+  else
+    f = redis.call('HMGET', lic, 'uses', 'suspended', 'expire', 'p_expiry_strategy', 'rsvn',
+      uf, pf, rf, 'pm:' .. meter, 'mo', 'ents')
+    if f[9] then
+      local spec = split_bar(f[9])
+      c.max = opt(spec[1])
+      c.ovg = opt(spec[2])
+      c.reset = opt(spec[3])
+      if spec[4] ~= nil and spec[4] ~= '' then
+        c.entitled = holds(f[11], spec[4])
+        c.entitlement = spec[4]
+      end
+      if f[10] and f[10] ~= '' then
+        local o = cjson.decode(f[10])[meter]
+        if o ~= nil then
+          c.max = tonumber(o)
+        end
+      end
+    else
+      c.missing = true
+    end
+    c.uses = tonumber(f[6] or '0')
+    f[6] = f[7]
+    f[7] = f[8]
+  end
+  if not f[1] then
+    return nil
+  end
+  c.suspended = f[2] == '1'
+  c.expire = opt(f[3])
+  c.strategy = opt(f[4])
+  c.rsvn = opt(f[5]) or 0
+  c.stored = opt(f[6])
+  c.reserved = opt(f[7]) or 0
+  c.ceil = ceiling(c.max, c.ovg)
+  c.pstart, c.pend = period_of(c.reset, pbounds)
+  return c
+end
+
+local function roll_counter(lic, stream, ob, now, c, rid)
+  if c.pstart == nil or c.pstart <= (c.stored or 0) then
+    return
+  end
+  if c.uses ~= 0 then
+    emit(stream, EVENTS_MAXLEN, now, 'reset', 0, 0, c.max, '', c.meter)
+    outbox(ob, lic, 'reset', -c.uses, 0, rid, now, c.meter)
+  end
+  redis.call('HSET', lic, c.uf, 0, c.pf, int(c.pstart))
+  c.uses = 0
+end
+
+local function forget_meters(lic, old)
+  local now_listed = redis.call('HGET', lic, 'p_meters')
+  if now_listed == '' then
+    redis.call('HDEL', lic, 'p_meters')
+    now_listed = false
+  end
+  if not old or old == '' then
+    return
+  end
+  local keep = {}
+  for code in string.gmatch(now_listed or '', '[^,]+') do
+    keep[code] = true
+  end
+  for code in string.gmatch(old, '[^,]+') do
+    if not keep[code] then
+      local uf, pf, rf = counter_fields(code)
+      redis.call('HDEL', lic, 'pm:' .. code, uf, pf, rf)
+    end
+  end
 end
