@@ -74,6 +74,14 @@ class _UsageEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageE
     """Usage was reset to 0 (ResetUsage, or a new usage period)."""
     USAGE_EVENT_TYPE_LIMIT_REACHED: _UsageEventType.ValueType  # 4
     """An increment brought usage to (or, within overage, past) the license's max_uses."""
+    USAGE_EVENT_TYPE_RESERVED: _UsageEventType.ValueType  # 5
+    """Units were reserved (ReserveUsage); `amount` held, `uses` unchanged."""
+    USAGE_EVENT_TYPE_COMMITTED: _UsageEventType.ValueType  # 6
+    """A reservation was committed: `amount` moved into uses (the rest released)."""
+    USAGE_EVENT_TYPE_RELEASED: _UsageEventType.ValueType  # 7
+    """A reservation was released (ReleaseReservation); `amount` given back."""
+    USAGE_EVENT_TYPE_EXPIRED: _UsageEventType.ValueType  # 8
+    """A reservation expired and was released by itself; `amount` given back."""
 
 class UsageEventType(_UsageEventType, metaclass=_UsageEventTypeEnumTypeWrapper):
     """Kind of a usage event streamed by WatchUsage."""
@@ -88,6 +96,14 @@ USAGE_EVENT_TYPE_RESET: UsageEventType.ValueType  # 3
 """Usage was reset to 0 (ResetUsage, or a new usage period)."""
 USAGE_EVENT_TYPE_LIMIT_REACHED: UsageEventType.ValueType  # 4
 """An increment brought usage to (or, within overage, past) the license's max_uses."""
+USAGE_EVENT_TYPE_RESERVED: UsageEventType.ValueType  # 5
+"""Units were reserved (ReserveUsage); `amount` held, `uses` unchanged."""
+USAGE_EVENT_TYPE_COMMITTED: UsageEventType.ValueType  # 6
+"""A reservation was committed: `amount` moved into uses (the rest released)."""
+USAGE_EVENT_TYPE_RELEASED: UsageEventType.ValueType  # 7
+"""A reservation was released (ReleaseReservation); `amount` given back."""
+USAGE_EVENT_TYPE_EXPIRED: UsageEventType.ValueType  # 8
+"""A reservation expired and was released by itself; `amount` given back."""
 Global___UsageEventType: _TypeAlias = UsageEventType  # noqa: Y015
 
 @_typing.final
@@ -171,6 +187,7 @@ class UsageEvent(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     METER_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Stream position of the event; pass it as WatchUsageRequest.after_event_id to resume."""
     type: Global___UsageEventType.ValueType
@@ -185,6 +202,8 @@ class UsageEvent(_message.Message):
     """The request_id (or UsageRecord id) that caused the change, if any."""
     meter: _builtins.str
     """The meter whose counter changed; empty for the license's own counter."""
+    reservation_id: _builtins.str
+    """The reservation of a RESERVED, COMMITTED, RELEASED or EXPIRED event."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the change happened."""
@@ -200,10 +219,11 @@ class UsageEvent(_message.Message):
         request_id: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         meter: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "event_time", b"event_time", "max_uses", b"max_uses"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "amount", b"amount", "event_id", b"event_id", "event_time", b"event_time", "max_uses", b"max_uses", "meter", b"meter", "request_id", b"request_id", "type", b"type", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "amount", b"amount", "event_id", b"event_id", "event_time", b"event_time", "max_uses", b"max_uses", "meter", b"meter", "request_id", b"request_id", "reservation_id", b"reservation_id", "type", b"type", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015

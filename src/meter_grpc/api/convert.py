@@ -17,6 +17,8 @@ from meter_grpc.domain.models import (
     OverageStrategy,
     Policy,
     RecordResult,
+    Reservation,
+    ReservationAnswer,
     Usage,
     UsageRecord,
     UsageResetInterval,
@@ -236,6 +238,7 @@ def usage_fields(u: Usage) -> dict[str, object]:
         "remaining": u.remaining,
         "overage_limit": u.overage_limit,
         "period_end_time": ts(u.period_end_ms),
+        "reserved": u.reserved,
     }
 
 
@@ -249,7 +252,30 @@ def meter_usage_to_proto(m: MeterUsage) -> usage_service_pb2.MeterUsage:
         overage_limit=u.overage_limit,
         period_end_time=ts(u.period_end_ms),
         entitled=m.entitled,
+        reserved=u.reserved,
     )
+
+
+def reservation_to_proto(r: Reservation) -> usage_service_pb2.Reservation:
+    return usage_service_pb2.Reservation(
+        id=r.id,
+        license_id=r.license_id,
+        meter=r.meter,
+        amount=r.amount,
+        expire_time=ts(r.expire_time_ms),
+        state=int(r.state),  # type: ignore[arg-type]
+        committed_amount=r.committed_amount,
+        create_time=ts(r.create_time_ms),
+    )
+
+
+def reservation_fields(a: ReservationAnswer) -> dict[str, object]:
+    """Keyword arguments of the three reservation responses."""
+    return {
+        "reservation": reservation_to_proto(a.reservation),
+        "usage": meter_usage_to_proto(a.usage),
+        "replayed": a.replayed,
+    }
 
 
 def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:

@@ -15,7 +15,9 @@ from meter_grpc.api import auth
 from meter_grpc.api.convert import (
     meter_usage_to_proto,
     record_result_to_proto,
+    reservation_fields,
     ts,
+    ttl_ms,
     usage_fields,
     usage_record_from_proto,
 )
@@ -98,6 +100,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
             overage_limit=u.overage_limit,
             period_end_time=None if u.period_end_ms is None else ts(u.period_end_ms),
             replayed=u.replayed,
+            reserved=u.reserved,
         )
 
     async def DecrementUsage(
@@ -122,7 +125,36 @@ class UsageService(pb_grpc.UsageServiceServicer):
             remaining=u.remaining,
             overage_limit=u.overage_limit,
             period_end_time=None if u.period_end_ms is None else ts(u.period_end_ms),
+            reserved=u.reserved,
         )
+
+    async def ReserveUsage(
+        self, request: pb.ReserveUsageRequest, context: Ctx
+    ) -> pb.ReserveUsageResponse:
+        a = await self.metering.reserve(
+            request.license_id,
+            request.amount,
+            meter=request.meter,
+            ttl_ms=ttl_ms(request.ttl) if request.HasField("ttl") else 0,
+            request_id=request.request_id,
+        )
+        return pb.ReserveUsageResponse(**reservation_fields(a))  # type: ignore[arg-type]
+
+    async def CommitReservation(
+        self, request: pb.CommitReservationRequest, context: Ctx
+    ) -> pb.CommitReservationResponse:
+        a = await self.metering.commit(
+            request.license_id, request.reservation_id, request.amount, request.request_id
+        )
+        return pb.CommitReservationResponse(**reservation_fields(a))  # type: ignore[arg-type]
+
+    async def ReleaseReservation(
+        self, request: pb.ReleaseReservationRequest, context: Ctx
+    ) -> pb.ReleaseReservationResponse:
+        a = await self.metering.release(
+            request.license_id, request.reservation_id, request.request_id
+        )
+        return pb.ReleaseReservationResponse(**reservation_fields(a))  # type: ignore[arg-type]
 
     async def ListUsage(self, request: pb.ListUsageRequest, context: Ctx) -> pb.ListUsageResponse:
         usages = await self.metering.list_usage(request.license_id)
@@ -249,6 +281,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
                     request_id=e.request_id,
                     event_time=ts(e.time_ms),
                     meter=e.meter,
+                    reservation_id=e.reservation_id,
                 ),
                 send_time=ts(self.metering.clock.now_ms()),
             )

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meter_grpc.domain import periods
+from meter_grpc.domain import ids, periods
 from meter_grpc.domain.clock import Clock
 from meter_grpc.domain.errors import (
+    FieldViolation,
     MeterError,
     Reason,
     not_found,
@@ -23,6 +24,7 @@ from meter_grpc.domain.models import (
     OverageStrategy,
     RecordOutcome,
     RecordResult,
+    ReservationAnswer,
     SyncResult,
     Usage,
     UsageEvent,
@@ -30,6 +32,7 @@ from meter_grpc.domain.models import (
     UsageResetInterval,
     overage_ceiling,
 )
+from meter_grpc.domain.ports import ReservationResult, UsageResult, UsageStatus
 from meter_grpc.domain.rules import (
     MAX_AMOUNT,
     MAX_COUNTER,
@@ -40,7 +43,7 @@ from meter_grpc.domain.rules import (
 from meter_grpc.domain.watching import DEFAULT_WATCH_MAX, DEFAULT_WATCH_PER_KEY, WatchHub
 
 if TYPE_CHECKING:
-    from meter_grpc.domain.ports import Store, UsageResult
+    from meter_grpc.domain.ports import Store
 
 
 # SyncUsage reports at most this many bad fields (the rest are summarized in the message), so
@@ -82,6 +85,13 @@ class Increment:
     meter: str = ""
 
 
+# Reservations: ttl bounds and default, open reservations per license (default of
+# METER_MAX_RESERVATIONS_PER_LICENSE).
+MIN_RESERVATION_TTL_MS = 1000
+MAX_RESERVATION_TTL_MS = 7 * 24 * 3600 * 1000  # = storage.scripts.MAX_RESERVATION_TTL_MS
+DEFAULT_RESERVATION_TTL_MS = 600_000
+DEFAULT_MAX_RESERVATIONS = 1000
+
 # The position before every event of a stream: reading after it starts with the oldest one.
 OLDEST_EVENT_ID = "0-0"
 
@@ -94,9 +104,12 @@ class Metering:
         *,
         watch_per_key: int = DEFAULT_WATCH_PER_KEY,
         watch_max: int = DEFAULT_WATCH_MAX,
+        max_reservations: int = DEFAULT_MAX_RESERVATIONS,
     ) -> None:
         self.store = store
         self.clock = clock
+        # Open reservations a license may hold (METER_MAX_RESERVATIONS_PER_LICENSE).
+        self.max_reservations = max_reservations
         # One store reader per watched license, and the caps on WatchUsage streams.
         self.hub = WatchHub(store, per_key=watch_per_key, total=watch_max)
         # Tasks in watch(): stopped by close() before the store closes under them.
@@ -267,6 +280,137 @@ class Metering:
                 )
             )
         return out
+
+    async def reserve(
+        self,
+        license_id: str,
+        amount: int,
+        *,
+        meter: str = "",
+        ttl_ms: int = 0,
+        request_id: str = "",
+    ) -> ReservationAnswer:
+        """Holds `amount` (0 means 1) of a counter for `ttl_ms` (0: DEFAULT_RESERVATION_TTL_MS)."""
+        v = Violations()
+        v.identifier("license_id", license_id)
+        v.meter("meter", meter)
+        v.amount("amount", amount)
+        v.request_id("request_id", request_id)
+        if ttl_ms and not MIN_RESERVATION_TTL_MS <= ttl_ms <= MAX_RESERVATION_TTL_MS:
+            v.add("ttl", "must be 1 second to 7 days (unset: 10 minutes)")
+        v.raise_if_any()
+        amount = amount or 1
+        now = self.clock.now_ms()
+        result = await self.store.reservation(
+            license_id,
+            "reserve",
+            [
+                meter,
+                amount,
+                ttl_ms or DEFAULT_RESERVATION_TTL_MS,
+                ids.new_id(),
+                self.max_reservations,
+            ],
+            request_id=request_id,
+            now_ms=now,
+            periods=periods.period_bounds_arg(now),
+        )
+        return self._reservation_answer(result, license_id, amount, request_id, meter)
+
+    async def commit(
+        self, license_id: str, reservation_id: str, amount: int = 0, request_id: str = ""
+    ) -> ReservationAnswer:
+        """Moves `amount` (0: all held) of a reservation into uses and frees the rest."""
+        return await self._close("commit", license_id, reservation_id, amount, request_id)
+
+    async def release(
+        self, license_id: str, reservation_id: str, request_id: str = ""
+    ) -> ReservationAnswer:
+        return await self._close("release", license_id, reservation_id, 0, request_id)
+
+    async def _close(
+        self, op: str, license_id: str, reservation_id: str, amount: int, request_id: str
+    ) -> ReservationAnswer:
+        v = Violations()
+        v.identifier("license_id", license_id)
+        if not reservation_id:
+            v.add("reservation_id", "is required")
+        elif not is_minted_id(reservation_id):
+            v.add("reservation_id", "must be a Reservation.id returned by ReserveUsage")
+        if op == "commit":
+            if amount < 0:
+                v.add("amount", "must not be negative (0 means all of it)")
+            elif amount > MAX_AMOUNT:
+                v.add("amount", f"must be at most 2^50 ({MAX_AMOUNT})")
+        v.request_id("request_id", request_id)
+        v.raise_if_any()
+        now = self.clock.now_ms()
+        args: list[object] = [reservation_id, amount] if op == "commit" else [reservation_id]
+        result = await self.store.reservation(
+            license_id,
+            op,
+            args,
+            request_id=request_id,
+            now_ms=now,
+            periods=periods.period_bounds_arg(now),
+        )
+        return self._reservation_answer(result, license_id, amount, request_id, "")
+
+    def _reservation_answer(
+        self, result: ReservationResult, license_id: str, amount: int, request_id: str, meter: str
+    ) -> ReservationAnswer:
+        status, answer = result.status.name, result.answer
+        r = answer.reservation
+        meter = meter or r.meter
+        if status == "OK":
+            return answer
+        meta = {"license_id": license_id}
+        if r.id and status not in ("OK",):
+            meta["reservation_id"] = r.id
+        if status == "RESERVATION_NOT_FOUND":
+            raise MeterError(
+                Reason.RESERVATION_NOT_FOUND,
+                f"license {license_id!r} has no reservation {r.id!r} (never made, or its "
+                "record has passed its retention)",
+                metadata=meta,
+            )
+        if status == "RESERVATION_EXPIRED":
+            state = r.state.name.lower()
+            why = {
+                "expired": "expired (released by itself at its expire_time): nothing was counted",
+                "committed": "was committed already",
+                "released": "was released already",
+            }.get(state, "is closed")
+            raise MeterError(
+                Reason.RESERVATION_EXPIRED,
+                f"reservation {r.id!r} {why}",
+                metadata={**meta, "state": state, "expire_time_ms": str(r.expire_time_ms)},
+            )
+        if status == "AMOUNT_ABOVE_HELD":
+            raise MeterError(
+                Reason.INVALID_ARGUMENT,
+                f"amount {amount} is more than the {r.amount} units the reservation holds",
+                metadata={**meta, "field": "amount", "held": str(r.amount)},
+                violations=(
+                    FieldViolation("amount", f"must be at most the amount held ({r.amount})"),
+                ),
+            )
+        if status == "RESERVATION_LIMIT_EXCEEDED":
+            raise MeterError(
+                Reason.RESERVATION_LIMIT_EXCEEDED,
+                f"the license holds {result.open} open reservations, the most this server "
+                "allows (METER_MAX_RESERVATIONS_PER_LICENSE); commit or release some first",
+                metadata={
+                    **meta,
+                    "limit": str(self.max_reservations),
+                    "open_reservations": str(result.open),
+                    "setting": "METER_MAX_RESERVATIONS_PER_LICENSE",
+                },
+                quota_subject=f"license:{license_id}:reservations",
+            )
+        usage = UsageResult(UsageStatus[status], answer.usage.usage)
+        _answer(usage, license_id, amount, request_id, meter)  # raises for any status but OK
+        raise AssertionError(f"unknown reservation status {status}")
 
     async def watch(
         self,

@@ -316,6 +316,10 @@ class UsageEventType(enum.IntEnum):
     DECREMENTED = 2
     RESET = 3
     LIMIT_REACHED = 4
+    RESERVED = 5
+    COMMITTED = 6
+    RELEASED = 7
+    EXPIRED = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +335,41 @@ class UsageEvent:
     time_ms: int
     # The meter whose counter changed ("" = the license's own counter).
     meter: str = ""
+    reservation_id: str = ""
+
+
+class ReservationState(enum.IntEnum):
+    """Numbers = proto ReservationState; the stored letters are in storage/lua/common.lua."""
+
+    UNSPECIFIED = 0
+    OPEN = 1
+    COMMITTED = 2
+    RELEASED = 3
+    EXPIRED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Units held against a counter's limit (ReserveUsage) until committed, released or
+    expired."""
+
+    id: str
+    license_id: str
+    meter: str
+    amount: int
+    expire_time_ms: int
+    state: ReservationState
+    committed_amount: int = 0
+    create_time_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationAnswer:
+    """A reservation script's answer: the reservation, its counter after the call."""
+
+    reservation: Reservation
+    usage: MeterUsage
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,24 @@ from meter_grpc.domain.models import (
     KeyHolder,
     License,
     Machine,
+    MeterUsage,
     Policy,
+    Reservation,
+    ReservationAnswer,
+    ReservationState,
     Slots,
     Usage,
     UsageEvent,
     UsageEventType,
 )
-from meter_grpc.domain.ports import CreateRecord, LicenseRead, MachineResult, UsageResult
+from meter_grpc.domain.ports import (
+    CreateRecord,
+    LicenseRead,
+    MachineResult,
+    ReservationResult,
+    ReservationStatus,
+    UsageResult,
+)
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.commands import RedisClient, pairs
 from meter_grpc.storage.scripts import (
@@ -95,6 +106,16 @@ _EVENT_TYPES = {
     "dec": UsageEventType.DECREMENTED,
     "reset": UsageEventType.RESET,
     "limit": UsageEventType.LIMIT_REACHED,
+    "reserve": UsageEventType.RESERVED,
+    "commit": UsageEventType.COMMITTED,
+    "release": UsageEventType.RELEASED,
+    "expire": UsageEventType.EXPIRED,
+}
+_RESERVATION_STATES = {
+    "o": ReservationState.OPEN,
+    "c": ReservationState.COMMITTED,
+    "r": ReservationState.RELEASED,
+    "x": ReservationState.EXPIRED,
 }
 
 
@@ -108,6 +129,7 @@ def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
         request_id=f.get("rid", ""),
         time_ms=int(f.get("ts") or 0),
         meter=f.get("m", ""),
+        reservation_id=f.get("rsv", ""),
     )
 
 
@@ -511,6 +533,7 @@ class RedisStore:
                 *keys.machine_keys(license_id),
                 keys.license_events(license_id),
                 keys.policy_mailbox(license_id),
+                *keys.reservation_keys(license_id),
                 keys.license_tombstone(license_id),
             ],
             args=[tombstone_ms],
@@ -547,6 +570,7 @@ class RedisStore:
             keys.license(license_id),
             keys.license_events(license_id),
             await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
         ]
         if request_id:
             script_keys.append(keys.request_record(license_id, request_id))
@@ -565,6 +589,55 @@ class RedisStore:
                 replayed == 1,
                 reserved,
             ),
+        )
+
+    @storage_call
+    async def reservation(
+        self,
+        license_id: str,
+        op: str,
+        args: Sequence[object],
+        *,
+        request_id: str,
+        now_ms: int,
+        periods: str,
+    ) -> ReservationResult:
+        """Runs reservation.lua: one round trip, atomic."""
+        script_keys = [
+            keys.license(license_id),
+            keys.license_events(license_id),
+            await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
+        ]
+        if request_id:
+            script_keys.append(keys.request_record(license_id, request_id))
+        row = await self.scripts.reservation(
+            keys=script_keys, args=[now_ms, op, periods, request_id, *args]
+        )
+        status, rid, state, meter, amount, expire, committed, created = row[:8]
+        uses, max_uses, ceiling, period_end, reserved, replayed, open_ = row[8:15]
+        usage = Usage(
+            int(uses),
+            _opt(int(max_uses)),
+            _opt(int(ceiling)),
+            _opt(int(period_end)),
+            int(replayed) == 1,
+            int(reserved),
+        )
+        r = Reservation(
+            id=str(rid),
+            license_id=license_id,
+            meter=str(meter),
+            amount=int(amount),
+            expire_time_ms=int(expire),
+            state=_RESERVATION_STATES.get(str(state), ReservationState.UNSPECIFIED),
+            committed_amount=int(committed),
+            create_time_ms=int(created),
+        )
+        return ReservationResult(
+            ReservationStatus(int(status)),
+            ReservationAnswer(r, MeterUsage(str(meter), usage), int(replayed) == 1),
+            int(open_),
         )
 
     @storage_call

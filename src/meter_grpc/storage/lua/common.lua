@@ -19,8 +19,20 @@
 --                         lazy period reset: 0 (and the hash updated, a reset event emitted,
 --                         a reset appended to the outbox) when the current period started
 --                         after the stored one, else `uses`
--- emit and outbox take an optional last argument `meter`: the meter code (a field `m` of the
---                         event / outbox entry), nil or '' for the license's own counter.
+-- emit and outbox take an optional argument `meter`: the meter code (a field `m` of the
+--                         event / outbox entry), nil or '' for the license's own counter;
+--                         emit a last one `rsv`, the reservation id of a reservation event.
+-- Reservations (reservation.lua; keys.reservations, reservation_expiry, reservation_closed):
+-- rsv_parse(s) / rsv_record(r) -> a record "state|meter|amount|expire|committed|created"
+--                         (state o open, c committed, r released, x expired)
+-- close_rsv(lic, rk, xk, ck, id, r, state, now) -> closes open reservation `id` (record `r`):
+--                         its units leave the counter's reserved total (`rsv`, `m:<code>:r`,
+--                         never below 0), `rsvn` (open reservations) drops by one, the record
+--                         is kept RESERVATION_RETENTION_MS
+-- release_expired(lic, stream, rk, xk, ck, now) -> closes (state x) the open reservations
+--                         whose expire time has come, at most RESERVATION_BATCH of them,
+--                         oldest first (the rest stay held: conservative), and forgets as
+--                         many records past their retention; an `expire` event for each
 -- load_counter(lic, meter, pbounds) -> c: one counter of a license (its own: meter ''; or a
 --                         meter: `pm:<code>`, `m:<code>:u/:per/:r`, override in `mo`) with the
 --                         license fields every usage script checks; nil when the license
@@ -69,17 +81,21 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
-local function emit(stream, maxlen, now, kind, amount, uses, max, rid, meter)
+local function emit(stream, maxlen, now, kind, amount, uses, max, rid, meter, rsv)
   if maxlen <= 0 then
     return
   end
+  local extra = {}
   if meter ~= nil and meter ~= '' then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
-      'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now), 'm', meter)
-    return
+    extra[#extra + 1] = 'm'
+    extra[#extra + 1] = meter
+  end
+  if rsv ~= nil then
+    extra[#extra + 1] = 'rsv'
+    extra[#extra + 1] = rsv
   end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', kind, 'amount', int(amount),
-    'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now))
+    'uses', int(uses), 'max', max and int(max) or '', 'rid', rid, 'ts', int(now), unpack(extra))
 end
 
 local function outbox(ob, lic, kind, delta, uses, rid, now, meter)
@@ -224,5 +240,63 @@ local function forget_meters(lic, old)
       local uf, pf, rf = counter_fields(code)
       redis.call('HDEL', lic, 'pm:' .. code, uf, pf, rf)
     end
+  end
+end
+
+local function rsv_parse(s)
+  local p = split_bar(s)
+  return {state = p[1], meter = p[2], amount = tonumber(p[3]), expire = tonumber(p[4]),
+    committed = tonumber(p[5]), created = tonumber(p[6])}
+end
+
+local function rsv_record(r)
+  return r.state .. '|' .. r.meter .. '|' .. int(r.amount) .. '|' .. int(r.expire) .. '|' ..
+    int(r.committed) .. '|' .. int(r.created)
+end
+
+local function keep_rsv_keys(rk, xk, ck)
+  redis.call('PEXPIRE', rk, RESERVATION_KEEP_MS)
+  redis.call('PEXPIRE', xk, RESERVATION_KEEP_MS)
+  redis.call('PEXPIRE', ck, RESERVATION_KEEP_MS)
+end
+
+local function close_rsv(lic, rk, xk, ck, id, r, state, now)
+  local _, _, rf = counter_fields(r.meter)
+  local left = tonumber(redis.call('HGET', lic, rf) or '0') - r.amount
+  if left <= 0 then
+    redis.call('HDEL', lic, rf)
+  else
+    redis.call('HSET', lic, rf, int(left))
+  end
+  if redis.call('HINCRBY', lic, 'rsvn', -1) <= 0 then
+    redis.call('HDEL', lic, 'rsvn')
+  end
+  r.state = state
+  redis.call('HSET', rk, id, rsv_record(r))
+  redis.call('ZREM', xk, id)
+  redis.call('ZADD', ck, int(now + RESERVATION_RETENTION_MS), id)
+end
+
+local function release_expired(lic, stream, rk, xk, ck, now)
+  local due = redis.call('ZRANGEBYSCORE', xk, '-inf', int(now), 'LIMIT', 0, RESERVATION_BATCH)
+  for _, id in ipairs(due) do
+    local s = redis.call('HGET', rk, id)
+    if s then
+      local r = rsv_parse(s)
+      close_rsv(lic, rk, xk, ck, id, r, 'x', now)
+      local uf = counter_fields(r.meter)
+      local uses = tonumber(redis.call('HGET', lic, uf) or '0')
+      emit(stream, EVENTS_MAXLEN, now, 'expire', r.amount, uses, nil, '', r.meter, id)
+    else
+      redis.call('ZREM', xk, id)
+    end
+  end
+  local old = redis.call('ZRANGEBYSCORE', ck, '-inf', int(now), 'LIMIT', 0, RESERVATION_BATCH)
+  if #old > 0 then
+    redis.call('HDEL', rk, unpack(old))
+    redis.call('ZREM', ck, unpack(old))
+  end
+  if #due > 0 then
+    keep_rsv_keys(rk, xk, ck)
   end
 end

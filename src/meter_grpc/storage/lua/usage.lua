@@ -3,7 +3,8 @@
 -- KEYS[1]  license hash                     (keys.license)
 -- KEYS[2]  usage events stream              (keys.license_events)
 -- KEYS[3]  outbox stream of the license's slot (keys.outbox), written only when EXPORT = 1
--- KEYS[4]  optional: idempotency record     (keys.request_record), only with a request_id
+-- KEYS[4..6] reservations, their expiry and closed sets (keys.reservation_keys)
+-- KEYS[7]  optional: idempotency record     (keys.request_record), only with a request_id
 -- ARGV[1]  now (ms)
 -- ARGV[2]  operation: "inc", "dec", "reset" or "get"
 -- ARGV[3]  amount (1 .. 2^50; ignored by reset and get)
@@ -19,7 +20,8 @@
 --           4 LICENSE_SUSPENDED, 5 LICENSE_EXPIRED, 6 REQUEST_ID_REUSED, 7 METER_NOT_FOUND,
 --           8 METER_NOT_ENTITLED
 --   (mirrored by meter_grpc.storage.scripts.UsageStatus)
--- A bulk increment is all-or-nothing: uses + reserved + amount must stay within the ceiling
+-- Expired reservations of the license are released first (release_expired, common.lua; only
+-- when it has open ones). A bulk increment is all-or-nothing: uses + reserved + amount must stay within the ceiling
 -- (units held by reservations count against it); a period rollover (lazy, no cron) resets the
 -- counter before the operation is applied. A meter counts exactly like the license's own
 -- counter, in fields of its own (common.lua, counter_fields); increments of a meter whose
@@ -45,8 +47,8 @@ if c == nil then
   return {1, 0, -1, -1, -1, 0, 0}
 end
 
-if KEYS[4] then
-  local stored = redis.call('GET', KEYS[4])
+if KEYS[7] then
+  local stored = redis.call('GET', KEYS[7])
   if stored then
     local sep = string.find(stored, '|', 1, true)
     if string.sub(stored, 1, sep - 1) ~= digest then
@@ -60,6 +62,11 @@ if KEYS[4] then
     out[6] = 1
     return out
   end
+end
+
+if c.rsvn > 0 then
+  release_expired(lic, KEYS[2], KEYS[4], KEYS[5], KEYS[6], now)
+  c.reserved = opt(redis.call('HGET', lic, c.rf)) or 0
 end
 
 local status = 0
@@ -112,7 +119,7 @@ if status == 7 then
   return {7, 0, -1, -1, -1, 0, 0}
 end
 local out = {status, uses, max or -1, ceil or -1, c.pend or -1, 0, c.reserved}
-if KEYS[4] and status ~= 8 then
+if KEYS[7] and status ~= 8 then
   local parts = {}
   for i = 1, 5 do
     parts[i] = int(out[i])
@@ -120,6 +127,6 @@ if KEYS[4] and status ~= 8 then
   if c.reserved ~= 0 then
     parts[6] = int(c.reserved)
   end
-  redis.call('SET', KEYS[4], digest .. '|' .. table.concat(parts, ','), 'PX', REQUEST_RECORD_TTL_MS)
+  redis.call('SET', KEYS[7], digest .. '|' .. table.concat(parts, ','), 'PX', REQUEST_RECORD_TTL_MS)
 end
 return out
