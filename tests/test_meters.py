@@ -12,9 +12,10 @@ from google.protobuf import field_mask_pb2
 
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
-from meter.v1 import policy_pb2
+from meter.v1 import policy_pb2, usage_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
+from meter_grpc.domain import license_file
 from meter_grpc.domain.clock import ManualClock
 from meter_grpc.storage import keys
 from tests.conftest import Running
@@ -319,3 +320,159 @@ async def test_policy_meters_round_trip(make_policy: Any) -> None:
     assert [m.code for m in p.meters] == ["API_CALLS", "UNLIMITED"]
     assert p.meters[0].max_uses == 100 and p.meters[0].entitlement == "X"
     assert not p.meters[1].HasField("max_uses")
+
+
+async def test_sync_records_of_meters(
+    make_license: Any,
+    usage: ugrpc.UsageServiceStub,
+    licenses: lgrpc.LicenseServiceStub,
+    redis: aioredis.Redis,
+) -> None:
+    lic = await make_license(policy_fields={"max_uses": 100, "meters": [meter("A", 5)]})
+    await usage.ReserveUsage(
+        upb.ReserveUsageRequest(license_id=lic.id, meter="A", amount=2), metadata=admin_md()
+    )
+
+    def rec(rid: str, amount: int, code: str = "") -> usage_pb2.UsageRecord:
+        return usage_pb2.UsageRecord(id=rid, amount=amount, meter=code)
+
+    async def sync(*records: usage_pb2.UsageRecord) -> Any:
+        return await usage.SyncUsage(
+            upb.SyncUsageRequest(license_id=lic.id, records=records), metadata=admin_md()
+        )
+
+    U = usage_pb2
+    r = await sync(rec("a1", 2, "A"), rec("own", 7), rec("a2", 2, "A"), rec("b1", 1, "B"))
+    assert [(x.outcome, x.reason) for x in r.results] == [
+        (U.USAGE_RECORD_OUTCOME_APPLIED, ""),
+        (U.USAGE_RECORD_OUTCOME_APPLIED, ""),
+        (U.USAGE_RECORD_OUTCOME_REJECTED, "USAGE_LIMIT_EXCEEDED"),  # 2 used + 2 held + 2 > 5
+        (U.USAGE_RECORD_OUTCOME_REJECTED, "METER_NOT_FOUND"),
+    ]
+    assert r.uses == 7
+    assert (await get(usage, lic.id, "A")).uses == 2
+    # the same id for another meter is a reuse; METER_NOT_FOUND was not remembered
+    r = await sync(rec("a1", 2), rec("b1", 1, "B"))
+    assert [x.reason for x in r.results] == ["REQUEST_ID_REUSED", "METER_NOT_FOUND"]
+    assert await redis.exists(keys.usage_record(lic.id, "b1")) == 0
+    await licenses.UpdatePolicy(
+        lpb.UpdatePolicyRequest(
+            policy=policy_pb2.Policy(id=lic.policy_id, meters=[meter("A", 5), meter("B", 1)]),
+            update_mask=field_mask_pb2.FieldMask(paths=["meters"]),
+        ),
+        metadata=admin_md(),
+    )
+    r = await sync(rec("b1", 1, "B"), rec("a1", 2, "A"))
+    assert [x.outcome for x in r.results] == [
+        U.USAGE_RECORD_OUTCOME_APPLIED,
+        U.USAGE_RECORD_OUTCOME_DUPLICATE,
+    ]
+    err = await expect_error(sync(rec("x", 1, "bad code")))
+    assert err.bad_fields == ["records[0].meter"]
+
+
+async def test_stream_and_batch_increments_of_meters(
+    make_license: Any, usage: ugrpc.UsageServiceStub
+) -> None:
+    lic = await make_license(policy_fields={"meters": [meter("A", 3), meter("B", 10)]})
+    requests = [
+        upb.IncrementUsageRequest(license_id=lic.id, meter="A", request_id=f"s{i}")
+        for i in range(4)
+    ] + [upb.IncrementUsageRequest(license_id=lic.id, meter="NOPE", request_id="n")]
+    answers = [a async for a in usage.StreamUsage(iter(requests), metadata=admin_md())]
+    assert [a.result.uses for a in answers[:3]] == [1, 2, 3]
+    assert answers[3].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert answers[4].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    batch = await usage.BatchIncrementUsage(
+        upb.BatchIncrementUsageRequest(
+            items=[
+                upb.IncrementUsageRequest(license_id=lic.id, meter="B", amount=4),
+                upb.IncrementUsageRequest(license_id=lic.id, meter="B", amount=7),
+                upb.IncrementUsageRequest(license_id=lic.id, amount=7),
+                upb.IncrementUsageRequest(license_id=lic.id, meter="b"),
+            ]
+        ),
+        metadata=admin_md(),
+    )
+    r = batch.results
+    assert r[0].result.uses == 4 and r[1].HasField("error") and r[2].result.uses == 7
+    assert r[3].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (await get(usage, lic.id, "B")).uses == 4
+
+
+async def test_watch_filters_by_meter(make_license: Any, usage: ugrpc.UsageServiceStub) -> None:
+    lic = await make_license(policy_fields={"meters": [meter("A")]})
+
+    def watch(**fields: Any) -> Any:
+        return usage.WatchUsage(
+            upb.WatchUsageRequest(license_id=lic.id, after_event_id="0-0", **fields),
+            metadata=admin_md(),
+        )
+
+    await inc(usage, lic.id, "A", amount=2)
+    await inc(usage, lic.id, amount=3)
+    await inc(usage, lic.id, "A", amount=4)
+
+    async def first(stream: Any, n: int) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        try:
+            async for msg in stream:
+                out.append((msg.event.meter, msg.event.amount))
+                if len(out) == n:
+                    return out
+        finally:
+            stream.cancel()
+        return out
+
+    assert await asyncio.wait_for(first(watch(), 3), 10) == [("A", 2), ("", 3), ("A", 4)]
+    assert await asyncio.wait_for(first(watch(meter="A", filter_meter=True), 2), 10) == [
+        ("A", 2),
+        ("A", 4),
+    ]
+    assert await asyncio.wait_for(first(watch(filter_meter=True), 1), 10) == [("", 3)]
+
+
+async def test_license_file_carries_the_meters(
+    make_license: Any, usage: ugrpc.UsageServiceStub, licenses: lgrpc.LicenseServiceStub
+) -> None:
+    lic = await make_license(
+        policy_fields={
+            "meters": [
+                meter("A", 8, overage_strategy=policy_pb2.OVERAGE_STRATEGY_ALLOW_1_5X_OVERAGE),
+                meter("PRO", entitlement="PRO", usage_reset_interval=DAILY),
+            ]
+        },
+        meter_overrides={"A": 10},
+    )
+    await inc(usage, lic.id, "A", amount=4)
+    await usage.ReserveUsage(
+        upb.ReserveUsageRequest(license_id=lic.id, meter="A", amount=3), metadata=admin_md()
+    )
+    key = (await licenses.GetPublicKey(lpb.GetPublicKeyRequest(), metadata=admin_md())).public_key
+    cert = (
+        await licenses.CheckOutLicense(lpb.CheckOutLicenseRequest(id=lic.id), metadata=admin_md())
+    ).certificate
+    payload = license_file.verify(cert, bytes(key), now_ms=ManualClock().now_ms())
+    meters = payload["data"]["attributes"]["meters"]
+    assert meters[0] == {
+        "code": "A",
+        "uses": 4,
+        "maxUses": 10,
+        "usesLimit": 15,
+        "reserved": 3,
+        "usagePeriodEnd": None,
+        "entitled": True,
+    }
+    assert meters[1]["code"] == "PRO" and meters[1]["entitled"] is False
+    assert meters[1]["usagePeriodEnd"] is not None
+    policy = payload["included"][0]["attributes"]
+    assert [m["code"] for m in policy["meters"]] == ["A", "PRO"]
+    assert policy["meters"][1]["entitlement"] == "PRO"
+    # a license without meters: the file has no meters attribute at all
+    plain = await make_license()
+    cert = (
+        await licenses.CheckOutLicense(lpb.CheckOutLicenseRequest(id=plain.id), metadata=admin_md())
+    ).certificate
+    payload = license_file.verify(cert, bytes(key), now_ms=ManualClock().now_ms())
+    assert "meters" not in payload["data"]["attributes"]
+    assert "meters" not in payload["included"][0]["attributes"]

@@ -32,7 +32,8 @@ class _UsageRecordOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Us
     """The record had been counted before; nothing was counted again."""
     USAGE_RECORD_OUTCOME_REJECTED: _UsageRecordOutcome.ValueType  # 3
     """The record was not counted; `reason` says why (an ErrorInfo reason: USAGE_LIMIT_EXCEEDED,
-    LICENSE_SUSPENDED, LICENSE_EXPIRED or REQUEST_ID_REUSED).
+    LICENSE_SUSPENDED, LICENSE_EXPIRED, REQUEST_ID_REUSED, METER_NOT_FOUND or
+    METER_NOT_ENTITLED).
     """
 
 class UsageRecordOutcome(_UsageRecordOutcome, metaclass=_UsageRecordOutcomeEnumTypeWrapper):
@@ -54,7 +55,8 @@ USAGE_RECORD_OUTCOME_DUPLICATE: UsageRecordOutcome.ValueType  # 2
 """The record had been counted before; nothing was counted again."""
 USAGE_RECORD_OUTCOME_REJECTED: UsageRecordOutcome.ValueType  # 3
 """The record was not counted; `reason` says why (an ErrorInfo reason: USAGE_LIMIT_EXCEEDED,
-LICENSE_SUSPENDED, LICENSE_EXPIRED or REQUEST_ID_REUSED).
+LICENSE_SUSPENDED, LICENSE_EXPIRED, REQUEST_ID_REUSED, METER_NOT_FOUND or
+METER_NOT_ENTITLED).
 """
 Global___UsageRecordOutcome: _TypeAlias = UsageRecordOutcome  # noqa: Y015
 
@@ -115,6 +117,7 @@ class UsageRecord(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-generated unique identifier (1 to 128 printable ASCII characters, no spaces, e.g. a
     UUIDv7); each id is answered once per license and the answer is remembered for 30 days:
@@ -122,6 +125,12 @@ class UsageRecord(_message.Message):
     """
     amount: _builtins.int
     """Amount used: 0 means 1; at most 2^50. Negative amounts are refused (INVALID_ARGUMENT)."""
+    meter: _builtins.str
+    """The meter the usage is of (Policy.meters code); empty: the license's own counter. A code
+    the policy does not have is REJECTED with METER_NOT_FOUND, a meter whose entitlement the
+    license lacks with METER_NOT_ENTITLED; neither answer is remembered (the record may be
+    sent again once the policy has the meter, or the license the entitlement).
+    """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the usage happened on the client. Informational: a record counts in the usage period
@@ -134,10 +143,11 @@ class UsageRecord(_message.Message):
         id: _builtins.str = ...,
         amount: _builtins.int = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "id", b"id", "occur_time", b"occur_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "id", b"id", "meter", b"meter", "occur_time", b"occur_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

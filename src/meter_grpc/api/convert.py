@@ -283,6 +283,7 @@ def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:
         id=pb.id,
         amount=pb.amount,
         occur_time_ms=ms_of(pb.occur_time) if pb.HasField("occur_time") else None,
+        meter=pb.meter,
     )
 
 

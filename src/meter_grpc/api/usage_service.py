@@ -207,8 +207,12 @@ class UsageService(pb_grpc.UsageServiceServicer):
 
         async def answer(request: pb.IncrementUsageRequest) -> pb.StreamUsageResponse:
             try:
-                u = await self.metering.increment(
-                    request.license_id, request.amount, request.request_id, meter=request.meter
+                args = (request.license_id, request.amount, request.request_id)
+                # `meter` only when set: the license's own counter takes the call as before
+                u = await (
+                    self.metering.increment(*args, meter=request.meter)
+                    if request.meter
+                    else self.metering.increment(*args)
                 )
             except Exception as exc:  # one request's failure is its answer, never the stream's
                 return pb.StreamUsageResponse(

@@ -497,13 +497,14 @@ class Metering:
                 v.record_id(f"records[{i}].id", r.id)
                 v.amount(f"records[{i}].amount", r.amount)
                 v.timestamp(f"records[{i}].occur_time", r.occur_time_ms)
+                v.meter(f"records[{i}].meter", r.meter)
                 if len(v.items) >= MAX_REPORTED_VIOLATIONS:
                     break
         v.raise_if_any()
         now = self.clock.now_ms()
         result = await self.store.sync_usage(
             license_id,
-            [(r.id, r.amount or 1) for r in records],
+            [(r.id, r.amount or 1, r.meter) for r in records],
             now_ms=now,
             periods=periods.period_bounds_arg(now),
         )

@@ -388,6 +388,7 @@ class UsageRecord:
     id: str
     amount: int
     occur_time_ms: int | None = None
+    meter: str = ""
 
 
 class RecordOutcome(enum.IntEnum):

@@ -76,6 +76,8 @@ class SyncCode(enum.IntEnum):
     LICENSE_SUSPENDED = 4
     LICENSE_EXPIRED = 5
     REQUEST_ID_REUSED = 6
+    METER_NOT_FOUND = 7
+    METER_NOT_ENTITLED = 8
 
 
 class MachineStatus(enum.IntEnum):
@@ -280,7 +282,7 @@ class Store(Protocol):
     async def sync_usage(
         self,
         license_id: str,
-        records: Sequence[tuple[str, int]],
+        records: Sequence[tuple[str, int, str]],
         *,
         now_ms: int,
         periods: str,

@@ -690,12 +690,12 @@ class RedisStore:
     async def sync_usage(
         self,
         license_id: str,
-        records: Sequence[tuple[str, int]],
+        records: Sequence[tuple[str, int] | tuple[str, int, str]],
         *,
         now_ms: int,
         periods: str,
     ) -> tuple[int, list[str]] | None:
-        """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic.
+        """Runs usage_sync.lua on (record id, amount[, meter]) tuples: one round trip, atomic.
 
         Returns the usage after the call and one SyncCode name per record, or None when the
         license does not exist.
@@ -704,11 +704,13 @@ class RedisStore:
             keys.license(license_id),
             keys.license_events(license_id),
             await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
         ]
         args: list[object] = [now_ms, periods]
-        for record_id, amount in records:
+        for record in records:
+            record_id, amount = record[0], record[1]
             script_keys.append(keys.usage_record(license_id, record_id))
-            args += [record_id, str(amount)]
+            args += [record_id, str(amount), record[2] if len(record) > 2 else ""]
         row = await self.scripts.usage_sync(keys=script_keys, args=args)
         if not row[0]:
             return None

@@ -15,10 +15,6 @@
 --                         stream `ob` of the license's slot (keys.outbox), only when EXPORT
 --                         is 1 and delta ~= 0; its id is "<license id>:<n>" (the id read from
 --                         the hash's name), n counted in the license hash (`xseq`)
--- roll_period(lic, stream, now, uses, stored, pstart, max, ob, rid) -> the counter after a
---                         lazy period reset: 0 (and the hash updated, a reset event emitted,
---                         a reset appended to the outbox) when the current period started
---                         after the stored one, else `uses`
 -- emit and outbox take an optional argument `meter`: the meter code (a field `m` of the
 --                         event / outbox entry), nil or '' for the license's own counter;
 --                         emit a last one `rsv`, the reservation id of a reservation event.
@@ -37,7 +33,9 @@
 --                         meter: `pm:<code>`, `m:<code>:u/:per/:r`, override in `mo`) with the
 --                         license fields every usage script checks; nil when the license
 --                         does not exist. c.missing: the policy has no such meter.
--- roll_counter(lic, stream, ob, now, c, rid) -> lazy period reset of counter c
+-- roll_counter(lic, stream, ob, now, c, rid) -> lazy period reset of counter c: its uses
+--                         become 0 (the hash updated, a reset event emitted, a reset appended
+--                         to the outbox) when the current period started after the stored one
 -- forget_meters(lic, old) -> after a policy snapshot was written into license hash `lic`: drops
 --                         the fields of the meters listed in `old` (the `p_meters` before)
 --                         that the new `p_meters` no longer lists, and an empty `p_meters`
@@ -119,17 +117,6 @@ local function expired_refuses_use(expire, strategy, now)
   return expire ~= nil and now >= expire and (strategy == nil or strategy <= 2)
 end
 
-local function roll_period(lic, stream, now, uses, stored, pstart, max, ob, rid)
-  if pstart == nil or pstart <= (stored or 0) then
-    return uses
-  end
-  if uses ~= 0 then
-    emit(stream, EVENTS_MAXLEN, now, 'reset', 0, 0, max, '')
-    outbox(ob, lic, 'reset', -uses, 0, rid, now)
-  end
-  redis.call('HSET', lic, 'uses', 0, 'period', int(pstart))
-  return 0
-end
 
 -- The fields of one counter in the license hash: uses, period start, reserved units.
 local function counter_fields(meter)
