@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from meter.v1 import usage_pb2
+from meter.v1 import usage_service_pb2 as upb
 
 Metadata = tuple[tuple[str, str], ...]
 DEFAULT_TIMEOUT_S = 10.0
@@ -69,3 +70,21 @@ def usage_record(record_id: str, amount: int, occur_ms: int | None) -> usage_pb2
 
 def string_map(value: Mapping[str, str] | None) -> dict[str, str]:
     return dict(value or {})
+
+
+def reserve_request(
+    license_id: str,
+    amount: int,
+    meter: str,
+    ttl: dt.timedelta | float | None,
+    request_id: str,
+) -> upb.ReserveUsageRequest:
+    if ttl is not None and not isinstance(ttl, dt.timedelta):
+        ttl = dt.timedelta(seconds=ttl)
+    return upb.ReserveUsageRequest(
+        license_id=license_id,
+        meter=meter,
+        amount=amount,
+        ttl=duration(ttl),
+        request_id=request_id,
+    )
