@@ -59,8 +59,10 @@ def field_mask(paths: Iterable[str]) -> field_mask_pb2.FieldMask:
     return field_mask_pb2.FieldMask(paths=list(paths))
 
 
-def usage_record(record_id: str, amount: int, occur_ms: int | None) -> usage_pb2.UsageRecord:
-    r = usage_pb2.UsageRecord(id=record_id, amount=amount)
+def usage_record(
+    record_id: str, amount: int, occur_ms: int | None, meter: str = ""
+) -> usage_pb2.UsageRecord:
+    r = usage_pb2.UsageRecord(id=record_id, amount=amount, meter=meter)
     if occur_ms is not None:
         t = timestamp_pb2.Timestamp()
         t.FromMilliseconds(occur_ms)
