@@ -138,7 +138,9 @@ async def test_reservation_expires_by_itself_and_commit_after_expiry_counts_noth
     clock.advance(4_999)
     assert (await get(usage, lic.id)).reserved == 100
     clock.advance(1)
-    got = await get(usage, lic.id)  # the read releases it
+    listed = await usage.ListUsage(upb.ListUsageRequest(license_id=lic.id), metadata=admin_md())
+    assert [u.reserved for u in listed.usages] == [0, 0]  # ListUsage releases it too
+    got = await get(usage, lic.id)
     assert (got.reserved, got.remaining) == (0, 100)
     assert await redis.hget(keys.license(lic.id), "rsvn") is None
     err = await expect_error(commit(usage, lic.id, res.id, 10))

@@ -32,7 +32,12 @@ class UsageServiceStub:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -124,7 +129,12 @@ class UsageServiceServicer:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -348,7 +358,12 @@ class UsageService:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts

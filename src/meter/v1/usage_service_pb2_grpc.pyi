@@ -33,7 +33,12 @@ class UsageServiceStub:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -122,7 +127,12 @@ class UsageServiceAsyncStub(UsageServiceStub):
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -207,7 +217,12 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts

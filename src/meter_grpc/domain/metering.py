@@ -231,6 +231,19 @@ class Metering:
         if lic is None:
             raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
         now = self.clock.now_ms()
+        if lic.reserved or any(r for _, _, r in lic.meter_counters.values()):
+            # holds are open: a read through usage.lua releases the expired ones first
+            await self.store.usage(
+                license_id,
+                "get",
+                amount=1,
+                request_id="",
+                now_ms=now,
+                periods=periods.period_bounds_arg(now),
+            )
+            lic = await self.store.get_license(license_id)
+            if lic is None:
+                raise not_found(Reason.LICENSE_NOT_FOUND, "license", license_id)
 
         def usage(
             uses: int,
