@@ -91,9 +91,9 @@ if KEYS[7] then
   end
 end
 
-if redis.call('HEXISTS', lic, 'rsvn') == 1 then
-  release_expired(lic, stream, rk, xk, ck, now)
-end
+-- always (not only with open reservations, as the counter scripts do): the records of closed
+-- ones are forgotten past their retention even when none is open any more
+release_expired(lic, stream, rk, xk, ck, now)
 
 if op == 'reserve' then
   local meter = ARGV[5]
