@@ -159,6 +159,12 @@ async def test_commit_release_and_reserve_are_idempotent_under_request_id(
     make_license: Any, usage: ugrpc.UsageServiceStub
 ) -> None:
     lic = await make_license(policy_fields={"meters": [meter("GPU", 100)]})
+    err = await expect_error(reserve(usage, lic.id, 101))
+    assert (err.reason, err.metadata["reserved"], err.metadata["requested"]) == (
+        "USAGE_LIMIT_EXCEEDED",
+        "0",
+        "101",
+    )
     a = await reserve(usage, lic.id, 30, request_id="job-1")
     again = await reserve(usage, lic.id, 30, request_id="job-1")
     assert again.replayed and again.reservation.id == a.reservation.id

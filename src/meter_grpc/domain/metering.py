@@ -422,7 +422,8 @@ class Metering:
                 quota_subject=f"license:{license_id}:reservations",
             )
         usage = UsageResult(UsageStatus[status], answer.usage.usage)
-        _answer(usage, license_id, amount, request_id, meter)  # raises for any status but OK
+        # raises for any status but OK
+        _answer(usage, license_id, amount, request_id, meter, reservation=True)
         raise AssertionError(f"unknown reservation status {status}")
 
     async def watch(
@@ -581,9 +582,16 @@ def meter_not_found(license_id: str, meter: str) -> MeterError:
 
 
 def _answer(
-    result: UsageResult, license_id: str, amount: int, request_id: str, meter: str = ""
+    result: UsageResult,
+    license_id: str,
+    amount: int,
+    request_id: str,
+    meter: str = "",
+    *,
+    reservation: bool = False,
 ) -> Usage:
-    """The Usage of a usage.lua answer, or the MeterError of its status."""
+    """The Usage of a usage.lua answer, or the MeterError of its status. `reservation`: the
+    answer of a reservation script (USAGE_LIMIT_EXCEEDED then always names `reserved`)."""
     if result.status == 0:  # UsageStatus.OK, compared as the integer it is
         return result.usage
     status, usage = result.status.name, result.usage
@@ -604,7 +612,7 @@ def _answer(
         limit = usage.overage_limit if usage.overage_limit is not None else MAX_COUNTER
         what = f"meter {meter}" if meter else "the usage limit"
         held = f", {usage.reserved} reserved" if usage.reserved else ""
-        extra = {"reserved": str(usage.reserved)} if usage.reserved else {}
+        extra = {"reserved": str(usage.reserved)} if usage.reserved or reservation else {}
         raise MeterError(
             Reason.USAGE_LIMIT_EXCEEDED,
             f"using {amount} more would pass {what}: {usage.uses} used{held} of "
