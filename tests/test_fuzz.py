@@ -62,7 +62,7 @@ from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.api.errors import DOMAIN, STATUS_CODES
 from meter_grpc.config import Settings
-from meter_grpc.domain import paging
+from meter_grpc.domain import ids, paging
 from meter_grpc.domain.clock import ManualClock
 from meter_grpc.domain.errors import Reason
 from meter_grpc.server import build_server
@@ -515,6 +515,11 @@ def string_hint(fd: FieldDescriptor, ctx: Ctx) -> st.SearchStrategy[str] | None:
         if owner == "UsageRecord":
             return st.one_of(st.sampled_from(["rec-1", "rec-2"]), SAFE_TOKEN)
         return license_ids(ctx)
+    if name == "meter" or (name == "code" and owner == "Meter"):
+        # the license's own counter, meter codes (mostly unknown to the world's policies)
+        return st.sampled_from(["", "API_CALLS", "GPU_SECONDS", "A"])
+    if name == "reservation_id":
+        return st.one_of(st.just(UNKNOWN_ID), st.builds(ids.new_id))
     if name == "request_id":  # mostly new ones; a few reused (replays, REQUEST_ID_REUSED)
         # one_of leans toward its first branch
         return st.one_of(fresh("rid"), st.sampled_from(["r-1", "seed-1"]), SAFE_TOKEN)
@@ -676,13 +681,17 @@ def field_strategy(
 ) -> st.SearchStrategy[Any]:
     if is_map(fd):
         k_fd, v_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        # map<string, string> (metadata) or map<string, int64> (meter_overrides)
+        text_values = v_fd.type == T.TYPE_STRING
+        filler: str | int = "v" if text_values else 1
         if valid:
-            return st.dictionaries(SAFE_TOKEN, SAFE_TOKEN, max_size=3)
+            values = SAFE_TOKEN if text_values else value(v_fd, ctx, True, depth)
+            return st.dictionaries(SAFE_TOKEN, values, max_size=3)
         return st.one_of(
             st.dictionaries(
                 value(k_fd, ctx, False, depth), value(v_fd, ctx, False, depth), max_size=4
             ),
-            st.integers(65, 300).map(lambda n: {f"k{i}": "v" for i in range(n)}),
+            st.integers(65, 300).map(lambda n: {f"k{i}": filler for i in range(n)}),
         )
     if fd.is_repeated:
         elem_valid = value(fd, ctx, True, depth)

@@ -109,6 +109,7 @@ POLICY_VALUES: list[tuple[str, Any]] = [
     ("overage_strategy", policy_pb2.OVERAGE_STRATEGY_ALLOW_2X_OVERAGE),
     ("usage_reset_interval", policy_pb2.USAGE_RESET_INTERVAL_MONTHLY),
     ("metadata", {"tier": "gold"}),
+    ("meters", [policy_pb2.Meter(code="API_CALLS", max_uses=10, entitlement="export")]),
 ]
 
 
@@ -226,6 +227,7 @@ async def test_update_license_sets_every_field_through_its_own_path(
         ("max_cores", 32),
         ("entitlements", ["extra"]),
         ("metadata", {"customer": "acme"}),
+        ("meter_overrides", {"API_CALLS": 5}),
     ]
     assert {name for name, _ in values} == set(masks.LICENSE.fields)
     expected = _steady(await _get_license(licenses, lic.id))

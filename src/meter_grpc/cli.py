@@ -135,6 +135,34 @@ def parse_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_meter(text: str) -> policy_pb2.Meter:
+    """CODE[:MAX_USES[:OVERAGE[:RESET[:ENTITLEMENT]]]], e.g. API_CALLS:1000:ALLOW_2X_OVERAGE:DAILY
+    (an empty part: the default; MAX_USES empty or "unlimited": no limit)."""
+    parts = text.split(":")
+    if len(parts) > 5 or not parts[0]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not CODE[:MAX_USES[:OVERAGE[:RESET[:ENTITLEMENT]]]]"
+        )
+    parts += [""] * (5 - len(parts))
+    fields: dict[str, Any] = {"code": parts[0], "entitlement": parts[4]}
+    if parts[1] and parts[1] != "unlimited":
+        fields["max_uses"] = parse_positive_or_zero(parts[1])
+    if parts[2]:
+        ovg = enum_choice(policy_pb2.OverageStrategy, "OVERAGE_STRATEGY_")
+        fields["overage_strategy"] = ovg(parts[2])
+    if parts[3]:
+        reset = enum_choice(policy_pb2.UsageResetInterval, "USAGE_RESET_INTERVAL_")
+        fields["usage_reset_interval"] = reset(parts[3])
+    return policy_pb2.Meter(**fields)
+
+
+def parse_override(text: str) -> tuple[str, int]:
+    code, sep, limit = text.partition("=")
+    if not sep or not code:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CODE=LIMIT")
+    return code, parse_positive_or_zero(limit)
+
+
 def parse_time(text: str) -> dt.datetime:
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -376,6 +404,10 @@ def _fill(message: Any, args: argparse.Namespace, names: Sequence[str]) -> list[
             message.metadata.update(dict(value))
         elif name == "entitlements":
             message.entitlements[:] = value
+        elif name == "meters":
+            message.meters.extend(value)
+        elif name == "meter_overrides":
+            message.meter_overrides.update(dict(value))
         else:
             setattr(message, name, value)
         mask.append(name)
@@ -390,8 +422,16 @@ POLICY_FIELDS = (
     *POLICY_ENUMS,
     "entitlements",
     "metadata",
+    "meters",
 )
-LICENSE_UPDATE_FIELDS = ("name", *LIMITS, "expire_time", "entitlements", "metadata")
+LICENSE_UPDATE_FIELDS = (
+    "name",
+    *LIMITS,
+    "expire_time",
+    "entitlements",
+    "metadata",
+    "meter_overrides",
+)
 
 
 def cmd_policies(args: argparse.Namespace, out: Output) -> None:
@@ -458,19 +498,66 @@ def cmd_licenses(args: argparse.Namespace, out: Output) -> None:
 def cmd_usage(args: argparse.Namespace, out: Output) -> None:
     with connect(args) as client:
         result: Message
+        meter = getattr(args, "meter", None) or ""
+        if args.action in ("reserve", "commit", "release"):
+            _reservation(client, args, out)
+            return
+        if args.action == "list":
+            rows = [to_dict(u) for u in client.list_usage(args.license_id).usages]
+            for row in rows:
+                row.setdefault("meter", "")
+                if not out.as_json:
+                    row.setdefault("max_uses", "unlimited")
+                    row.setdefault("remaining", "unlimited")
+            out.table("usages", rows, ("meter", *USAGE_FIELDS, "reserved", "entitled"))
+            return
         if args.action == "get":
-            result = client.get_usage(args.license_id)
+            result = client.get_usage(args.license_id, meter=meter)
         elif args.action == "increment":
-            result = client.increment_usage(args.license_id, args.amount, args.request_id or "")
+            result = client.increment_usage(
+                args.license_id, args.amount, args.request_id or "", meter=meter
+            )
         elif args.action == "decrement":
-            result = client.decrement_usage(args.license_id, args.amount, args.request_id or "")
+            result = client.decrement_usage(
+                args.license_id, args.amount, args.request_id or "", meter=meter
+            )
         else:
-            result = client.reset_usage(args.license_id, args.request_id or "")
-        doc = {"license_id": args.license_id, **to_dict(result)}
+            result = client.reset_usage(args.license_id, args.request_id or "", meter=meter)
+        doc = {"license_id": args.license_id, **({"meter": meter} if meter else {})}
+        doc.update(to_dict(result))
         if not out.as_json:
             doc.setdefault("max_uses", "unlimited")
             doc.setdefault("remaining", "unlimited")
         out.record(doc, ("license_id", *USAGE_FIELDS))
+
+
+RESERVATION_FIELDS = (
+    "id",
+    "license_id",
+    "meter",
+    "amount",
+    "state",
+    "committed_amount",
+    "expire_time",
+)
+
+
+def _reservation(client: Any, args: argparse.Namespace, out: Output) -> None:
+    rid = args.request_id or ""
+    if args.action == "reserve":
+        ttl = dt.timedelta(seconds=args.ttl) if args.ttl else None
+        answer = client.reserve_usage(
+            args.license_id, args.amount, meter=args.meter or "", ttl=ttl, request_id=rid
+        )
+    elif args.action == "commit":
+        answer = client.commit_reservation(args.license_id, args.reservation_id, args.amount, rid)
+    else:
+        answer = client.release_reservation(args.license_id, args.reservation_id, rid)
+    doc = to_dict(answer.reservation)
+    doc.setdefault("meter", "")
+    usage = to_dict(answer.usage)
+    doc.update({f"usage_{k}": v for k, v in usage.items() if k != "meter"})
+    out.record(doc, (*RESERVATION_FIELDS, "usage_uses", "usage_reserved", "usage_remaining"))
 
 
 EXPORT_COLUMNS = (
@@ -663,7 +750,26 @@ def _policy_options(p: argparse.ArgumentParser, update: bool) -> None:
     _list_options(p)
 
 
-def _list_options(p: argparse.ArgumentParser) -> None:
+def _list_options(p: argparse.ArgumentParser, kind: str = "policy") -> None:
+    if kind == "license":
+        p.add_argument(
+            "--meter-override",
+            dest="meter_overrides",
+            action="append",
+            type=parse_override,
+            metavar="CODE=LIMIT",
+            help="a meter's max_uses for this license; repeatable (on update: replaces the map)",
+        )
+    else:
+        p.add_argument(
+            "--meter",
+            dest="meters",
+            action="append",
+            type=parse_meter,
+            metavar="CODE[:MAX[:OVERAGE[:RESET[:ENTITLEMENT]]]]",
+            help="a meter, e.g. API_CALLS:1000:ALLOW_2X_OVERAGE:DAILY; repeatable (on update: "
+            "replaces the list)",
+        )
     p.add_argument(
         "--entitlement",
         dest="entitlements",
@@ -756,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     _limit_options(p, update=False)
     p.add_argument("--expire-time", dest="expire_time", type=parse_time, metavar="ISO_TIME")
-    _list_options(p)
+    _list_options(p, "license")
     p = action(lic, "get", "show a license (with its key)", cmd_licenses)
     p.add_argument("id")
     p = action(lic, "list", "list licenses", cmd_licenses)
@@ -766,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     _limit_options(p, update=True)
     p.add_argument("--expire-time", dest="expire_time", type=parse_time, metavar="ISO_TIME")
-    _list_options(p)
+    _list_options(p, "license")
     for name, help in (
         ("suspend", "suspend a license"),
         ("reinstate", "reinstate a suspended license"),
@@ -782,16 +888,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", dest="key", metavar="LICENSE_KEY", help="default: generated")
 
     # usage
-    use = group("usage", "get, increment, decrement, reset a license's usage")
-    p = action(use, "get", "show the usage of a license", cmd_usage)
+    use = group(
+        "usage",
+        "get, list, increment, decrement, reset a license's usage (or a meter's); reserve, "
+        "commit, release units",
+    )
+    meter_help = "a meter of the license's policy (default: the license's own counter)"
+    p = action(use, "get", "show the usage of a license (or of one meter)", cmd_usage)
+    p.add_argument("license_id")
+    p.add_argument("--meter", metavar="CODE", help=meter_help)
+    p = action(use, "list", "every counter of a license: its own, then each meter", cmd_usage)
     p.add_argument("license_id")
     for name in ("increment", "decrement"):
         p = action(use, name, f"{name} the usage (refused past the limit)", cmd_usage)
         p.add_argument("license_id")
         p.add_argument("amount", nargs="?", type=parse_positive, default=1, help="default 1")
+        p.add_argument("--meter", metavar="CODE", help=meter_help)
         p.add_argument("--request-id", help="idempotency key: a retry with it counts once")
     p = action(use, "reset", "set the usage to 0", cmd_usage)
     p.add_argument("license_id")
+    p.add_argument("--meter", metavar="CODE", help=meter_help)
+    p.add_argument("--request-id", help="idempotency key")
+    p = action(
+        use,
+        "reserve",
+        "hold units against the limit until committed, released or expired",
+        cmd_usage,
+    )
+    p.add_argument("license_id")
+    p.add_argument("amount", type=parse_positive)
+    p.add_argument("--meter", metavar="CODE", help=meter_help)
+    p.add_argument(
+        "--ttl", type=parse_positive, metavar="SECONDS", help="how long (default 600, max 7 days)"
+    )
+    p.add_argument("--request-id", help="idempotency key: a retry holds nothing more")
+    p = action(use, "commit", "count what a reservation used and free the rest", cmd_usage)
+    p.add_argument("license_id")
+    p.add_argument("reservation_id")
+    p.add_argument(
+        "amount", nargs="?", type=parse_positive_or_zero, default=0, help="default: all held"
+    )
+    p.add_argument("--request-id", help="idempotency key")
+    p = action(use, "release", "give every unit of a reservation back", cmd_usage)
+    p.add_argument("license_id")
+    p.add_argument("reservation_id")
     p.add_argument("--request-id", help="idempotency key")
 
     # usage export

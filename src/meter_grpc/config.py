@@ -144,6 +144,7 @@ class Settings:
     watch_max: int = DEFAULT_WATCH_MAX
     # Bounds (README "Limits and bounds").
     max_machines_per_license: int = 10_000
+    max_reservations_per_license: int = 1_000
     max_concurrent_rpcs: int = 10_000
     max_receive_message_bytes: int = 4 * 1024 * 1024
     keepalive_time_s: float = 60.0
@@ -253,6 +254,7 @@ class Settings:
             watch_per_key=count("METER_WATCH_PER_KEY", DEFAULT_WATCH_PER_KEY),
             watch_max=count("METER_WATCH_MAX", DEFAULT_WATCH_MAX),
             max_machines_per_license=count("METER_MAX_MACHINES_PER_LICENSE", 10_000),
+            max_reservations_per_license=count("METER_MAX_RESERVATIONS_PER_LICENSE", 1_000),
             max_concurrent_rpcs=count("METER_MAX_CONCURRENT_RPCS", 10_000),
             max_receive_message_bytes=count(
                 "METER_MAX_RECEIVE_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=64 * 1024

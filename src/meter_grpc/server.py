@@ -291,6 +291,7 @@ async def build_server(
             settings.clock,
             watch_per_key=settings.watch_per_key,
             watch_max=settings.watch_max,
+            max_reservations=settings.max_reservations_per_license,
         )
         authenticator = Authenticator(
             admin_tokens(settings), licensing.key_holder, settings.clock, licensing.key_digest

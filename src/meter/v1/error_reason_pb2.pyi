@@ -93,6 +93,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     (the oldest event kept). Read the counter with GetUsage, then watch again from
     `oldest_event_id` or from now.
     """
+    ERROR_REASON_METER_NOT_FOUND: _ErrorReason.ValueType  # 23
+    """NOT_FOUND: the license's policy has no meter with this code. Metadata `license_id`,
+    `meter`.
+    """
+    ERROR_REASON_METER_NOT_ENTITLED: _ErrorReason.ValueType  # 24
+    """FAILED_PRECONDITION: the meter requires an entitlement the license does not hold
+    (neither its policy's nor its own). Metadata `license_id`, `meter`, `entitlement`.
+    """
+    ERROR_REASON_RESERVATION_NOT_FOUND: _ErrorReason.ValueType  # 25
+    """NOT_FOUND: no reservation with this id on this license (never made, or its record has
+    passed its retention). Metadata `license_id`, `reservation_id`.
+    """
+    ERROR_REASON_RESERVATION_EXPIRED: _ErrorReason.ValueType  # 26
+    """FAILED_PRECONDITION: the reservation was released by itself at its expire_time (or was
+    released or committed already, see metadata `state`): nothing was counted. Metadata
+    `license_id`, `reservation_id`, `state`.
+    """
+    ERROR_REASON_RESERVATION_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 27
+    """RESOURCE_EXHAUSTED: ReserveUsage while the license holds as many open reservations as
+    METER_MAX_RESERVATIONS_PER_LICENSE allows; nothing was reserved. Metadata `limit`,
+    `open_reservations`, `setting`; with a QuotaFailure.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason this service puts in the `google.rpc.ErrorInfo` of a failed call (AIP-193),
@@ -182,5 +204,27 @@ fell behind had got to) whose next events are no longer kept (METER_EVENT_RETENT
 they cannot be delivered. Metadata `license_id`, `after_event_id`, `oldest_event_id`
 (the oldest event kept). Read the counter with GetUsage, then watch again from
 `oldest_event_id` or from now.
+"""
+ERROR_REASON_METER_NOT_FOUND: ErrorReason.ValueType  # 23
+"""NOT_FOUND: the license's policy has no meter with this code. Metadata `license_id`,
+`meter`.
+"""
+ERROR_REASON_METER_NOT_ENTITLED: ErrorReason.ValueType  # 24
+"""FAILED_PRECONDITION: the meter requires an entitlement the license does not hold
+(neither its policy's nor its own). Metadata `license_id`, `meter`, `entitlement`.
+"""
+ERROR_REASON_RESERVATION_NOT_FOUND: ErrorReason.ValueType  # 25
+"""NOT_FOUND: no reservation with this id on this license (never made, or its record has
+passed its retention). Metadata `license_id`, `reservation_id`.
+"""
+ERROR_REASON_RESERVATION_EXPIRED: ErrorReason.ValueType  # 26
+"""FAILED_PRECONDITION: the reservation was released by itself at its expire_time (or was
+released or committed already, see metadata `state`): nothing was counted. Metadata
+`license_id`, `reservation_id`, `state`.
+"""
+ERROR_REASON_RESERVATION_LIMIT_EXCEEDED: ErrorReason.ValueType  # 27
+"""RESOURCE_EXHAUSTED: ReserveUsage while the license holds as many open reservations as
+METER_MAX_RESERVATIONS_PER_LICENSE allows; nothing was reserved. Metadata `limit`,
+`open_reservations`, `setting`; with a QuotaFailure.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meter/v1/license.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x05\n\x07License\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03key\x18\x02 \x01(\tB\x04\xe2\x41\x01\x05\x12\x18\n\tpolicy_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x0c\n\x04name\x18\x04 \x01(\t\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x17.meter.v1.LicenseStatusB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08max_uses\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cmax_machines\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tmax_cores\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x14\n\x0c\x65ntitlements\x18\n \x03(\t\x12\x31\n\x08metadata\x18\x0b \x03(\x0b\x32\x1f.meter.v1.License.MetadataEntry\x12\x12\n\x04uses\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0emachines_count\x18\r \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x63ores_count\x18\x0e \x01(\x03\x42\x04\xe2\x41\x01\x03\x12<\n\x12last_check_in_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_max_usesB\x0f\n\r_max_machinesB\x0c\n\n_max_cores*\xa1\x01\n\rLicenseStatus\x12\x1e\n\x1aLICENSE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15LICENSE_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17LICENSE_STATUS_EXPIRING\x10\x02\x12\x1a\n\x16LICENSE_STATUS_EXPIRED\x10\x03\x12\x1c\n\x18LICENSE_STATUS_SUSPENDED\x10\x04*\xce\x03\n\x0eValidationCode\x12\x1f\n\x1bVALIDATION_CODE_UNSPECIFIED\x10\x00\x12\x19\n\x15VALIDATION_CODE_VALID\x10\x01\x12\x1d\n\x19VALIDATION_CODE_NOT_FOUND\x10\x02\x12\x1d\n\x19VALIDATION_CODE_SUSPENDED\x10\x03\x12\x1b\n\x17VALIDATION_CODE_EXPIRED\x10\x04\x12\x1b\n\x17VALIDATION_CODE_OVERDUE\x10\x05\x12\x1e\n\x1aVALIDATION_CODE_NO_MACHINE\x10\x06\x12\x1f\n\x1bVALIDATION_CODE_NO_MACHINES\x10\x07\x12%\n!VALIDATION_CODE_TOO_MANY_MACHINES\x10\x08\x12\"\n\x1eVALIDATION_CODE_TOO_MANY_CORES\x10\t\x12.\n*VALIDATION_CODE_FINGERPRINT_SCOPE_MISMATCH\x10\n\x12(\n$VALIDATION_CODE_ENTITLEMENTS_MISSING\x10\x0b\x12\"\n\x1eVALIDATION_CODE_HEARTBEAT_DEAD\x10\x0c\x42\x64\n\x0c\x63om.meter.v1B\x0cLicenseProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meter/v1/license.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x06\n\x07License\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03key\x18\x02 \x01(\tB\x04\xe2\x41\x01\x05\x12\x18\n\tpolicy_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x0c\n\x04name\x18\x04 \x01(\t\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x17.meter.v1.LicenseStatusB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08max_uses\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cmax_machines\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tmax_cores\x18\t \x01(\x03H\x02\x88\x01\x01\x12\x14\n\x0c\x65ntitlements\x18\n \x03(\t\x12\x31\n\x08metadata\x18\x0b \x03(\x0b\x32\x1f.meter.v1.License.MetadataEntry\x12\x12\n\x04uses\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0emachines_count\x18\r \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x63ores_count\x18\x0e \x01(\x03\x42\x04\xe2\x41\x01\x03\x12<\n\x12last_check_in_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12>\n\x0fmeter_overrides\x18\x12 \x03(\x0b\x32%.meter.v1.License.MeterOverridesEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13MeterOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x0b\n\t_max_usesB\x0f\n\r_max_machinesB\x0c\n\n_max_cores*\xa1\x01\n\rLicenseStatus\x12\x1e\n\x1aLICENSE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15LICENSE_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17LICENSE_STATUS_EXPIRING\x10\x02\x12\x1a\n\x16LICENSE_STATUS_EXPIRED\x10\x03\x12\x1c\n\x18LICENSE_STATUS_SUSPENDED\x10\x04*\xce\x03\n\x0eValidationCode\x12\x1f\n\x1bVALIDATION_CODE_UNSPECIFIED\x10\x00\x12\x19\n\x15VALIDATION_CODE_VALID\x10\x01\x12\x1d\n\x19VALIDATION_CODE_NOT_FOUND\x10\x02\x12\x1d\n\x19VALIDATION_CODE_SUSPENDED\x10\x03\x12\x1b\n\x17VALIDATION_CODE_EXPIRED\x10\x04\x12\x1b\n\x17VALIDATION_CODE_OVERDUE\x10\x05\x12\x1e\n\x1aVALIDATION_CODE_NO_MACHINE\x10\x06\x12\x1f\n\x1bVALIDATION_CODE_NO_MACHINES\x10\x07\x12%\n!VALIDATION_CODE_TOO_MANY_MACHINES\x10\x08\x12\"\n\x1eVALIDATION_CODE_TOO_MANY_CORES\x10\t\x12.\n*VALIDATION_CODE_FINGERPRINT_SCOPE_MISMATCH\x10\n\x12(\n$VALIDATION_CODE_ENTITLEMENTS_MISSING\x10\x0b\x12\"\n\x1eVALIDATION_CODE_HEARTBEAT_DEAD\x10\x0c\x42\x64\n\x0c\x63om.meter.v1B\x0cLicenseProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014com.meter.v1B\014LicenseProtoP\001Z\"meter-grpc/gen/go/meter/v1;meterv1\252\002\010Meter.V1\312\002\010Meter\\V1\352\002\tMeter::V1'
   _globals['_LICENSE_METADATAENTRY']._loaded_options = None
   _globals['_LICENSE_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_LICENSE_METEROVERRIDESENTRY']._loaded_options = None
+  _globals['_LICENSE_METEROVERRIDESENTRY']._serialized_options = b'8\001'
   _globals['_LICENSE'].fields_by_name['id']._loaded_options = None
   _globals['_LICENSE'].fields_by_name['id']._serialized_options = b'\342A\001\003'
   _globals['_LICENSE'].fields_by_name['key']._loaded_options = None
@@ -56,12 +58,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LICENSE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_LICENSE'].fields_by_name['update_time']._loaded_options = None
   _globals['_LICENSE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
-  _globals['_LICENSESTATUS']._serialized_start=777
-  _globals['_LICENSESTATUS']._serialized_end=938
-  _globals['_VALIDATIONCODE']._serialized_start=941
-  _globals['_VALIDATIONCODE']._serialized_end=1403
+  _globals['_LICENSESTATUS']._serialized_start=896
+  _globals['_LICENSESTATUS']._serialized_end=1057
+  _globals['_VALIDATIONCODE']._serialized_start=1060
+  _globals['_VALIDATIONCODE']._serialized_end=1522
   _globals['_LICENSE']._serialized_start=103
-  _globals['_LICENSE']._serialized_end=774
-  _globals['_LICENSE_METADATAENTRY']._serialized_start=683
-  _globals['_LICENSE_METADATAENTRY']._serialized_end=730
+  _globals['_LICENSE']._serialized_end=893
+  _globals['_LICENSE_METADATAENTRY']._serialized_start=747
+  _globals['_LICENSE_METADATAENTRY']._serialized_end=794
+  _globals['_LICENSE_METEROVERRIDESENTRY']._serialized_start=796
+  _globals['_LICENSE_METEROVERRIDESENTRY']._serialized_end=849
 # @@protoc_insertion_point(module_scope)

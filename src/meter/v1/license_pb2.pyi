@@ -146,6 +146,26 @@ class License(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class MeterOverridesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     POLICY_ID_FIELD_NUMBER: _builtins.int
@@ -163,6 +183,7 @@ class License(_message.Message):
     LAST_CHECK_IN_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    METER_OVERRIDES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUIDv7 string). Output only."""
     key: _builtins.str
@@ -213,6 +234,12 @@ class License(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the license was last changed. Output only."""
 
+    @_builtins.property
+    def meter_overrides(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Overrides of the max_uses of the policy's meters: meter code -> limit (0 .. 2^50). Codes
+        the policy does not have (yet) are kept and apply once it has them.
+        """
+
     def __init__(
         self,
         *,
@@ -233,10 +260,11 @@ class License(_message.Message):
         last_check_in_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        meter_overrides: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "create_time", b"create_time", "expire_time", b"expire_time", "last_check_in_time", b"last_check_in_time", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "cores_count", b"cores_count", "create_time", b"create_time", "entitlements", b"entitlements", "expire_time", b"expire_time", "id", b"id", "key", b"key", "last_check_in_time", b"last_check_in_time", "machines_count", b"machines_count", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "metadata", b"metadata", "name", b"name", "policy_id", b"policy_id", "status", b"status", "update_time", b"update_time", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "cores_count", b"cores_count", "create_time", b"create_time", "entitlements", b"entitlements", "expire_time", b"expire_time", "id", b"id", "key", b"key", "last_check_in_time", b"last_check_in_time", "machines_count", b"machines_count", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "metadata", b"metadata", "meter_overrides", b"meter_overrides", "name", b"name", "policy_id", b"policy_id", "status", b"status", "update_time", b"update_time", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_cores: _TypeAlias = _typing.Literal["max_cores"]  # noqa: Y015
     _WhichOneofArgType__max_cores: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores"]  # noqa: Y015

@@ -177,6 +177,7 @@ class Policy(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     PROPAGATED_REVISION_FIELD_NUMBER: _builtins.int
+    METERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUIDv7 string). Output only."""
     name: _builtins.str
@@ -241,6 +242,13 @@ class Policy(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the policy was last changed. Output only."""
 
+    @_builtins.property
+    def meters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Meter]:
+        """Feature meters: counters of their own beside the license's usage counter, each with its
+        own limit, overage and reset period (at most 64, codes unique). Usage RPCs name one with
+        `meter`; an empty `meter` is the license's own counter.
+        """
+
     def __init__(
         self,
         *,
@@ -264,10 +272,11 @@ class Policy(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
         propagated_revision: _builtins.int = ...,
+        meters: _abc.Iterable[Global___Meter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "check_in_interval", b"check_in_interval", "create_time", b"create_time", "duration", b"duration", "heartbeat_duration", b"heartbeat_duration", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "check_in_interval", b"check_in_interval", "create_time", b"create_time", "duration", b"duration", "entitlements", b"entitlements", "expiration_strategy", b"expiration_strategy", "floating", b"floating", "heartbeat_duration", b"heartbeat_duration", "id", b"id", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "metadata", b"metadata", "name", b"name", "overage_strategy", b"overage_strategy", "propagated_revision", b"propagated_revision", "require_check_in", b"require_check_in", "revision", b"revision", "strict", b"strict", "update_time", b"update_time", "usage_reset_interval", b"usage_reset_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores", "_max_machines", b"_max_machines", "_max_uses", b"_max_uses", "check_in_interval", b"check_in_interval", "create_time", b"create_time", "duration", b"duration", "entitlements", b"entitlements", "expiration_strategy", b"expiration_strategy", "floating", b"floating", "heartbeat_duration", b"heartbeat_duration", "id", b"id", "max_cores", b"max_cores", "max_machines", b"max_machines", "max_uses", b"max_uses", "metadata", b"metadata", "meters", b"meters", "name", b"name", "overage_strategy", b"overage_strategy", "propagated_revision", b"propagated_revision", "require_check_in", b"require_check_in", "revision", b"revision", "strict", b"strict", "update_time", b"update_time", "usage_reset_interval", b"usage_reset_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_cores: _TypeAlias = _typing.Literal["max_cores"]  # noqa: Y015
     _WhichOneofArgType__max_cores: _TypeAlias = _typing.Literal["_max_cores", b"_max_cores"]  # noqa: Y015
@@ -283,3 +292,52 @@ class Policy(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_uses) -> _WhichOneofReturnType__max_uses | None: ...
 
 Global___Policy: _TypeAlias = Policy  # noqa: Y015
+
+@_typing.final
+class Meter(_message.Message):
+    """One feature meter of a policy: a usage counter of every license of the policy, checked and
+    moved like the license's own counter (same overage, reset, suspension and expiry rules).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MAX_USES_FIELD_NUMBER: _builtins.int
+    OVERAGE_STRATEGY_FIELD_NUMBER: _builtins.int
+    USAGE_RESET_INTERVAL_FIELD_NUMBER: _builtins.int
+    ENTITLEMENT_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Identifier of the meter, unique in its policy: an upper-case letter, then up to 63
+    upper-case letters, digits or '_' (e.g. API_CALLS, GPU_SECONDS).
+    """
+    max_uses: _builtins.int
+    """Maximum usage of the meter in one usage period. Unset: unlimited. A license may override
+    it (License.meter_overrides).
+    """
+    overage_strategy: Global___OverageStrategy.ValueType
+    """How far max_uses may be passed."""
+    usage_reset_interval: Global___UsageResetInterval.ValueType
+    """Calendar period after which the meter's usage starts again at 0."""
+    entitlement: _builtins.str
+    """Optional entitlement code: the meter is usable only by licenses that hold it (the
+    policy's entitlements or the license's own); otherwise increments and reservations fail
+    with FAILED_PRECONDITION, METER_NOT_ENTITLED.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        max_uses: _builtins.int | None = ...,
+        overage_strategy: Global___OverageStrategy.ValueType = ...,
+        usage_reset_interval: Global___UsageResetInterval.ValueType = ...,
+        entitlement: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "max_uses", b"max_uses"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "code", b"code", "entitlement", b"entitlement", "max_uses", b"max_uses", "overage_strategy", b"overage_strategy", "usage_reset_interval", b"usage_reset_interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
+    _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_uses) -> _WhichOneofReturnType__max_uses | None: ...
+
+Global___Meter: _TypeAlias = Meter  # noqa: Y015

@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14meter/v1/usage.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n\x0bUsageRecord\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12.\n\noccur_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x11UsageRecordResult\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.meter.v1.UsageRecordOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xcc\x01\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.meter.v1.UsageEventType\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x0c\n\x04uses\x18\x04 \x01(\x03\x12\x15\n\x08max_uses\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0b\n\t_max_uses*\xa3\x01\n\x12UsageRecordOutcome\x12$\n USAGE_RECORD_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1cUSAGE_RECORD_OUTCOME_APPLIED\x10\x01\x12\"\n\x1eUSAGE_RECORD_OUTCOME_DUPLICATE\x10\x02\x12!\n\x1dUSAGE_RECORD_OUTCOME_REJECTED\x10\x03*\xb6\x01\n\x0eUsageEventType\x12 \n\x1cUSAGE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1cUSAGE_EVENT_TYPE_INCREMENTED\x10\x01\x12 \n\x1cUSAGE_EVENT_TYPE_DECREMENTED\x10\x02\x12\x1a\n\x16USAGE_EVENT_TYPE_RESET\x10\x03\x12\"\n\x1eUSAGE_EVENT_TYPE_LIMIT_REACHED\x10\x04\x42\x62\n\x0c\x63om.meter.v1B\nUsageProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14meter/v1/usage.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\x0bUsageRecord\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12.\n\noccur_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05meter\x18\x04 \x01(\t\"^\n\x11UsageRecordResult\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.meter.v1.UsageRecordOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xf3\x01\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.meter.v1.UsageEventType\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x0c\n\x04uses\x18\x04 \x01(\x03\x12\x15\n\x08max_uses\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05meter\x18\x08 \x01(\t\x12\x16\n\x0ereservation_id\x18\t \x01(\tB\x0b\n\t_max_uses*\xa3\x01\n\x12UsageRecordOutcome\x12$\n USAGE_RECORD_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1cUSAGE_RECORD_OUTCOME_APPLIED\x10\x01\x12\"\n\x1eUSAGE_RECORD_OUTCOME_DUPLICATE\x10\x02\x12!\n\x1dUSAGE_RECORD_OUTCOME_REJECTED\x10\x03*\xb2\x02\n\x0eUsageEventType\x12 \n\x1cUSAGE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1cUSAGE_EVENT_TYPE_INCREMENTED\x10\x01\x12 \n\x1cUSAGE_EVENT_TYPE_DECREMENTED\x10\x02\x12\x1a\n\x16USAGE_EVENT_TYPE_RESET\x10\x03\x12\"\n\x1eUSAGE_EVENT_TYPE_LIMIT_REACHED\x10\x04\x12\x1d\n\x19USAGE_EVENT_TYPE_RESERVED\x10\x05\x12\x1e\n\x1aUSAGE_EVENT_TYPE_COMMITTED\x10\x06\x12\x1d\n\x19USAGE_EVENT_TYPE_RELEASED\x10\x07\x12\x1c\n\x18USAGE_EVENT_TYPE_EXPIRED\x10\x08\x42\x62\n\x0c\x63om.meter.v1B\nUsageProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014com.meter.v1B\nUsageProtoP\001Z\"meter-grpc/gen/go/meter/v1;meterv1\252\002\010Meter.V1\312\002\010Meter\\V1\352\002\tMeter::V1'
   _globals['_USAGERECORD'].fields_by_name['id']._loaded_options = None
   _globals['_USAGERECORD'].fields_by_name['id']._serialized_options = b'\342A\001\002'
-  _globals['_USAGERECORDOUTCOME']._serialized_start=501
-  _globals['_USAGERECORDOUTCOME']._serialized_end=664
-  _globals['_USAGEEVENTTYPE']._serialized_start=667
-  _globals['_USAGEEVENTTYPE']._serialized_end=849
+  _globals['_USAGERECORDOUTCOME']._serialized_start=555
+  _globals['_USAGERECORDOUTCOME']._serialized_end=718
+  _globals['_USAGEEVENTTYPE']._serialized_start=721
+  _globals['_USAGEEVENTTYPE']._serialized_end=1027
   _globals['_USAGERECORD']._serialized_start=100
-  _globals['_USAGERECORD']._serialized_end=195
-  _globals['_USAGERECORDRESULT']._serialized_start=197
-  _globals['_USAGERECORDRESULT']._serialized_end=291
-  _globals['_USAGEEVENT']._serialized_start=294
-  _globals['_USAGEEVENT']._serialized_end=498
+  _globals['_USAGERECORD']._serialized_end=210
+  _globals['_USAGERECORDRESULT']._serialized_start=212
+  _globals['_USAGERECORDRESULT']._serialized_end=306
+  _globals['_USAGEEVENT']._serialized_start=309
+  _globals['_USAGEEVENT']._serialized_end=552
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,8 @@ class _UsageRecordOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Us
     """The record had been counted before; nothing was counted again."""
     USAGE_RECORD_OUTCOME_REJECTED: _UsageRecordOutcome.ValueType  # 3
     """The record was not counted; `reason` says why (an ErrorInfo reason: USAGE_LIMIT_EXCEEDED,
-    LICENSE_SUSPENDED, LICENSE_EXPIRED or REQUEST_ID_REUSED).
+    LICENSE_SUSPENDED, LICENSE_EXPIRED, REQUEST_ID_REUSED, METER_NOT_FOUND or
+    METER_NOT_ENTITLED).
     """
 
 class UsageRecordOutcome(_UsageRecordOutcome, metaclass=_UsageRecordOutcomeEnumTypeWrapper):
@@ -54,7 +55,8 @@ USAGE_RECORD_OUTCOME_DUPLICATE: UsageRecordOutcome.ValueType  # 2
 """The record had been counted before; nothing was counted again."""
 USAGE_RECORD_OUTCOME_REJECTED: UsageRecordOutcome.ValueType  # 3
 """The record was not counted; `reason` says why (an ErrorInfo reason: USAGE_LIMIT_EXCEEDED,
-LICENSE_SUSPENDED, LICENSE_EXPIRED or REQUEST_ID_REUSED).
+LICENSE_SUSPENDED, LICENSE_EXPIRED, REQUEST_ID_REUSED, METER_NOT_FOUND or
+METER_NOT_ENTITLED).
 """
 Global___UsageRecordOutcome: _TypeAlias = UsageRecordOutcome  # noqa: Y015
 
@@ -74,6 +76,14 @@ class _UsageEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageE
     """Usage was reset to 0 (ResetUsage, or a new usage period)."""
     USAGE_EVENT_TYPE_LIMIT_REACHED: _UsageEventType.ValueType  # 4
     """An increment brought usage to (or, within overage, past) the license's max_uses."""
+    USAGE_EVENT_TYPE_RESERVED: _UsageEventType.ValueType  # 5
+    """Units were reserved (ReserveUsage); `amount` held, `uses` unchanged."""
+    USAGE_EVENT_TYPE_COMMITTED: _UsageEventType.ValueType  # 6
+    """A reservation was committed: `amount` moved into uses (the rest released)."""
+    USAGE_EVENT_TYPE_RELEASED: _UsageEventType.ValueType  # 7
+    """A reservation was released (ReleaseReservation); `amount` given back."""
+    USAGE_EVENT_TYPE_EXPIRED: _UsageEventType.ValueType  # 8
+    """A reservation expired and was released by itself; `amount` given back."""
 
 class UsageEventType(_UsageEventType, metaclass=_UsageEventTypeEnumTypeWrapper):
     """Kind of a usage event streamed by WatchUsage."""
@@ -88,6 +98,14 @@ USAGE_EVENT_TYPE_RESET: UsageEventType.ValueType  # 3
 """Usage was reset to 0 (ResetUsage, or a new usage period)."""
 USAGE_EVENT_TYPE_LIMIT_REACHED: UsageEventType.ValueType  # 4
 """An increment brought usage to (or, within overage, past) the license's max_uses."""
+USAGE_EVENT_TYPE_RESERVED: UsageEventType.ValueType  # 5
+"""Units were reserved (ReserveUsage); `amount` held, `uses` unchanged."""
+USAGE_EVENT_TYPE_COMMITTED: UsageEventType.ValueType  # 6
+"""A reservation was committed: `amount` moved into uses (the rest released)."""
+USAGE_EVENT_TYPE_RELEASED: UsageEventType.ValueType  # 7
+"""A reservation was released (ReleaseReservation); `amount` given back."""
+USAGE_EVENT_TYPE_EXPIRED: UsageEventType.ValueType  # 8
+"""A reservation expired and was released by itself; `amount` given back."""
 Global___UsageEventType: _TypeAlias = UsageEventType  # noqa: Y015
 
 @_typing.final
@@ -99,6 +117,7 @@ class UsageRecord(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-generated unique identifier (1 to 128 printable ASCII characters, no spaces, e.g. a
     UUIDv7); each id is answered once per license and the answer is remembered for 30 days:
@@ -106,6 +125,12 @@ class UsageRecord(_message.Message):
     """
     amount: _builtins.int
     """Amount used: 0 means 1; at most 2^50. Negative amounts are refused (INVALID_ARGUMENT)."""
+    meter: _builtins.str
+    """The meter the usage is of (Policy.meters code); empty: the license's own counter. A code
+    the policy does not have is REJECTED with METER_NOT_FOUND, a meter whose entitlement the
+    license lacks with METER_NOT_ENTITLED; neither answer is remembered (the record may be
+    sent again once the policy has the meter, or the license the entitlement).
+    """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the usage happened on the client. Informational: a record counts in the usage period
@@ -118,10 +143,11 @@ class UsageRecord(_message.Message):
         id: _builtins.str = ...,
         amount: _builtins.int = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "id", b"id", "occur_time", b"occur_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "id", b"id", "meter", b"meter", "occur_time", b"occur_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,6 +196,8 @@ class UsageEvent(_message.Message):
     MAX_USES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Stream position of the event; pass it as WatchUsageRequest.after_event_id to resume."""
     type: Global___UsageEventType.ValueType
@@ -182,6 +210,10 @@ class UsageEvent(_message.Message):
     """Effective max_uses of the license at the time. Unset: unlimited."""
     request_id: _builtins.str
     """The request_id (or UsageRecord id) that caused the change, if any."""
+    meter: _builtins.str
+    """The meter whose counter changed; empty for the license's own counter."""
+    reservation_id: _builtins.str
+    """The reservation of a RESERVED, COMMITTED, RELEASED or EXPIRED event."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the change happened."""
@@ -196,10 +228,12 @@ class UsageEvent(_message.Message):
         max_uses: _builtins.int | None = ...,
         request_id: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
+        meter: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "event_time", b"event_time", "max_uses", b"max_uses"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "amount", b"amount", "event_id", b"event_id", "event_time", b"event_time", "max_uses", b"max_uses", "request_id", b"request_id", "type", b"type", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "amount", b"amount", "event_id", b"event_id", "event_time", b"event_time", "max_uses", b"max_uses", "meter", b"meter", "request_id", b"request_id", "reservation_id", b"reservation_id", "type", b"type", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015

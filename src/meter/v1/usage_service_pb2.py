@@ -23,12 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from meter.v1 import usage_pb2 as meter_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeter/v1/usage_service.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14meter/v1/usage.proto\"U\n\x15IncrementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16IncrementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"U\n\x15\x44\x65\x63rementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xe5\x01\n\x16\x44\x65\x63rementUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"A\n\x11ResetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xe1\x01\n\x12ResetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"+\n\x0fGetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xcd\x01\n\x10GetUsageResponse\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"T\n\x10SyncUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.meter.v1.UsageRecord\"O\n\x11SyncUsageResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.meter.v1.UsageRecordResult\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"\x8d\x01\n\x13StreamUsageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"R\n\x1a\x42\x61tchIncrementUsageRequest\x12\x34\n\x05items\x18\x01 \x03(\x0b\x32\x1f.meter.v1.IncrementUsageRequestB\x04\xe2\x41\x01\x02\"S\n\x1b\x42\x61tchIncrementUsageResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.meter.v1.BatchIncrementUsageResult\"\x93\x01\n\x19\x42\x61tchIncrementUsageResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"Z\n\x11WatchUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_oldest\x18\x03 \x01(\x08\"h\n\x12WatchUsageResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.meter.v1.UsageEvent\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13\x45xportStatusRequest\"A\n\x14\x45xportStatusResponse\x12)\n\x05sinks\x18\x01 \x03(\x0b\x32\x1a.meter.v1.SinkExportStatus\"\xa8\x01\n\x10SinkExportStatus\x12\x0c\n\x04sink\x18\x01 \x01(\t\x12\x12\n\nlag_events\x18\x02 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x03 \x01(\x01\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x33\n\x0flast_error_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x03\"=\n\x18ReplayDeadLettersRequest\x12\x12\n\x04sink\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05limit\x18\x02 \x01(\x03\"Q\n\x19ReplayDeadLettersResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x32\xb9\x06\n\x0cUsageService\x12S\n\x0eIncrementUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a .meter.v1.IncrementUsageResponse\x12S\n\x0e\x44\x65\x63rementUsage\x12\x1f.meter.v1.DecrementUsageRequest\x1a .meter.v1.DecrementUsageResponse\x12G\n\nResetUsage\x12\x1b.meter.v1.ResetUsageRequest\x1a\x1c.meter.v1.ResetUsageResponse\x12\x41\n\x08GetUsage\x12\x19.meter.v1.GetUsageRequest\x1a\x1a.meter.v1.GetUsageResponse\x12\x44\n\tSyncUsage\x12\x1a.meter.v1.SyncUsageRequest\x1a\x1b.meter.v1.SyncUsageResponse\x12Q\n\x0bStreamUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a\x1d.meter.v1.StreamUsageResponse(\x01\x30\x01\x12\x62\n\x13\x42\x61tchIncrementUsage\x12$.meter.v1.BatchIncrementUsageRequest\x1a%.meter.v1.BatchIncrementUsageResponse\x12I\n\nWatchUsage\x12\x1b.meter.v1.WatchUsageRequest\x1a\x1c.meter.v1.WatchUsageResponse0\x01\x12M\n\x0c\x45xportStatus\x12\x1d.meter.v1.ExportStatusRequest\x1a\x1e.meter.v1.ExportStatusResponse\x12\\\n\x11ReplayDeadLetters\x12\".meter.v1.ReplayDeadLettersRequest\x1a#.meter.v1.ReplayDeadLettersResponseBi\n\x0c\x63om.meter.v1B\x11UsageServiceProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeter/v1/usage_service.proto\x12\x08meter.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14meter/v1/usage.proto\"d\n\x15IncrementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05meter\x18\x04 \x01(\t\"\xf7\x01\n\x16IncrementUsageResponse\x12\x10\n\x08reserved\x18\x07 \x01(\x03\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"d\n\x15\x44\x65\x63rementUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05meter\x18\x04 \x01(\t\"\xf7\x01\n\x16\x44\x65\x63rementUsageResponse\x12\x10\n\x08reserved\x18\x07 \x01(\x03\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"P\n\x11ResetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05meter\x18\x03 \x01(\t\"\xf3\x01\n\x12ResetUsageResponse\x12\x10\n\x08reserved\x18\x07 \x01(\x03\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\":\n\x0fGetUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05meter\x18\x02 \x01(\t\"\xf3\x01\n\x0bReservation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nlicense_id\x18\x02 \x01(\t\x12\r\n\x05meter\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.meter.v1.ReservationState\x12\x18\n\x10\x63ommitted_amount\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x01\n\x13ReserveUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05meter\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"y\n\x14ReserveUsageResponse\x12*\n\x0breservation\x18\x01 \x01(\x0b\x32\x15.meter.v1.Reservation\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.meter.v1.MeterUsage\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"v\n\x18\x43ommitReservationRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"~\n\x19\x43ommitReservationResponse\x12*\n\x0breservation\x18\x01 \x01(\x0b\x32\x15.meter.v1.Reservation\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.meter.v1.MeterUsage\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"g\n\x19ReleaseReservationRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0ereservation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x7f\n\x1aReleaseReservationResponse\x12*\n\x0breservation\x18\x01 \x01(\x0b\x32\x15.meter.v1.Reservation\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.meter.v1.MeterUsage\x12\x10\n\x08replayed\x18\x03 \x01(\x08\",\n\x10ListUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x11ListUsageResponse\x12$\n\x06usages\x18\x01 \x03(\x0b\x32\x14.meter.v1.MeterUsage\"\xfa\x01\n\nMeterUsage\x12\r\n\x05meter\x18\x01 \x01(\t\x12\x0c\n\x04uses\x18\x02 \x01(\x03\x12\x15\n\x08max_uses\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08\x65ntitled\x18\x07 \x01(\x08\x12\x10\n\x08reserved\x18\x08 \x01(\x03\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"\xdf\x01\n\x10GetUsageResponse\x12\x10\n\x08reserved\x18\x06 \x01(\x03\x12\x0c\n\x04uses\x18\x01 \x01(\x03\x12\x15\n\x08max_uses\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tremaining\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x33\n\x0fperiod_end_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\roverage_limit\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0b\n\t_max_usesB\x0c\n\n_remainingB\x10\n\x0e_overage_limit\"T\n\x10SyncUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.meter.v1.UsageRecord\"O\n\x11SyncUsageResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.meter.v1.UsageRecordResult\x12\x0c\n\x04uses\x18\x02 \x01(\x03\"\x8d\x01\n\x13StreamUsageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"R\n\x1a\x42\x61tchIncrementUsageRequest\x12\x34\n\x05items\x18\x01 \x03(\x0b\x32\x1f.meter.v1.IncrementUsageRequestB\x04\xe2\x41\x01\x02\"S\n\x1b\x42\x61tchIncrementUsageResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.meter.v1.BatchIncrementUsageResult\"\x93\x01\n\x19\x42\x61tchIncrementUsageResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .meter.v1.IncrementUsageResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\x7f\n\x11WatchUsageRequest\x12\x18\n\nlicense_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_oldest\x18\x03 \x01(\x08\x12\r\n\x05meter\x18\x04 \x01(\t\x12\x14\n\x0c\x66ilter_meter\x18\x05 \x01(\x08\"h\n\x12WatchUsageResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.meter.v1.UsageEvent\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x15\n\x13\x45xportStatusRequest\"A\n\x14\x45xportStatusResponse\x12)\n\x05sinks\x18\x01 \x03(\x0b\x32\x1a.meter.v1.SinkExportStatus\"\xa8\x01\n\x10SinkExportStatus\x12\x0c\n\x04sink\x18\x01 \x01(\t\x12\x12\n\nlag_events\x18\x02 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x03 \x01(\x01\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x33\n\x0flast_error_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x03\"=\n\x18ReplayDeadLettersRequest\x12\x12\n\x04sink\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05limit\x18\x02 \x01(\x03\"Q\n\x19ReplayDeadLettersResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03*\xb1\x01\n\x10ReservationState\x12!\n\x1dRESERVATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RESERVATION_STATE_OPEN\x10\x01\x12\x1f\n\x1bRESERVATION_STATE_COMMITTED\x10\x02\x12\x1e\n\x1aRESERVATION_STATE_RELEASED\x10\x03\x12\x1d\n\x19RESERVATION_STATE_EXPIRED\x10\x04\x32\x8d\t\n\x0cUsageService\x12S\n\x0eIncrementUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a .meter.v1.IncrementUsageResponse\x12S\n\x0e\x44\x65\x63rementUsage\x12\x1f.meter.v1.DecrementUsageRequest\x1a .meter.v1.DecrementUsageResponse\x12G\n\nResetUsage\x12\x1b.meter.v1.ResetUsageRequest\x1a\x1c.meter.v1.ResetUsageResponse\x12\x41\n\x08GetUsage\x12\x19.meter.v1.GetUsageRequest\x1a\x1a.meter.v1.GetUsageResponse\x12\x44\n\tListUsage\x12\x1a.meter.v1.ListUsageRequest\x1a\x1b.meter.v1.ListUsageResponse\x12M\n\x0cReserveUsage\x12\x1d.meter.v1.ReserveUsageRequest\x1a\x1e.meter.v1.ReserveUsageResponse\x12\\\n\x11\x43ommitReservation\x12\".meter.v1.CommitReservationRequest\x1a#.meter.v1.CommitReservationResponse\x12_\n\x12ReleaseReservation\x12#.meter.v1.ReleaseReservationRequest\x1a$.meter.v1.ReleaseReservationResponse\x12\x44\n\tSyncUsage\x12\x1a.meter.v1.SyncUsageRequest\x1a\x1b.meter.v1.SyncUsageResponse\x12Q\n\x0bStreamUsage\x12\x1f.meter.v1.IncrementUsageRequest\x1a\x1d.meter.v1.StreamUsageResponse(\x01\x30\x01\x12\x62\n\x13\x42\x61tchIncrementUsage\x12$.meter.v1.BatchIncrementUsageRequest\x1a%.meter.v1.BatchIncrementUsageResponse\x12I\n\nWatchUsage\x12\x1b.meter.v1.WatchUsageRequest\x1a\x1c.meter.v1.WatchUsageResponse0\x01\x12M\n\x0c\x45xportStatus\x12\x1d.meter.v1.ExportStatusRequest\x1a\x1e.meter.v1.ExportStatusResponse\x12\\\n\x11ReplayDeadLetters\x12\".meter.v1.ReplayDeadLettersRequest\x1a#.meter.v1.ReplayDeadLettersResponseBi\n\x0c\x63om.meter.v1B\x11UsageServiceProtoP\x01Z\"meter-grpc/gen/go/meter/v1;meterv1\xaa\x02\x08Meter.V1\xca\x02\x08Meter\\V1\xea\x02\tMeter::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +45,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESETUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_GETUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
   _globals['_GETUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_RESERVEUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_RESERVEUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_COMMITRESERVATIONREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_COMMITRESERVATIONREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_COMMITRESERVATIONREQUEST'].fields_by_name['reservation_id']._loaded_options = None
+  _globals['_COMMITRESERVATIONREQUEST'].fields_by_name['reservation_id']._serialized_options = b'\342A\001\002'
+  _globals['_RELEASERESERVATIONREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_RELEASERESERVATIONREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
+  _globals['_RELEASERESERVATIONREQUEST'].fields_by_name['reservation_id']._loaded_options = None
+  _globals['_RELEASERESERVATIONREQUEST'].fields_by_name['reservation_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_SYNCUSAGEREQUEST'].fields_by_name['license_id']._loaded_options = None
   _globals['_SYNCUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_BATCHINCREMENTUSAGEREQUEST'].fields_by_name['items']._loaded_options = None
@@ -52,48 +65,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHUSAGEREQUEST'].fields_by_name['license_id']._serialized_options = b'\342A\001\002'
   _globals['_REPLAYDEADLETTERSREQUEST'].fields_by_name['sink']._loaded_options = None
   _globals['_REPLAYDEADLETTERSREQUEST'].fields_by_name['sink']._serialized_options = b'\342A\001\002'
-  _globals['_INCREMENTUSAGEREQUEST']._serialized_start=155
-  _globals['_INCREMENTUSAGEREQUEST']._serialized_end=240
-  _globals['_INCREMENTUSAGERESPONSE']._serialized_start=243
-  _globals['_INCREMENTUSAGERESPONSE']._serialized_end=472
-  _globals['_DECREMENTUSAGEREQUEST']._serialized_start=474
-  _globals['_DECREMENTUSAGEREQUEST']._serialized_end=559
-  _globals['_DECREMENTUSAGERESPONSE']._serialized_start=562
-  _globals['_DECREMENTUSAGERESPONSE']._serialized_end=791
-  _globals['_RESETUSAGEREQUEST']._serialized_start=793
-  _globals['_RESETUSAGEREQUEST']._serialized_end=858
-  _globals['_RESETUSAGERESPONSE']._serialized_start=861
-  _globals['_RESETUSAGERESPONSE']._serialized_end=1086
-  _globals['_GETUSAGEREQUEST']._serialized_start=1088
-  _globals['_GETUSAGEREQUEST']._serialized_end=1131
-  _globals['_GETUSAGERESPONSE']._serialized_start=1134
-  _globals['_GETUSAGERESPONSE']._serialized_end=1339
-  _globals['_SYNCUSAGEREQUEST']._serialized_start=1341
-  _globals['_SYNCUSAGEREQUEST']._serialized_end=1425
-  _globals['_SYNCUSAGERESPONSE']._serialized_start=1427
-  _globals['_SYNCUSAGERESPONSE']._serialized_end=1506
-  _globals['_STREAMUSAGERESPONSE']._serialized_start=1509
-  _globals['_STREAMUSAGERESPONSE']._serialized_end=1650
-  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_start=1652
-  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_end=1734
-  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_start=1736
-  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_end=1819
-  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_start=1822
-  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_end=1969
-  _globals['_WATCHUSAGEREQUEST']._serialized_start=1971
-  _globals['_WATCHUSAGEREQUEST']._serialized_end=2061
-  _globals['_WATCHUSAGERESPONSE']._serialized_start=2063
-  _globals['_WATCHUSAGERESPONSE']._serialized_end=2167
-  _globals['_EXPORTSTATUSREQUEST']._serialized_start=2169
-  _globals['_EXPORTSTATUSREQUEST']._serialized_end=2190
-  _globals['_EXPORTSTATUSRESPONSE']._serialized_start=2192
-  _globals['_EXPORTSTATUSRESPONSE']._serialized_end=2257
-  _globals['_SINKEXPORTSTATUS']._serialized_start=2260
-  _globals['_SINKEXPORTSTATUS']._serialized_end=2428
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=2430
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=2491
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=2493
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=2574
-  _globals['_USAGESERVICE']._serialized_start=2577
-  _globals['_USAGESERVICE']._serialized_end=3402
+  _globals['_RESERVATIONSTATE']._serialized_start=4128
+  _globals['_RESERVATIONSTATE']._serialized_end=4305
+  _globals['_INCREMENTUSAGEREQUEST']._serialized_start=187
+  _globals['_INCREMENTUSAGEREQUEST']._serialized_end=287
+  _globals['_INCREMENTUSAGERESPONSE']._serialized_start=290
+  _globals['_INCREMENTUSAGERESPONSE']._serialized_end=537
+  _globals['_DECREMENTUSAGEREQUEST']._serialized_start=539
+  _globals['_DECREMENTUSAGEREQUEST']._serialized_end=639
+  _globals['_DECREMENTUSAGERESPONSE']._serialized_start=642
+  _globals['_DECREMENTUSAGERESPONSE']._serialized_end=889
+  _globals['_RESETUSAGEREQUEST']._serialized_start=891
+  _globals['_RESETUSAGEREQUEST']._serialized_end=971
+  _globals['_RESETUSAGERESPONSE']._serialized_start=974
+  _globals['_RESETUSAGERESPONSE']._serialized_end=1217
+  _globals['_GETUSAGEREQUEST']._serialized_start=1219
+  _globals['_GETUSAGEREQUEST']._serialized_end=1277
+  _globals['_RESERVATION']._serialized_start=1280
+  _globals['_RESERVATION']._serialized_end=1523
+  _globals['_RESERVEUSAGEREQUEST']._serialized_start=1526
+  _globals['_RESERVEUSAGEREQUEST']._serialized_end=1664
+  _globals['_RESERVEUSAGERESPONSE']._serialized_start=1666
+  _globals['_RESERVEUSAGERESPONSE']._serialized_end=1787
+  _globals['_COMMITRESERVATIONREQUEST']._serialized_start=1789
+  _globals['_COMMITRESERVATIONREQUEST']._serialized_end=1907
+  _globals['_COMMITRESERVATIONRESPONSE']._serialized_start=1909
+  _globals['_COMMITRESERVATIONRESPONSE']._serialized_end=2035
+  _globals['_RELEASERESERVATIONREQUEST']._serialized_start=2037
+  _globals['_RELEASERESERVATIONREQUEST']._serialized_end=2140
+  _globals['_RELEASERESERVATIONRESPONSE']._serialized_start=2142
+  _globals['_RELEASERESERVATIONRESPONSE']._serialized_end=2269
+  _globals['_LISTUSAGEREQUEST']._serialized_start=2271
+  _globals['_LISTUSAGEREQUEST']._serialized_end=2315
+  _globals['_LISTUSAGERESPONSE']._serialized_start=2317
+  _globals['_LISTUSAGERESPONSE']._serialized_end=2374
+  _globals['_METERUSAGE']._serialized_start=2377
+  _globals['_METERUSAGE']._serialized_end=2627
+  _globals['_GETUSAGERESPONSE']._serialized_start=2630
+  _globals['_GETUSAGERESPONSE']._serialized_end=2853
+  _globals['_SYNCUSAGEREQUEST']._serialized_start=2855
+  _globals['_SYNCUSAGEREQUEST']._serialized_end=2939
+  _globals['_SYNCUSAGERESPONSE']._serialized_start=2941
+  _globals['_SYNCUSAGERESPONSE']._serialized_end=3020
+  _globals['_STREAMUSAGERESPONSE']._serialized_start=3023
+  _globals['_STREAMUSAGERESPONSE']._serialized_end=3164
+  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_start=3166
+  _globals['_BATCHINCREMENTUSAGEREQUEST']._serialized_end=3248
+  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_start=3250
+  _globals['_BATCHINCREMENTUSAGERESPONSE']._serialized_end=3333
+  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_start=3336
+  _globals['_BATCHINCREMENTUSAGERESULT']._serialized_end=3483
+  _globals['_WATCHUSAGEREQUEST']._serialized_start=3485
+  _globals['_WATCHUSAGEREQUEST']._serialized_end=3612
+  _globals['_WATCHUSAGERESPONSE']._serialized_start=3614
+  _globals['_WATCHUSAGERESPONSE']._serialized_end=3718
+  _globals['_EXPORTSTATUSREQUEST']._serialized_start=3720
+  _globals['_EXPORTSTATUSREQUEST']._serialized_end=3741
+  _globals['_EXPORTSTATUSRESPONSE']._serialized_start=3743
+  _globals['_EXPORTSTATUSRESPONSE']._serialized_end=3808
+  _globals['_SINKEXPORTSTATUS']._serialized_start=3811
+  _globals['_SINKEXPORTSTATUS']._serialized_end=3979
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=3981
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=4042
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=4044
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=4125
+  _globals['_USAGESERVICE']._serialized_start=4308
+  _globals['_USAGESERVICE']._serialized_end=5473
 # @@protoc_insertion_point(module_scope)

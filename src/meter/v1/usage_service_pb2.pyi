@@ -5,9 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 from meter.v1 import usage_pb2 as _usage_pb2
 import builtins as _builtins
@@ -21,6 +23,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReservationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReservationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReservationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESERVATION_STATE_UNSPECIFIED: _ReservationState.ValueType  # 0
+    """Never returned."""
+    RESERVATION_STATE_OPEN: _ReservationState.ValueType  # 1
+    """Holding its units."""
+    RESERVATION_STATE_COMMITTED: _ReservationState.ValueType  # 2
+    """Committed: `committed_amount` moved into uses, the rest released."""
+    RESERVATION_STATE_RELEASED: _ReservationState.ValueType  # 3
+    """Released by ReleaseReservation."""
+    RESERVATION_STATE_EXPIRED: _ReservationState.ValueType  # 4
+    """Released by itself at its expire_time."""
+
+class ReservationState(_ReservationState, metaclass=_ReservationStateEnumTypeWrapper):
+    """State of a reservation."""
+
+RESERVATION_STATE_UNSPECIFIED: ReservationState.ValueType  # 0
+"""Never returned."""
+RESERVATION_STATE_OPEN: ReservationState.ValueType  # 1
+"""Holding its units."""
+RESERVATION_STATE_COMMITTED: ReservationState.ValueType  # 2
+"""Committed: `committed_amount` moved into uses, the rest released."""
+RESERVATION_STATE_RELEASED: ReservationState.ValueType  # 3
+"""Released by ReleaseReservation."""
+RESERVATION_STATE_EXPIRED: ReservationState.ValueType  # 4
+"""Released by itself at its expire_time."""
+Global___ReservationState: _TypeAlias = ReservationState  # noqa: Y015
+
 @_typing.final
 class IncrementUsageRequest(_message.Message):
     """Request message for IncrementUsage (and each message of StreamUsage)."""
@@ -30,22 +64,29 @@ class IncrementUsageRequest(_message.Message):
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     amount: _builtins.int
     """Units to add: 0 means 1; at most 2^50."""
     request_id: _builtins.str
     """Optional idempotency key (at most 128 printable ASCII characters, no spaces)."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND. A meter whose entitlement the license lacks fails with
+    FAILED_PRECONDITION, METER_NOT_ENTITLED.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         amount: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "meter", b"meter", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -57,12 +98,17 @@ class IncrementUsageResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESERVED_FIELD_NUMBER: _builtins.int
     USES_FIELD_NUMBER: _builtins.int
     MAX_USES_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
     OVERAGE_LIMIT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    reserved: _builtins.int
+    """Units held by open reservations of the counter (ReserveUsage); they count against the
+    limit: remaining = overage_limit - uses - reserved.
+    """
     uses: _builtins.int
     """Usage after the call."""
     max_uses: _builtins.int
@@ -82,6 +128,7 @@ class IncrementUsageResponse(_message.Message):
     def __init__(
         self,
         *,
+        reserved: _builtins.int = ...,
         uses: _builtins.int = ...,
         max_uses: _builtins.int | None = ...,
         remaining: _builtins.int | None = ...,
@@ -91,7 +138,7 @@ class IncrementUsageResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "replayed", b"replayed", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "replayed", b"replayed", "reserved", b"reserved", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
@@ -117,22 +164,28 @@ class DecrementUsageRequest(_message.Message):
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     amount: _builtins.int
     """Units to subtract: 0 means 1; at most 2^50."""
     request_id: _builtins.str
     """Optional idempotency key."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         amount: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "meter", b"meter", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,12 +197,17 @@ class DecrementUsageResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESERVED_FIELD_NUMBER: _builtins.int
     USES_FIELD_NUMBER: _builtins.int
     MAX_USES_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
     OVERAGE_LIMIT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    reserved: _builtins.int
+    """Units held by open reservations of the counter (ReserveUsage); they count against the
+    limit: remaining = overage_limit - uses - reserved.
+    """
     uses: _builtins.int
     """Usage after the call."""
     max_uses: _builtins.int
@@ -167,6 +225,7 @@ class DecrementUsageResponse(_message.Message):
     def __init__(
         self,
         *,
+        reserved: _builtins.int = ...,
         uses: _builtins.int = ...,
         max_uses: _builtins.int | None = ...,
         remaining: _builtins.int | None = ...,
@@ -176,7 +235,7 @@ class DecrementUsageResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "replayed", b"replayed", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "replayed", b"replayed", "reserved", b"reserved", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
@@ -201,19 +260,25 @@ class ResetUsageRequest(_message.Message):
 
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     request_id: _builtins.str
     """Optional idempotency key."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND.
+    """
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "meter", b"meter", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,12 +290,17 @@ class ResetUsageResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESERVED_FIELD_NUMBER: _builtins.int
     USES_FIELD_NUMBER: _builtins.int
     MAX_USES_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
     OVERAGE_LIMIT_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    reserved: _builtins.int
+    """Units held by open reservations of the counter (ReserveUsage); they count against the
+    limit: remaining = overage_limit - uses - reserved.
+    """
     uses: _builtins.int
     """Usage after the call (0)."""
     max_uses: _builtins.int
@@ -248,6 +318,7 @@ class ResetUsageResponse(_message.Message):
     def __init__(
         self,
         *,
+        reserved: _builtins.int = ...,
         uses: _builtins.int = ...,
         max_uses: _builtins.int | None = ...,
         remaining: _builtins.int | None = ...,
@@ -257,7 +328,7 @@ class ResetUsageResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "replayed", b"replayed", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "replayed", b"replayed", "reserved", b"reserved", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
@@ -281,6 +352,296 @@ class GetUsageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LICENSE_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    license_id: _builtins.str
+    """The license id."""
+    meter: _builtins.str
+    """The meter (Policy.meters code); empty: the license's own counter. An unknown code fails
+    with NOT_FOUND, METER_NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        license_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "meter", b"meter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class Reservation(_message.Message):
+    """Units held against a counter's limit until committed, released or expired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LICENSE_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    COMMITTED_AMOUNT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned identifier (a UUIDv7 string), unique within its license. Commit and
+    release name it together with `license_id`.
+    """
+    license_id: _builtins.str
+    """The license."""
+    meter: _builtins.str
+    """The meter; empty for the license's own counter."""
+    amount: _builtins.int
+    """Units held."""
+    state: Global___ReservationState.ValueType
+    """Its state."""
+    committed_amount: _builtins.int
+    """Units moved into uses by CommitReservation (COMMITTED only)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it is released by itself unless committed or released before."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        license_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___ReservationState.ValueType = ...,
+        committed_amount: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "committed_amount", b"committed_amount", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "license_id", b"license_id", "meter", b"meter", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
+
+@_typing.final
+class ReserveUsageRequest(_message.Message):
+    """Request message for ReserveUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LICENSE_ID_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    license_id: _builtins.str
+    """The license id."""
+    meter: _builtins.str
+    """The meter; empty: the license's own counter."""
+    amount: _builtins.int
+    """Units to hold: 1 .. 2^50 (0 means 1)."""
+    request_id: _builtins.str
+    """Optional idempotency key: a retry answers the same reservation and holds nothing more."""
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the units are held: 1 second to 7 days; unset: 10 minutes."""
+
+    def __init__(
+        self,
+        *,
+        license_id: _builtins.str = ...,
+        meter: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "meter", b"meter", "request_id", b"request_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveUsageRequest: _TypeAlias = ReserveUsageRequest  # noqa: Y015
+
+@_typing.final
+class ReserveUsageResponse(_message.Message):
+    """Response message for ReserveUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answer is the stored answer of an earlier call with the same request_id."""
+    @_builtins.property
+    def reservation(self) -> Global___Reservation:
+        """The reservation."""
+
+    @_builtins.property
+    def usage(self) -> Global___MeterUsage:
+        """The counter after the call."""
+
+    def __init__(
+        self,
+        *,
+        reservation: Global___Reservation | None = ...,
+        usage: Global___MeterUsage | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "reservation", b"reservation", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveUsageResponse: _TypeAlias = ReserveUsageResponse  # noqa: Y015
+
+@_typing.final
+class CommitReservationRequest(_message.Message):
+    """Request message for CommitReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LICENSE_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    license_id: _builtins.str
+    """The license the reservation belongs to."""
+    reservation_id: _builtins.str
+    """The reservation id (Reservation.id)."""
+    amount: _builtins.int
+    """Units used: at most the amount held; 0 = all of it."""
+    request_id: _builtins.str
+    """Optional idempotency key."""
+    def __init__(
+        self,
+        *,
+        license_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "license_id", b"license_id", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitReservationRequest: _TypeAlias = CommitReservationRequest  # noqa: Y015
+
+@_typing.final
+class CommitReservationResponse(_message.Message):
+    """Response message for CommitReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answer is the stored answer of an earlier call with the same request_id."""
+    @_builtins.property
+    def reservation(self) -> Global___Reservation:
+        """The reservation, COMMITTED."""
+
+    @_builtins.property
+    def usage(self) -> Global___MeterUsage:
+        """The counter after the call."""
+
+    def __init__(
+        self,
+        *,
+        reservation: Global___Reservation | None = ...,
+        usage: Global___MeterUsage | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "reservation", b"reservation", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitReservationResponse: _TypeAlias = CommitReservationResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationRequest(_message.Message):
+    """Request message for ReleaseReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LICENSE_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    license_id: _builtins.str
+    """The license the reservation belongs to."""
+    reservation_id: _builtins.str
+    """The reservation id (Reservation.id)."""
+    request_id: _builtins.str
+    """Optional idempotency key."""
+    def __init__(
+        self,
+        *,
+        license_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["license_id", b"license_id", "request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationRequest: _TypeAlias = ReleaseReservationRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationResponse(_message.Message):
+    """Response message for ReleaseReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answer is the stored answer of an earlier call with the same request_id."""
+    @_builtins.property
+    def reservation(self) -> Global___Reservation:
+        """The reservation, RELEASED."""
+
+    @_builtins.property
+    def usage(self) -> Global___MeterUsage:
+        """The counter after the call."""
+
+    def __init__(
+        self,
+        *,
+        reservation: Global___Reservation | None = ...,
+        usage: Global___MeterUsage | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "reservation", b"reservation", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationResponse: _TypeAlias = ReleaseReservationResponse  # noqa: Y015
+
+@_typing.final
+class ListUsageRequest(_message.Message):
+    """Request message for ListUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LICENSE_ID_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     def __init__(
@@ -294,7 +655,96 @@ class GetUsageRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+Global___ListUsageRequest: _TypeAlias = ListUsageRequest  # noqa: Y015
+
+@_typing.final
+class ListUsageResponse(_message.Message):
+    """Response message for ListUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeterUsage]:
+        """The license's own counter first (`meter` empty), then every meter of its policy in the
+        policy's order.
+        """
+
+    def __init__(
+        self,
+        *,
+        usages: _abc.Iterable[Global___MeterUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usages", b"usages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsageResponse: _TypeAlias = ListUsageResponse  # noqa: Y015
+
+@_typing.final
+class MeterUsage(_message.Message):
+    """The usage of one counter of a license (ListUsage)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METER_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    MAX_USES_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
+    OVERAGE_LIMIT_FIELD_NUMBER: _builtins.int
+    ENTITLED_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    meter: _builtins.str
+    """The meter code; empty for the license's own counter."""
+    uses: _builtins.int
+    """Current usage."""
+    max_uses: _builtins.int
+    """Effective max_uses (the license's override or the policy's). Unset: unlimited."""
+    remaining: _builtins.int
+    """Units that can still be added before refusal, overage included. Unset: unlimited."""
+    overage_limit: _builtins.int
+    """max_uses with the overage strategy. Unset: unlimited."""
+    entitled: _builtins.bool
+    """False when the meter's entitlement is missing from the license (it cannot be used)."""
+    reserved: _builtins.int
+    """Units held by open reservations (they count against the limit)."""
+    @_builtins.property
+    def period_end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the current usage period; unset when usage never resets by itself."""
+
+    def __init__(
+        self,
+        *,
+        meter: _builtins.str = ...,
+        uses: _builtins.int = ...,
+        max_uses: _builtins.int | None = ...,
+        remaining: _builtins.int | None = ...,
+        period_end_time: _timestamp_pb2.Timestamp | None = ...,
+        overage_limit: _builtins.int | None = ...,
+        entitled: _builtins.bool = ...,
+        reserved: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "entitled", b"entitled", "max_uses", b"max_uses", "meter", b"meter", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "reserved", b"reserved", "uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
+    _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
+    _WhichOneofReturnType__overage_limit: _TypeAlias = _typing.Literal["overage_limit"]  # noqa: Y015
+    _WhichOneofArgType__overage_limit: _TypeAlias = _typing.Literal["_overage_limit", b"_overage_limit"]  # noqa: Y015
+    _WhichOneofReturnType__remaining: _TypeAlias = _typing.Literal["remaining"]  # noqa: Y015
+    _WhichOneofArgType__remaining: _TypeAlias = _typing.Literal["_remaining", b"_remaining"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_uses) -> _WhichOneofReturnType__max_uses | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overage_limit) -> _WhichOneofReturnType__overage_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining) -> _WhichOneofReturnType__remaining | None: ...
+
+Global___MeterUsage: _TypeAlias = MeterUsage  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):
@@ -302,11 +752,16 @@ class GetUsageResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESERVED_FIELD_NUMBER: _builtins.int
     USES_FIELD_NUMBER: _builtins.int
     MAX_USES_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
     OVERAGE_LIMIT_FIELD_NUMBER: _builtins.int
+    reserved: _builtins.int
+    """Units held by open reservations of the counter (ReserveUsage); they count against the
+    limit: remaining = overage_limit - uses - reserved.
+    """
     uses: _builtins.int
     """Current usage."""
     max_uses: _builtins.int
@@ -322,6 +777,7 @@ class GetUsageResponse(_message.Message):
     def __init__(
         self,
         *,
+        reserved: _builtins.int = ...,
         uses: _builtins.int = ...,
         max_uses: _builtins.int | None = ...,
         remaining: _builtins.int | None = ...,
@@ -330,7 +786,7 @@ class GetUsageResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "uses", b"uses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses", "_overage_limit", b"_overage_limit", "_remaining", b"_remaining", "max_uses", b"max_uses", "overage_limit", b"overage_limit", "period_end_time", b"period_end_time", "remaining", b"remaining", "reserved", b"reserved", "uses", b"uses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_uses: _TypeAlias = _typing.Literal["max_uses"]  # noqa: Y015
     _WhichOneofArgType__max_uses: _TypeAlias = _typing.Literal["_max_uses", b"_max_uses"]  # noqa: Y015
@@ -551,6 +1007,8 @@ class WatchUsageRequest(_message.Message):
     LICENSE_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
     FROM_OLDEST_FIELD_NUMBER: _builtins.int
+    METER_FIELD_NUMBER: _builtins.int
+    FILTER_METER_FIELD_NUMBER: _builtins.int
     license_id: _builtins.str
     """The license id."""
     after_event_id: _builtins.str
@@ -561,16 +1019,24 @@ class WatchUsageRequest(_message.Message):
     """Start with the oldest retained event of the license instead of only new ones. Not
     together with `after_event_id`.
     """
+    meter: _builtins.str
+    """Only the events of this meter ("" for the license's own counter) when `filter_meter` is
+    set; every event of the license otherwise.
+    """
+    filter_meter: _builtins.bool
+    """Apply the `meter` filter (so that the license's own counter can be selected alone)."""
     def __init__(
         self,
         *,
         license_id: _builtins.str = ...,
         after_event_id: _builtins.str = ...,
         from_oldest: _builtins.bool = ...,
+        meter: _builtins.str = ...,
+        filter_meter: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "from_oldest", b"from_oldest", "license_id", b"license_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "filter_meter", b"filter_meter", "from_oldest", b"from_oldest", "license_id", b"license_id", "meter", b"meter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

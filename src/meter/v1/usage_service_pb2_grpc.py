@@ -32,7 +32,12 @@ class UsageServiceStub:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -64,6 +69,26 @@ class UsageServiceStub:
                 '/meter.v1.UsageService/GetUsage',
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=meter_dot_v1_dot_usage__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/meter.v1.UsageService/ListUsage',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ListUsageResponse.FromString,
+                _registered_method=True)
+        self.ReserveUsage = channel.unary_unary(
+                '/meter.v1.UsageService/ReserveUsage',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ReserveUsageRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ReserveUsageResponse.FromString,
+                _registered_method=True)
+        self.CommitReservation = channel.unary_unary(
+                '/meter.v1.UsageService/CommitReservation',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.CommitReservationRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.CommitReservationResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReservation = channel.unary_unary(
+                '/meter.v1.UsageService/ReleaseReservation',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ReleaseReservationRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ReleaseReservationResponse.FromString,
                 _registered_method=True)
         self.SyncUsage = channel.unary_unary(
                 '/meter.v1.UsageService/SyncUsage',
@@ -104,7 +129,12 @@ class UsageServiceServicer:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -137,6 +167,42 @@ class UsageServiceServicer:
 
     def GetUsage(self, request, context):
         """Returns the counter and the limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsage(self, request, context):
+        """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+        remaining and period end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReserveUsage(self, request, context):
+        """Holds `amount` units of a counter (a meter, or the license's own) for work whose cost is
+        known only when it ends: from then on uses + reserved stays within the limit (with
+        overage) for every increment and reservation of that counter. Fails with
+        USAGE_LIMIT_EXCEEDED (metadata `reserved`) when the hold does not fit, nothing held. A
+        reservation not committed or released by its expire_time is released by itself (inside
+        the next script that touches the license's usage: no sweeper).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitReservation(self, request, context):
+        """Moves `amount` (at most the amount held; 0 = all) of a reservation into the counter's
+        uses and releases the rest. RESERVATION_EXPIRED once it expired (nothing counted) or was
+        committed or released already; RESERVATION_NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReservation(self, request, context):
+        """Gives every unit of a reservation back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -227,6 +293,26 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     request_deserializer=meter_dot_v1_dot_usage__service__pb2.GetUsageRequest.FromString,
                     response_serializer=meter_dot_v1_dot_usage__service__pb2.GetUsageResponse.SerializeToString,
             ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ListUsageRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ListUsageResponse.SerializeToString,
+            ),
+            'ReserveUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveUsage,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ReserveUsageRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ReserveUsageResponse.SerializeToString,
+            ),
+            'CommitReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitReservation,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.CommitReservationRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.CommitReservationResponse.SerializeToString,
+            ),
+            'ReleaseReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReservation,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ReleaseReservationRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ReleaseReservationResponse.SerializeToString,
+            ),
             'SyncUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.SyncUsage,
                     request_deserializer=meter_dot_v1_dot_usage__service__pb2.SyncUsageRequest.FromString,
@@ -272,7 +358,12 @@ class UsageService:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -377,6 +468,114 @@ class UsageService:
             '/meter.v1.UsageService/GetUsage',
             meter_dot_v1_dot_usage__service__pb2.GetUsageRequest.SerializeToString,
             meter_dot_v1_dot_usage__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ListUsage',
+            meter_dot_v1_dot_usage__service__pb2.ListUsageRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ListUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ReserveUsage',
+            meter_dot_v1_dot_usage__service__pb2.ReserveUsageRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ReserveUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/CommitReservation',
+            meter_dot_v1_dot_usage__service__pb2.CommitReservationRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.CommitReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ReleaseReservation',
+            meter_dot_v1_dot_usage__service__pb2.ReleaseReservationRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ReleaseReservationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,12 @@ class UsageServiceStub:
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -56,6 +61,25 @@ class UsageServiceStub:
     """Sets the counter to 0."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]
     """Returns the counter and the limit."""
+    ListUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ListUsageRequest, _usage_service_pb2.ListUsageResponse]
+    """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+    remaining and period end.
+    """
+    ReserveUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReserveUsageRequest, _usage_service_pb2.ReserveUsageResponse]
+    """Holds `amount` units of a counter (a meter, or the license's own) for work whose cost is
+    known only when it ends: from then on uses + reserved stays within the limit (with
+    overage) for every increment and reservation of that counter. Fails with
+    USAGE_LIMIT_EXCEEDED (metadata `reserved`) when the hold does not fit, nothing held. A
+    reservation not committed or released by its expire_time is released by itself (inside
+    the next script that touches the license's usage: no sweeper).
+    """
+    CommitReservation: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.CommitReservationRequest, _usage_service_pb2.CommitReservationResponse]
+    """Moves `amount` (at most the amount held; 0 = all) of a reservation into the counter's
+    uses and releases the rest. RESERVATION_EXPIRED once it expired (nothing counted) or was
+    committed or released already; RESERVATION_NOT_FOUND for an unknown id.
+    """
+    ReleaseReservation: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ReleaseReservationRequest, _usage_service_pb2.ReleaseReservationResponse]
+    """Gives every unit of a reservation back."""
     SyncUsage: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.SyncUsageRequest, _usage_service_pb2.SyncUsageResponse]
     """Applies usage recorded offline, in order, each record exactly once by its id, atomically
     with every other change of the counter. A retry after a lost answer is always safe: records
@@ -103,7 +127,12 @@ class UsageServiceAsyncStub(UsageServiceStub):
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -123,6 +152,25 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Sets the counter to 0."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.GetUsageRequest, _usage_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Returns the counter and the limit."""
+    ListUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ListUsageRequest, _usage_service_pb2.ListUsageResponse]  # type: ignore[assignment]
+    """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+    remaining and period end.
+    """
+    ReserveUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReserveUsageRequest, _usage_service_pb2.ReserveUsageResponse]  # type: ignore[assignment]
+    """Holds `amount` units of a counter (a meter, or the license's own) for work whose cost is
+    known only when it ends: from then on uses + reserved stays within the limit (with
+    overage) for every increment and reservation of that counter. Fails with
+    USAGE_LIMIT_EXCEEDED (metadata `reserved`) when the hold does not fit, nothing held. A
+    reservation not committed or released by its expire_time is released by itself (inside
+    the next script that touches the license's usage: no sweeper).
+    """
+    CommitReservation: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.CommitReservationRequest, _usage_service_pb2.CommitReservationResponse]  # type: ignore[assignment]
+    """Moves `amount` (at most the amount held; 0 = all) of a reservation into the counter's
+    uses and releases the rest. RESERVATION_EXPIRED once it expired (nothing counted) or was
+    committed or released already; RESERVATION_NOT_FOUND for an unknown id.
+    """
+    ReleaseReservation: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ReleaseReservationRequest, _usage_service_pb2.ReleaseReservationResponse]  # type: ignore[assignment]
+    """Gives every unit of a reservation back."""
     SyncUsage: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.SyncUsageRequest, _usage_service_pb2.SyncUsageResponse]  # type: ignore[assignment]
     """Applies usage recorded offline, in order, each record exactly once by its id, atomically
     with every other change of the counter. A retry after a lost answer is always safe: records
@@ -169,7 +217,12 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     (RESOURCE_EXHAUSTED, metadata limit/uses/requested, with QuotaFailure), USAGE_UNDERFLOW
     (FAILED_PRECONDITION), LICENSE_NOT_FOUND, LICENSE_SUSPENDED, LICENSE_EXPIRED,
     REQUEST_ID_REUSED and INVALID_ARGUMENT (with BadRequest), PERMISSION_DENIED,
-    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo).
+    UNAUTHENTICATED, STORAGE_UNAVAILABLE (with RetryInfo); with meters and reservations also
+    METER_NOT_FOUND, METER_NOT_ENTITLED, RESERVATION_NOT_FOUND, RESERVATION_EXPIRED and
+    RESERVATION_LIMIT_EXCEEDED.
+
+    Every usage RPC takes `meter`: a meter of the license's policy (Policy.meters), or empty
+    for the license's own counter, exactly as without meters.
 
     `request_id` is an idempotency key scoped to its license: a retry with the same id and the
     same arguments within 24 hours returns the first answer (success or refusal) and counts
@@ -211,6 +264,49 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_usage_service_pb2.GetUsageResponse, _abc.Awaitable[_usage_service_pb2.GetUsageResponse]]:
         """Returns the counter and the limit."""
+
+    @_abc_1.abstractmethod
+    def ListUsage(
+        self,
+        request: _usage_service_pb2.ListUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ListUsageResponse, _abc.Awaitable[_usage_service_pb2.ListUsageResponse]]:
+        """Every counter of a license: its own, then each meter of its policy, with usage, limit,
+        remaining and period end.
+        """
+
+    @_abc_1.abstractmethod
+    def ReserveUsage(
+        self,
+        request: _usage_service_pb2.ReserveUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ReserveUsageResponse, _abc.Awaitable[_usage_service_pb2.ReserveUsageResponse]]:
+        """Holds `amount` units of a counter (a meter, or the license's own) for work whose cost is
+        known only when it ends: from then on uses + reserved stays within the limit (with
+        overage) for every increment and reservation of that counter. Fails with
+        USAGE_LIMIT_EXCEEDED (metadata `reserved`) when the hold does not fit, nothing held. A
+        reservation not committed or released by its expire_time is released by itself (inside
+        the next script that touches the license's usage: no sweeper).
+        """
+
+    @_abc_1.abstractmethod
+    def CommitReservation(
+        self,
+        request: _usage_service_pb2.CommitReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.CommitReservationResponse, _abc.Awaitable[_usage_service_pb2.CommitReservationResponse]]:
+        """Moves `amount` (at most the amount held; 0 = all) of a reservation into the counter's
+        uses and releases the rest. RESERVATION_EXPIRED once it expired (nothing counted) or was
+        committed or released already; RESERVATION_NOT_FOUND for an unknown id.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseReservation(
+        self,
+        request: _usage_service_pb2.ReleaseReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ReleaseReservationResponse, _abc.Awaitable[_usage_service_pb2.ReleaseReservationResponse]]:
+        """Gives every unit of a reservation back."""
 
     @_abc_1.abstractmethod
     def SyncUsage(

@@ -7,14 +7,18 @@ from typing import TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from meter.v1 import license_pb2, machine_pb2, policy_pb2, usage_pb2
+from meter.v1 import license_pb2, machine_pb2, policy_pb2, usage_pb2, usage_service_pb2
 from meter_grpc.domain.models import (
     ExpirationStrategy,
     License,
     Machine,
+    Meter,
+    MeterUsage,
     OverageStrategy,
     Policy,
     RecordResult,
+    Reservation,
+    ReservationAnswer,
     Usage,
     UsageRecord,
     UsageResetInterval,
@@ -96,6 +100,23 @@ def policy_from_proto(pb: policy_pb2.Policy, v: Violations, prefix: str = "polic
             UsageResetInterval, pb.usage_reset_interval, f"{prefix}.usage_reset_interval", v
         ),
         metadata=dict(pb.metadata),
+        meters=[
+            Meter(
+                code=m.code,
+                max_uses=_opt(m, "max_uses"),
+                overage_strategy=_enum(
+                    OverageStrategy, m.overage_strategy, f"{prefix}.meters[{i}].overage_strategy", v
+                ),
+                usage_reset_interval=_enum(
+                    UsageResetInterval,
+                    m.usage_reset_interval,
+                    f"{prefix}.meters[{i}].usage_reset_interval",
+                    v,
+                ),
+                entitlement=m.entitlement,
+            )
+            for i, m in enumerate(pb.meters)
+        ],
     )
 
 
@@ -129,6 +150,16 @@ def policy_to_proto(p: Policy) -> policy_pb2.Policy:
         update_time=ts(p.update_time_ms),
         revision=p.revision,
         propagated_revision=p.propagated_revision,
+        meters=[
+            policy_pb2.Meter(
+                code=m.code,
+                max_uses=m.max_uses,
+                overage_strategy=int(m.overage_strategy),  # type: ignore[arg-type]
+                usage_reset_interval=int(m.usage_reset_interval),  # type: ignore[arg-type]
+                entitlement=m.entitlement,
+            )
+            for m in p.meters
+        ],
     )
 
 
@@ -144,6 +175,7 @@ def license_from_proto(pb: license_pb2.License) -> License:
         max_cores_override=_opt(pb, "max_cores"),
         entitlements=list(pb.entitlements),
         metadata=dict(pb.metadata),
+        meter_overrides=dict(pb.meter_overrides),
     )
 
 
@@ -166,6 +198,7 @@ def license_to_proto(lic: License, now_ms: int) -> license_pb2.License:
         last_check_in_time=ts(lic.last_check_in_ms),
         create_time=ts(lic.create_time_ms),
         update_time=ts(lic.update_time_ms),
+        meter_overrides=lic.meter_overrides,
     )
 
 
@@ -205,6 +238,43 @@ def usage_fields(u: Usage) -> dict[str, object]:
         "remaining": u.remaining,
         "overage_limit": u.overage_limit,
         "period_end_time": ts(u.period_end_ms),
+        "reserved": u.reserved,
+    }
+
+
+def meter_usage_to_proto(m: MeterUsage) -> usage_service_pb2.MeterUsage:
+    u = m.usage
+    return usage_service_pb2.MeterUsage(
+        meter=m.meter,
+        uses=u.uses,
+        max_uses=u.max_uses,
+        remaining=u.remaining,
+        overage_limit=u.overage_limit,
+        period_end_time=ts(u.period_end_ms),
+        entitled=m.entitled,
+        reserved=u.reserved,
+    )
+
+
+def reservation_to_proto(r: Reservation) -> usage_service_pb2.Reservation:
+    return usage_service_pb2.Reservation(
+        id=r.id,
+        license_id=r.license_id,
+        meter=r.meter,
+        amount=r.amount,
+        expire_time=ts(r.expire_time_ms),
+        state=int(r.state),  # type: ignore[arg-type]
+        committed_amount=r.committed_amount,
+        create_time=ts(r.create_time_ms),
+    )
+
+
+def reservation_fields(a: ReservationAnswer) -> dict[str, object]:
+    """Keyword arguments of the three reservation responses."""
+    return {
+        "reservation": reservation_to_proto(a.reservation),
+        "usage": meter_usage_to_proto(a.usage),
+        "replayed": a.replayed,
     }
 
 
@@ -213,6 +283,7 @@ def usage_record_from_proto(pb: usage_pb2.UsageRecord) -> UsageRecord:
         id=pb.id,
         amount=pb.amount,
         occur_time_ms=ms_of(pb.occur_time) if pb.HasField("occur_time") else None,
+        meter=pb.meter,
     )
 
 

@@ -38,6 +38,11 @@ STATUS_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.LICENSE_FILE_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.USAGE_EVENTS_DISABLED: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.USAGE_EVENTS_TRIMMED: grpc.StatusCode.OUT_OF_RANGE,
+    Reason.METER_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.METER_NOT_ENTITLED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.RESERVATION_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.RESERVATION_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.RESERVATION_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

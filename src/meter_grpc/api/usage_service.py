@@ -13,8 +13,11 @@ from meter.v1 import usage_service_pb2 as pb
 from meter.v1 import usage_service_pb2_grpc as pb_grpc
 from meter_grpc.api import auth
 from meter_grpc.api.convert import (
+    meter_usage_to_proto,
     record_result_to_proto,
+    reservation_fields,
     ts,
+    ttl_ms,
     usage_fields,
     usage_record_from_proto,
 )
@@ -86,7 +89,9 @@ class UsageService(pb_grpc.UsageServiceServicer):
     async def IncrementUsage(
         self, request: pb.IncrementUsageRequest, context: Ctx
     ) -> pb.IncrementUsageResponse:
-        u = await self.metering.increment(request.license_id, request.amount, request.request_id)
+        u = await self.metering.increment(
+            request.license_id, request.amount, request.request_id, meter=request.meter
+        )
         # The fields of usage_fields(), spelled out: the hot path builds no kwargs dict.
         return pb.IncrementUsageResponse(
             uses=u.uses,
@@ -95,29 +100,65 @@ class UsageService(pb_grpc.UsageServiceServicer):
             overage_limit=u.overage_limit,
             period_end_time=None if u.period_end_ms is None else ts(u.period_end_ms),
             replayed=u.replayed,
+            reserved=u.reserved,
         )
 
     async def DecrementUsage(
         self, request: pb.DecrementUsageRequest, context: Ctx
     ) -> pb.DecrementUsageResponse:
-        u = await self.metering.decrement(request.license_id, request.amount, request.request_id)
+        u = await self.metering.decrement(
+            request.license_id, request.amount, request.request_id, request.meter
+        )
         return pb.DecrementUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
     async def ResetUsage(
         self, request: pb.ResetUsageRequest, context: Ctx
     ) -> pb.ResetUsageResponse:
-        u = await self.metering.reset(request.license_id, request.request_id)
+        u = await self.metering.reset(request.license_id, request.request_id, request.meter)
         return pb.ResetUsageResponse(**usage_fields(u), replayed=u.replayed)  # type: ignore[arg-type]
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Ctx) -> pb.GetUsageResponse:
-        u = await self.metering.get(request.license_id)
+        u = await self.metering.get(request.license_id, request.meter)
         return pb.GetUsageResponse(
             uses=u.uses,
             max_uses=u.max_uses,
             remaining=u.remaining,
             overage_limit=u.overage_limit,
             period_end_time=None if u.period_end_ms is None else ts(u.period_end_ms),
+            reserved=u.reserved,
         )
+
+    async def ReserveUsage(
+        self, request: pb.ReserveUsageRequest, context: Ctx
+    ) -> pb.ReserveUsageResponse:
+        a = await self.metering.reserve(
+            request.license_id,
+            request.amount,
+            meter=request.meter,
+            ttl_ms=ttl_ms(request.ttl) if request.HasField("ttl") else 0,
+            request_id=request.request_id,
+        )
+        return pb.ReserveUsageResponse(**reservation_fields(a))  # type: ignore[arg-type]
+
+    async def CommitReservation(
+        self, request: pb.CommitReservationRequest, context: Ctx
+    ) -> pb.CommitReservationResponse:
+        a = await self.metering.commit(
+            request.license_id, request.reservation_id, request.amount, request.request_id
+        )
+        return pb.CommitReservationResponse(**reservation_fields(a))  # type: ignore[arg-type]
+
+    async def ReleaseReservation(
+        self, request: pb.ReleaseReservationRequest, context: Ctx
+    ) -> pb.ReleaseReservationResponse:
+        a = await self.metering.release(
+            request.license_id, request.reservation_id, request.request_id
+        )
+        return pb.ReleaseReservationResponse(**reservation_fields(a))  # type: ignore[arg-type]
+
+    async def ListUsage(self, request: pb.ListUsageRequest, context: Ctx) -> pb.ListUsageResponse:
+        usages = await self.metering.list_usage(request.license_id)
+        return pb.ListUsageResponse(usages=[meter_usage_to_proto(m) for m in usages])
 
     async def SyncUsage(self, request: pb.SyncUsageRequest, context: Ctx) -> pb.SyncUsageResponse:
         result = await self.metering.sync(
@@ -132,7 +173,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
     ) -> pb.BatchIncrementUsageResponse:
         items = request.items
         answers = await self.metering.batch_increment(
-            [Increment(i.license_id, i.amount, i.request_id) for i in items]
+            [Increment(i.license_id, i.amount, i.request_id, i.meter) for i in items]
         )
         return pb.BatchIncrementUsageResponse(
             results=[
@@ -166,8 +207,12 @@ class UsageService(pb_grpc.UsageServiceServicer):
 
         async def answer(request: pb.IncrementUsageRequest) -> pb.StreamUsageResponse:
             try:
-                u = await self.metering.increment(
-                    request.license_id, request.amount, request.request_id
+                args = (request.license_id, request.amount, request.request_id)
+                # `meter` only when set: the license's own counter takes the call as before
+                u = await (
+                    self.metering.increment(*args, meter=request.meter)
+                    if request.meter
+                    else self.metering.increment(*args)
                 )
             except Exception as exc:  # one request's failure is its answer, never the stream's
                 return pb.StreamUsageResponse(
@@ -226,6 +271,7 @@ class UsageService(pb_grpc.UsageServiceServicer):
             request.license_id,
             request.after_event_id,
             from_oldest=request.from_oldest,
+            meter=request.meter if request.filter_meter else None,
             subscribed=subscribed,
             key_license_id=auth.current().license_id,
         ):
@@ -238,6 +284,8 @@ class UsageService(pb_grpc.UsageServiceServicer):
                     max_uses=e.max_uses,
                     request_id=e.request_id,
                     event_time=ts(e.time_ms),
+                    meter=e.meter,
+                    reservation_id=e.reservation_id,
                 ),
                 send_time=ts(self.metering.clock.now_ms()),
             )

@@ -31,12 +31,17 @@ from meter_grpc.client.errors import (
     MachineLimitExceeded,
     MachineNotFound,
     MeterClientError,
+    MeterNotEntitled,
+    MeterNotFound,
     NotFound,
     NoValidLicenseFile,
     PermissionDenied,
     PolicyInUse,
     PolicyNotFound,
     RequestIdReused,
+    ReservationExpired,
+    ReservationLimitExceeded,
+    ReservationNotFound,
     Unauthenticated,
     Unavailable,
     UsageEventsDisabled,
@@ -48,12 +53,14 @@ from meter_grpc.client.errors import (
 from meter_grpc.client.journal import JournalRecord, UsageJournal
 from meter_grpc.client.license_file import LicenseFileError, verify_license_file
 from meter_grpc.client.offline import AsyncOfflineMeter, OfflineMeter, SyncReport, UseResult
+from meter_grpc.client.reservations import AsyncReservation, Reservation
 from meter_grpc.client.sync import MeterClient
 
 __all__ = [
     "AlreadyExists",
     "AsyncMeterClient",
     "AsyncOfflineMeter",
+    "AsyncReservation",
     "CoreLimitExceeded",
     "FailedPrecondition",
     "FieldViolation",
@@ -72,6 +79,8 @@ __all__ = [
     "MachineNotFound",
     "MeterClient",
     "MeterClientError",
+    "MeterNotEntitled",
+    "MeterNotFound",
     "NoValidLicenseFile",
     "NotFound",
     "OfflineMeter",
@@ -79,6 +88,10 @@ __all__ = [
     "PolicyInUse",
     "PolicyNotFound",
     "RequestIdReused",
+    "Reservation",
+    "ReservationExpired",
+    "ReservationLimitExceeded",
+    "ReservationNotFound",
     "SyncReport",
     "Unauthenticated",
     "Unavailable",

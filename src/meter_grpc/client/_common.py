@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from meter.v1 import usage_pb2
+from meter.v1 import usage_service_pb2 as upb
 
 Metadata = tuple[tuple[str, str], ...]
 DEFAULT_TIMEOUT_S = 10.0
@@ -58,8 +59,10 @@ def field_mask(paths: Iterable[str]) -> field_mask_pb2.FieldMask:
     return field_mask_pb2.FieldMask(paths=list(paths))
 
 
-def usage_record(record_id: str, amount: int, occur_ms: int | None) -> usage_pb2.UsageRecord:
-    r = usage_pb2.UsageRecord(id=record_id, amount=amount)
+def usage_record(
+    record_id: str, amount: int, occur_ms: int | None, meter: str = ""
+) -> usage_pb2.UsageRecord:
+    r = usage_pb2.UsageRecord(id=record_id, amount=amount, meter=meter)
     if occur_ms is not None:
         t = timestamp_pb2.Timestamp()
         t.FromMilliseconds(occur_ms)
@@ -69,3 +72,21 @@ def usage_record(record_id: str, amount: int, occur_ms: int | None) -> usage_pb2
 
 def string_map(value: Mapping[str, str] | None) -> dict[str, str]:
     return dict(value or {})
+
+
+def reserve_request(
+    license_id: str,
+    amount: int,
+    meter: str,
+    ttl: dt.timedelta | float | None,
+    request_id: str,
+) -> upb.ReserveUsageRequest:
+    if ttl is not None and not isinstance(ttl, dt.timedelta):
+        ttl = dt.timedelta(seconds=ttl)
+    return upb.ReserveUsageRequest(
+        license_id=license_id,
+        meter=meter,
+        amount=amount,
+        ttl=duration(ttl),
+        request_id=request_id,
+    )

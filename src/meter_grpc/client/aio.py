@@ -16,6 +16,7 @@ from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.client import _common as c
 from meter_grpc.client.errors import from_rpc_error
+from meter_grpc.client.reservations import AsyncReservation
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -237,23 +238,84 @@ class AsyncMeterClient:
     # --- usage ----------------------------------------------------------------------------
 
     async def increment_usage(
-        self, license_id: str, amount: int = 1, request_id: str = ""
+        self, license_id: str, amount: int = 1, request_id: str = "", *, meter: str = ""
     ) -> upb.IncrementUsageResponse:
-        req = upb.IncrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id)
+        """`meter`: a meter of the license's policy ("" = the license's own counter)."""
+        req = upb.IncrementUsageRequest(
+            license_id=license_id, amount=amount, request_id=request_id, meter=meter
+        )
         return await self._call(self._usage.IncrementUsage, req)
 
     async def decrement_usage(
-        self, license_id: str, amount: int = 1, request_id: str = ""
+        self, license_id: str, amount: int = 1, request_id: str = "", *, meter: str = ""
     ) -> upb.DecrementUsageResponse:
-        req = upb.DecrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id)
+        req = upb.DecrementUsageRequest(
+            license_id=license_id, amount=amount, request_id=request_id, meter=meter
+        )
         return await self._call(self._usage.DecrementUsage, req)
 
-    async def reset_usage(self, license_id: str, request_id: str = "") -> upb.ResetUsageResponse:
-        req = upb.ResetUsageRequest(license_id=license_id, request_id=request_id)
+    async def reset_usage(
+        self, license_id: str, request_id: str = "", *, meter: str = ""
+    ) -> upb.ResetUsageResponse:
+        req = upb.ResetUsageRequest(license_id=license_id, request_id=request_id, meter=meter)
         return await self._call(self._usage.ResetUsage, req)
 
-    async def get_usage(self, license_id: str) -> upb.GetUsageResponse:
-        return await self._call(self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id))
+    async def get_usage(self, license_id: str, *, meter: str = "") -> upb.GetUsageResponse:
+        req = upb.GetUsageRequest(license_id=license_id, meter=meter)
+        return await self._call(self._usage.GetUsage, req)
+
+    async def list_usage(self, license_id: str) -> upb.ListUsageResponse:
+        """Every counter of the license: its own (`meter` ""), then each meter."""
+        return await self._call(self._usage.ListUsage, upb.ListUsageRequest(license_id=license_id))
+
+    async def reserve_usage(
+        self,
+        license_id: str,
+        amount: int,
+        *,
+        meter: str = "",
+        ttl: dt.timedelta | float | None = None,
+        request_id: str = "",
+    ) -> upb.ReserveUsageResponse:
+        """Holds `amount` units of a counter for `ttl` (seconds or a timedelta; None: 10 min)."""
+        return await self._call(
+            self._usage.ReserveUsage, c.reserve_request(license_id, amount, meter, ttl, request_id)
+        )
+
+    async def commit_reservation(
+        self, license_id: str, reservation_id: str, amount: int = 0, request_id: str = ""
+    ) -> upb.CommitReservationResponse:
+        req = upb.CommitReservationRequest(
+            license_id=license_id,
+            reservation_id=reservation_id,
+            amount=amount,
+            request_id=request_id,
+        )
+        return await self._call(self._usage.CommitReservation, req)
+
+    async def release_reservation(
+        self, license_id: str, reservation_id: str, request_id: str = ""
+    ) -> upb.ReleaseReservationResponse:
+        req = upb.ReleaseReservationRequest(
+            license_id=license_id, reservation_id=reservation_id, request_id=request_id
+        )
+        return await self._call(self._usage.ReleaseReservation, req)
+
+    async def reserve(
+        self,
+        license_id: str,
+        amount: int,
+        *,
+        meter: str = "",
+        ttl: dt.timedelta | float | None = None,
+        request_id: str = "",
+    ) -> AsyncReservation:
+        """`async with await client.reserve(lic, 1000, meter="GPU_SECONDS", ttl=600) as r:
+        ... await r.commit(734)`: released on leaving the block uncommitted."""
+        r = await self.reserve_usage(
+            license_id, amount, meter=meter, ttl=ttl, request_id=request_id
+        )
+        return AsyncReservation(self, r)
 
     async def batch_increment_usage(
         self, items: Sequence[upb.IncrementUsageRequest]

@@ -129,6 +129,26 @@ class PolicyInUse(FailedPrecondition):
     pass
 
 
+class MeterNotFound(NotFound):
+    """The license's policy has no meter with this code."""
+
+
+class ReservationNotFound(NotFound):
+    """No reservation with this id on this license (or its record passed its retention)."""
+
+
+class MeterNotEntitled(FailedPrecondition):
+    """The meter needs an entitlement the license does not hold."""
+
+
+class ReservationExpired(FailedPrecondition):
+    """The reservation is closed: expired, committed or released (metadata `state`)."""
+
+
+class ReservationLimitExceeded(LimitExceeded):
+    """The license holds as many open reservations as the server allows."""
+
+
 class AlreadyExists(MeterClientError):
     pass
 
@@ -184,6 +204,11 @@ _BY_REASON: dict[str, type[MeterClientError]] = {
     "UNAUTHENTICATED": Unauthenticated,
     "PERMISSION_DENIED": PermissionDenied,
     "STORAGE_UNAVAILABLE": Unavailable,
+    "METER_NOT_FOUND": MeterNotFound,
+    "METER_NOT_ENTITLED": MeterNotEntitled,
+    "RESERVATION_NOT_FOUND": ReservationNotFound,
+    "RESERVATION_EXPIRED": ReservationExpired,
+    "RESERVATION_LIMIT_EXCEEDED": ReservationLimitExceeded,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[MeterClientError]] = {

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS records (
     state TEXT NOT NULL DEFAULT 'pending'
         CHECK (state IN ('pending', 'applied', 'duplicate', 'rejected')),
     reason TEXT NOT NULL DEFAULT '',
-    done_ms INTEGER
+    done_ms INTEGER,
+    meter TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS records_by_state ON records (license_id, state, seq);
 CREATE TABLE IF NOT EXISTS licenses (
@@ -58,6 +59,8 @@ class JournalRecord:
     occur_ms: int
     state: str = PENDING
     reason: str = ""
+    # The meter the record is of ("" = the license's own counter).
+    meter: str = ""
 
 
 def _now_ms() -> int:
@@ -86,6 +89,9 @@ class UsageJournal:
         self._db.execute("PRAGMA synchronous=FULL")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(records)")]
+            if "meter" not in columns:  # a journal written before meters
+                self._db.execute("ALTER TABLE records ADD COLUMN meter TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -107,9 +113,13 @@ class UsageJournal:
         record_id: str | None = None,
         occur_ms: int | None = None,
         max_pending: int | None = None,
+        meter: str = "",
+        state: str = PENDING,
     ) -> JournalRecord | None:
         """Appends a pending record, durably. With `max_pending`, appends only if the pending
-        amount of the license stays within it (checked in the same transaction); else None."""
+        amount of the license's counter (or `meter`'s) stays within it (checked in the same
+        transaction); else None. `state` APPLIED: a record the service has just counted
+        online, kept so that what the license file allows offline accounts for it."""
         record_id = record_id or ids.new_id()
         _check(record_id, amount)
         occur_ms = _now_ms() if occur_ms is None else occur_ms
@@ -117,20 +127,24 @@ class UsageJournal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if max_pending is not None:
-                    pending = self._pending_amount(license_id)
+                    pending = self._pending_amount(license_id, meter)
                     if pending + amount > max_pending:
                         self._db.execute("ROLLBACK")
                         return None
+                done = None if state == PENDING else _now_ms()
                 cur = self._db.execute(
-                    "INSERT INTO records (id, license_id, amount, occur_ms) VALUES (?, ?, ?, ?)",
-                    (record_id, license_id, amount, occur_ms),
+                    "INSERT INTO records (id, license_id, amount, occur_ms, meter, state, "
+                    "done_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (record_id, license_id, amount, occur_ms, meter, state, done),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         assert cur.lastrowid is not None
-        return JournalRecord(cur.lastrowid, record_id, license_id, amount, occur_ms)
+        return JournalRecord(
+            cur.lastrowid, record_id, license_id, amount, occur_ms, state, "", meter
+        )
 
     def record_many(
         self, license_id: str, amounts: Iterable[int], *, occur_ms: int | None = None
@@ -222,7 +236,8 @@ class UsageJournal:
     def _select(self, where: str, params: tuple[object, ...]) -> list[JournalRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, id, license_id, amount, occur_ms, state, reason FROM records " + where,
+                "SELECT seq, id, license_id, amount, occur_ms, state, reason, meter FROM records "
+                + where,
                 params,
             ).fetchall()
         return [JournalRecord(*row) for row in rows]
@@ -236,17 +251,36 @@ class UsageJournal:
     def records(self, license_id: str) -> list[JournalRecord]:
         return self._select("WHERE license_id = ? ORDER BY seq", (license_id,))
 
-    def _pending_amount(self, license_id: str) -> int:
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(amount), 0) FROM records "
-            "WHERE license_id = ? AND state = 'pending'",
-            (license_id,),
-        ).fetchone()
+    def _pending_amount(self, license_id: str, meter: str | None = None) -> int:
+        if meter is None:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM records "
+                "WHERE license_id = ? AND state = 'pending'",
+                (license_id,),
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM records "
+                "WHERE license_id = ? AND state = 'pending' AND meter = ?",
+                (license_id, meter),
+            ).fetchone()
         return int(row[0])
 
-    def pending_amount(self, license_id: str) -> int:
+    def pending_amount(self, license_id: str, meter: str | None = None) -> int:
+        """Pending units of the license: all (None), or of one counter ("" its own)."""
         with self._lock:
-            return self._pending_amount(license_id)
+            return self._pending_amount(license_id, meter)
+
+    def counted_since(self, license_id: str, meter: str, since_ms: int) -> int:
+        """Units of one counter the service answered APPLIED or DUPLICATE at or after
+        `since_ms` (journal time): usage a license file issued at `since_ms` does not show."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM records WHERE license_id = ? "
+                "AND meter = ? AND state IN ('applied', 'duplicate') AND done_ms >= ?",
+                (license_id, meter, since_ms),
+            ).fetchone()
+        return int(row[0])
 
     def counts(self, license_id: str) -> dict[str, int]:
         with self._lock:

@@ -9,6 +9,11 @@ batches, and settles records only after the answer: APPLIED and DUPLICATE are do
 are kept as rejected with the reason. A process that dies after SyncUsage was sent but before
 the journal was updated resends the same record ids on the next sync; the service answers
 DUPLICATE for those already counted, so nothing is counted twice.
+
+`use(amount, meter=CODE)` counts on a meter of the license's policy the same way. Offline, a
+meter is bounded by its entry in the file's `meters` (usesLimit less uses and reserved at
+issue time) less what the service answered for the meter's records since the file was
+issued (the journal keeps the meter's online records too, as applied) and its pending ones.
 """
 
 from __future__ import annotations
@@ -152,9 +157,10 @@ class _Core:
             self.journal.observe_uses(self.license_id, uses, ms_of_iso(payload["meta"]["issued"]))
         return payload
 
-    def offline_ceiling(self) -> int | None:
+    def offline_ceiling(self, meter: str = "") -> int | None:
         """What the license file allows offline before the journal's pending usage (None: no
-        limit). Raises when the file is missing or invalid, or the license may not be used."""
+        limit), of the license's own counter or of `meter`. Raises when the file is missing or
+        invalid, or the license (or the meter) may not be used."""
         now = self.now()
         payload = self.verified_file()
         attrs = payload["data"]["attributes"]
@@ -175,6 +181,8 @@ class _Core:
                 reason="LICENSE_EXPIRED",
                 metadata=meta,
             )
+        if meter:
+            return self._meter_ceiling(payload, attrs, meter, now, meta)
         limit = attrs.get("usesLimit")
         if limit is None:
             return None
@@ -187,20 +195,65 @@ class _Core:
             uses = 0  # a new usage period began since the count was seen
         return max(0, int(limit) - int(uses))
 
-    def allowance(self) -> int | None:
-        ceiling = self.offline_ceiling()
+    def _meter_ceiling(
+        self,
+        payload: dict[str, Any],
+        attrs: dict[str, Any],
+        meter: str,
+        now: int,
+        meta: dict[str, str],
+    ) -> int | None:
+        """A meter's offline ceiling: its usesLimit in the file, less the usage and the
+        reservations the file shows and what the service counted of it since the file was
+        issued (records the journal saw answered)."""
+        entry = next((m for m in attrs.get("meters") or [] if m.get("code") == meter), None)
+        meta = {**meta, "meter": meter}
+        if entry is None:
+            raise error_for(
+                "METER_NOT_FOUND",
+                f"the license file has no meter {meter!r}",
+                code=grpc.StatusCode.NOT_FOUND,
+                metadata=meta,
+            )
+        if not entry.get("entitled", True):
+            raise error_for(
+                "METER_NOT_ENTITLED",
+                f"the license file says meter {meter!r} needs an entitlement it lacks",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+                metadata=meta,
+            )
+        limit = entry.get("usesLimit")
+        if limit is None:
+            return None
+        since = ms_of_iso(payload["meta"]["issued"])
+        used = int(entry.get("uses") or 0) + int(entry.get("reserved") or 0)
+        period_end = entry.get("usagePeriodEnd")
+        if period_end and now >= ms_of_iso(period_end) > since:
+            used, since = 0, ms_of_iso(period_end)  # a new usage period began since the file
+        used += self.journal.counted_since(self.license_id, meter, since)
+        return max(0, int(limit) - used)
+
+    def allowance(self, meter: str = "") -> int | None:
+        ceiling = self.offline_ceiling(meter)
         if ceiling is None:
             return None
-        return max(0, ceiling - self.journal.pending_amount(self.license_id))
+        return max(0, ceiling - self.journal.pending_amount(self.license_id, meter))
 
-    def record_offline(self, record_id: str, amount: int, occur_ms: int) -> UseResult:
-        ceiling = self.offline_ceiling()
+    def record_offline(
+        self, record_id: str, amount: int, occur_ms: int, meter: str = ""
+    ) -> UseResult:
+        ceiling = self.offline_ceiling(meter)
         rec = self.journal.record(
-            self.license_id, amount, record_id=record_id, occur_ms=occur_ms, max_pending=ceiling
+            self.license_id,
+            amount,
+            record_id=record_id,
+            occur_ms=occur_ms,
+            max_pending=ceiling,
+            meter=meter,
         )
         if rec is None:
             assert ceiling is not None
-            left = max(0, ceiling - self.journal.pending_amount(self.license_id))
+            left = max(0, ceiling - self.journal.pending_amount(self.license_id, meter))
             raise UsageLimitExceeded(
                 f"offline, the license file allows {left} more, not {amount}",
                 code=grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -210,11 +263,12 @@ class _Core:
                     "offline": "true",
                     "remaining": str(left),
                     "requested": str(amount),
+                    **({"meter": meter} if meter else {}),
                 },
             )
         left_after = None
         if ceiling is not None:
-            left_after = max(0, ceiling - self.journal.pending_amount(self.license_id))
+            left_after = max(0, ceiling - self.journal.pending_amount(self.license_id, meter))
         return UseResult(record_id, amount, online=False, offline_remaining=left_after)
 
     def new_record(self, amount: int) -> tuple[str, int, int]:
@@ -224,7 +278,7 @@ class _Core:
 
     def batch(self) -> tuple[list[JournalRecord], list[usage_pb2.UsageRecord]]:
         recs = self.journal.pending(self.license_id, self.batch_size)
-        return recs, [c.usage_record(r.id, r.amount, r.occur_ms) for r in recs]
+        return recs, [c.usage_record(r.id, r.amount, r.occur_ms, r.meter) for r in recs]
 
     def settle(
         self, recs: Sequence[JournalRecord], resp: upb.SyncUsageResponse, report: SyncReport
@@ -249,9 +303,27 @@ class _Core:
         report.batches += 1
         report.uses = resp.uses
 
-    def online_result(self, record_id: str, amount: int, resp: upb.SyncUsageResponse) -> UseResult:
+    def online_result(
+        self,
+        record_id: str,
+        amount: int,
+        resp: upb.SyncUsageResponse,
+        meter: str = "",
+        occur_ms: int | None = None,
+    ) -> UseResult:
         self.journal.observe_uses(self.license_id, resp.uses, self.now())
         result = resp.results[0]
+        if meter and result.outcome != usage_pb2.USAGE_RECORD_OUTCOME_REJECTED:
+            # kept as answered: what the license file allows offline of the meter counts it
+            self.journal.record(
+                self.license_id,
+                amount,
+                record_id=record_id,
+                occur_ms=occur_ms,
+                meter=meter,
+                state=APPLIED,
+            )
+            return UseResult(record_id, amount, online=True)
         if result.outcome == usage_pb2.USAGE_RECORD_OUTCOME_REJECTED:
             raise error_for(
                 result.reason,
@@ -260,6 +332,7 @@ class _Core:
                     "license_id": self.license_id,
                     "uses": str(resp.uses),
                     "requested": str(amount),
+                    **({"meter": meter} if meter else {}),
                 },
             )
         return UseResult(record_id, amount, online=True, uses=resp.uses)
@@ -315,25 +388,28 @@ class OfflineMeter:
         """The kept license file's payload, verified now (NoValidLicenseFile otherwise)."""
         return self._core.verified_file()
 
-    def allowance(self) -> int | None:
-        """Units that may still be used offline now (None: no limit)."""
+    def allowance(self, meter: str = "") -> int | None:
+        """Units that may still be used offline now (None: no limit), of the license's own
+        counter or of `meter`."""
         with self._lock:
-            return self._core.allowance()
+            return self._core.allowance(meter)
 
-    def use(self, amount: int = 1) -> UseResult:
-        """Counts `amount` units: online if the service answers, else in the journal within
-        the license file's allowance. Raises UsageLimitExceeded (and the other refusals)."""
+    def use(self, amount: int = 1, *, meter: str = "") -> UseResult:
+        """Counts `amount` units (of `meter`, or of the license's own counter): online if
+        the service answers, else in the journal within the license file's allowance. Raises
+        UsageLimitExceeded (and the other refusals). A meter's online answer has no `uses`
+        (SyncUsage reports the license's counter)."""
         record_id, amount, occur = self._core.new_record(amount)
         with self._lock:
             try:
                 if self.journal.pending(self.license_id, 1):
                     self._sync()
                 resp = self.client.sync_usage(
-                    self.license_id, [c.usage_record(record_id, amount, occur)]
+                    self.license_id, [c.usage_record(record_id, amount, occur, meter)]
                 )
             except Unavailable:
-                return self._core.record_offline(record_id, amount, occur)
-            return self._core.online_result(record_id, amount, resp)
+                return self._core.record_offline(record_id, amount, occur, meter)
+            return self._core.online_result(record_id, amount, resp, meter, occur)
 
     def sync(self) -> SyncReport:
         """Sends every pending record (SyncUsage, in order, in batches). Raises Unavailable
@@ -394,21 +470,21 @@ class AsyncOfflineMeter:
     def license_file(self) -> dict[str, Any]:
         return self._core.verified_file()
 
-    def allowance(self) -> int | None:
-        return self._core.allowance()
+    def allowance(self, meter: str = "") -> int | None:
+        return self._core.allowance(meter)
 
-    async def use(self, amount: int = 1) -> UseResult:
+    async def use(self, amount: int = 1, *, meter: str = "") -> UseResult:
         record_id, amount, occur = self._core.new_record(amount)
         async with self._lock:
             try:
                 if self.journal.pending(self.license_id, 1):
                     await self._sync()
                 resp = await self.client.sync_usage(
-                    self.license_id, [c.usage_record(record_id, amount, occur)]
+                    self.license_id, [c.usage_record(record_id, amount, occur, meter)]
                 )
             except Unavailable:
-                return self._core.record_offline(record_id, amount, occur)
-            return self._core.online_result(record_id, amount, resp)
+                return self._core.record_offline(record_id, amount, occur, meter)
+            return self._core.online_result(record_id, amount, resp, meter, occur)
 
     async def sync(self) -> SyncReport:
         async with self._lock:

@@ -15,6 +15,7 @@ from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.client import _common as c
 from meter_grpc.client.errors import from_rpc_error
+from meter_grpc.client.reservations import Reservation
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -228,23 +229,83 @@ class MeterClient:
     # --- usage ----------------------------------------------------------------------------
 
     def increment_usage(
-        self, license_id: str, amount: int = 1, request_id: str = ""
+        self, license_id: str, amount: int = 1, request_id: str = "", *, meter: str = ""
     ) -> upb.IncrementUsageResponse:
-        req = upb.IncrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id)
+        """`meter`: a meter of the license's policy ("" = the license's own counter)."""
+        req = upb.IncrementUsageRequest(
+            license_id=license_id, amount=amount, request_id=request_id, meter=meter
+        )
         return self._call(self._usage.IncrementUsage, req)
 
     def decrement_usage(
-        self, license_id: str, amount: int = 1, request_id: str = ""
+        self, license_id: str, amount: int = 1, request_id: str = "", *, meter: str = ""
     ) -> upb.DecrementUsageResponse:
-        req = upb.DecrementUsageRequest(license_id=license_id, amount=amount, request_id=request_id)
+        req = upb.DecrementUsageRequest(
+            license_id=license_id, amount=amount, request_id=request_id, meter=meter
+        )
         return self._call(self._usage.DecrementUsage, req)
 
-    def reset_usage(self, license_id: str, request_id: str = "") -> upb.ResetUsageResponse:
-        req = upb.ResetUsageRequest(license_id=license_id, request_id=request_id)
+    def reset_usage(
+        self, license_id: str, request_id: str = "", *, meter: str = ""
+    ) -> upb.ResetUsageResponse:
+        req = upb.ResetUsageRequest(license_id=license_id, request_id=request_id, meter=meter)
         return self._call(self._usage.ResetUsage, req)
 
-    def get_usage(self, license_id: str) -> upb.GetUsageResponse:
-        return self._call(self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id))
+    def get_usage(self, license_id: str, *, meter: str = "") -> upb.GetUsageResponse:
+        return self._call(
+            self._usage.GetUsage, upb.GetUsageRequest(license_id=license_id, meter=meter)
+        )
+
+    def list_usage(self, license_id: str) -> upb.ListUsageResponse:
+        """Every counter of the license: its own (`meter` ""), then each meter."""
+        return self._call(self._usage.ListUsage, upb.ListUsageRequest(license_id=license_id))
+
+    def reserve_usage(
+        self,
+        license_id: str,
+        amount: int,
+        *,
+        meter: str = "",
+        ttl: dt.timedelta | float | None = None,
+        request_id: str = "",
+    ) -> upb.ReserveUsageResponse:
+        """Holds `amount` units of a counter for `ttl` (seconds or a timedelta; None: 10 min)."""
+        return self._call(
+            self._usage.ReserveUsage, c.reserve_request(license_id, amount, meter, ttl, request_id)
+        )
+
+    def commit_reservation(
+        self, license_id: str, reservation_id: str, amount: int = 0, request_id: str = ""
+    ) -> upb.CommitReservationResponse:
+        req = upb.CommitReservationRequest(
+            license_id=license_id,
+            reservation_id=reservation_id,
+            amount=amount,
+            request_id=request_id,
+        )
+        return self._call(self._usage.CommitReservation, req)
+
+    def release_reservation(
+        self, license_id: str, reservation_id: str, request_id: str = ""
+    ) -> upb.ReleaseReservationResponse:
+        req = upb.ReleaseReservationRequest(
+            license_id=license_id, reservation_id=reservation_id, request_id=request_id
+        )
+        return self._call(self._usage.ReleaseReservation, req)
+
+    def reserve(
+        self,
+        license_id: str,
+        amount: int,
+        *,
+        meter: str = "",
+        ttl: dt.timedelta | float | None = None,
+        request_id: str = "",
+    ) -> Reservation:
+        """`with client.reserve(lic, 1000, meter="GPU_SECONDS", ttl=600) as r: ...
+        r.commit(734)`: released on leaving the block uncommitted (an exception included)."""
+        r = self.reserve_usage(license_id, amount, meter=meter, ttl=ttl, request_id=request_id)
+        return Reservation(self, r)
 
     def export_status(self) -> upb.ExportStatusResponse:
         """Per export sink: lag in events and seconds, last error, dead letters (admin)."""

@@ -42,6 +42,12 @@ class Reason(enum.StrEnum):
     USAGE_EVENTS_DISABLED = "USAGE_EVENTS_DISABLED"
     # WatchUsage from a position whose next events were trimmed (METER_EVENT_RETENTION).
     USAGE_EVENTS_TRIMMED = "USAGE_EVENTS_TRIMMED"
+    # Meters (Policy.meters) and reservations (ReserveUsage).
+    METER_NOT_FOUND = "METER_NOT_FOUND"
+    METER_NOT_ENTITLED = "METER_NOT_ENTITLED"
+    RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
+    RESERVATION_EXPIRED = "RESERVATION_EXPIRED"
+    RESERVATION_LIMIT_EXCEEDED = "RESERVATION_LIMIT_EXCEEDED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,7 @@ POLICY = MaskTable(
         "overage_strategy": "overage_strategy",
         "usage_reset_interval": "usage_reset_interval",
         "metadata": "metadata",
+        "meters": "meters",
     },
     fixed={
         "id": OUTPUT_ONLY + " (the policy is named by policy.id)",
@@ -136,6 +137,7 @@ LICENSE = MaskTable(
         "max_cores": "max_cores_override",
         "entitlements": "entitlements",
         "metadata": "metadata",
+        "meter_overrides": "meter_overrides",
     },
     fixed={
         "id": OUTPUT_ONLY + " (the license is named by license.id)",

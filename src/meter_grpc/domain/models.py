@@ -68,6 +68,19 @@ def overage_ceiling(limit: int | None, strategy: OverageStrategy) -> int | None:
 
 
 @dataclass(slots=True)
+class Meter:
+    """A feature meter of a policy: a counter of every license of the policy, with its own
+    limit, overage and reset period (Policy.meters)."""
+
+    code: str = ""
+    max_uses: int | None = None
+    overage_strategy: OverageStrategy = OverageStrategy.UNSPECIFIED
+    usage_reset_interval: UsageResetInterval = UsageResetInterval.UNSPECIFIED
+    # The entitlement a license must hold to use the meter ("" = none needed).
+    entitlement: str = ""
+
+
+@dataclass(slots=True)
 class Policy:
     id: str = ""
     name: str = ""
@@ -92,6 +105,10 @@ class Policy:
     # The newest revision every license of the policy follows (kept beside the policy, not in
     # its JSON): lower than `revision` while a change is still being propagated.
     propagated_revision: int = 0
+    meters: list[Meter] = field(default_factory=list)
+
+    def meter(self, code: str) -> Meter | None:
+        return next((m for m in self.meters if m.code == code), None)
 
 
 @dataclass(slots=True)
@@ -124,6 +141,18 @@ class License:
     # sealed under the server secret (what encrypted license files need).
     key_digest: str = ""
     sealed_file_key: str = ""
+    # Overrides of the max_uses of the policy's meters: code -> limit.
+    meter_overrides: dict[str, int] = field(default_factory=dict)
+    # Read only: code -> (uses, period start, reserved) of each meter of `policy`, and the
+    # units reserved on the license's own counter.
+    meter_counters: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    reserved: int = 0
+
+    def meter_max_uses(self, m: Meter) -> int | None:
+        return self.meter_overrides.get(m.code, m.max_uses)
+
+    def meter_entitled(self, m: Meter) -> bool:
+        return not m.entitlement or m.entitlement in self.all_entitlements
 
     @property
     def max_uses(self) -> int | None:
@@ -271,12 +300,14 @@ class Usage:
     overage_limit: int | None
     period_end_ms: int | None
     replayed: bool = False
+    # Units held by open reservations of the counter (ReserveUsage).
+    reserved: int = 0
 
     @property
     def remaining(self) -> int | None:
         if self.overage_limit is None:
             return None
-        return max(0, self.overage_limit - self.uses)
+        return max(0, self.overage_limit - self.uses - self.reserved)
 
 
 class UsageEventType(enum.IntEnum):
@@ -285,6 +316,10 @@ class UsageEventType(enum.IntEnum):
     DECREMENTED = 2
     RESET = 3
     LIMIT_REACHED = 4
+    RESERVED = 5
+    COMMITTED = 6
+    RELEASED = 7
+    EXPIRED = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +333,52 @@ class UsageEvent:
     max_uses: int | None
     request_id: str
     time_ms: int
+    # The meter whose counter changed ("" = the license's own counter).
+    meter: str = ""
+    reservation_id: str = ""
+
+
+class ReservationState(enum.IntEnum):
+    """Numbers = proto ReservationState; the stored letters are in storage/lua/common.lua."""
+
+    UNSPECIFIED = 0
+    OPEN = 1
+    COMMITTED = 2
+    RELEASED = 3
+    EXPIRED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Units held against a counter's limit (ReserveUsage) until committed, released or
+    expired."""
+
+    id: str
+    license_id: str
+    meter: str
+    amount: int
+    expire_time_ms: int
+    state: ReservationState
+    committed_amount: int = 0
+    create_time_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationAnswer:
+    """A reservation script's answer: the reservation, its counter after the call."""
+
+    reservation: Reservation
+    usage: MeterUsage
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MeterUsage:
+    """One counter of a license as ListUsage reports it ("" = the license's own)."""
+
+    meter: str
+    usage: Usage
+    entitled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +388,7 @@ class UsageRecord:
     id: str
     amount: int
     occur_time_ms: int | None = None
+    meter: str = ""
 
 
 class RecordOutcome(enum.IntEnum):

@@ -92,7 +92,53 @@ def _overage(p: Policy) -> str:
     return p.overage_strategy.name if p.overage_strategy else "NO_OVERAGE"
 
 
+def _policy_meters(p: Policy) -> list[dict[str, Any]]:
+    return [
+        {
+            "code": m.code,
+            "maxUses": m.max_uses,
+            "overageStrategy": m.overage_strategy.name if m.overage_strategy else "NO_OVERAGE",
+            "usageResetInterval": (
+                m.usage_reset_interval.name if m.usage_reset_interval else "NONE"
+            ),
+            "entitlement": m.entitlement or None,
+        }
+        for m in p.meters
+    ]
+
+
+def license_meters(lic: License, issued_ms: int) -> list[dict[str, Any]]:
+    """Each meter of the license as of `issued_ms`: its usage, limit and ceiling (the
+    license's override or the policy's), units reserved, period end, entitlement held."""
+    out = []
+    for m in lic.policy.meters:
+        uses, start, reserved = lic.meter_counters.get(m.code, (0, 0, 0))
+        bounds = periods.period_bounds(issued_ms, m.usage_reset_interval)
+        limit = lic.meter_max_uses(m)
+        out.append(
+            {
+                "code": m.code,
+                "uses": periods.uses_in_current_period(
+                    uses, start, issued_ms, m.usage_reset_interval
+                ),
+                "maxUses": limit,
+                "usesLimit": overage_ceiling(limit, m.overage_strategy),
+                "reserved": reserved,
+                "usagePeriodEnd": iso(bounds[1]) if bounds else None,
+                "entitled": lic.meter_entitled(m),
+            }
+        )
+    return out
+
+
 def policy_resource(p: Policy) -> dict[str, Any]:
+    resource = _policy_resource(p)
+    if p.meters:  # files of policies without meters keep their earlier shape
+        resource["attributes"]["meters"] = _policy_meters(p)
+    return resource
+
+
+def _policy_resource(p: Policy) -> dict[str, Any]:
     return {
         "type": "policies",
         "id": p.id,
@@ -129,6 +175,21 @@ def license_payload(
     p = lic.policy
     bounds = periods.period_bounds(issued_ms, p.usage_reset_interval)
     expiry_ms = None if ttl_ms is None else issued_ms + ttl_ms
+    payload = _license_payload(lic, machines, issued_ms, bounds, expiry_ms, ttl_ms)
+    if p.meters:  # files of licenses without meters keep their earlier shape
+        payload["data"]["attributes"]["meters"] = license_meters(lic, issued_ms)
+    return payload
+
+
+def _license_payload(
+    lic: License,
+    machines: list[dict[str, Any]],
+    issued_ms: int,
+    bounds: tuple[int, int] | None,
+    expiry_ms: int | None,
+    ttl_ms: int | None,
+) -> dict[str, Any]:
+    p = lic.policy
     return {
         "meta": {"issued": iso(issued_ms), "expiry": iso(expiry_ms), "ttl": _seconds(ttl_ms)},
         "data": {

@@ -18,6 +18,7 @@ from meter_grpc.domain.models import (
     License,
     Machine,
     Policy,
+    ReservationAnswer,
     Slots,
     Usage,
     UsageEvent,
@@ -34,6 +35,35 @@ class UsageStatus(enum.IntEnum):
     LICENSE_SUSPENDED = 4
     LICENSE_EXPIRED = 5
     REQUEST_ID_REUSED = 6
+    METER_NOT_FOUND = 7
+    METER_NOT_ENTITLED = 8
+
+
+class ReservationStatus(enum.IntEnum):
+    """Status codes returned by reservation.lua."""
+
+    OK = 0
+    LICENSE_NOT_FOUND = 1
+    USAGE_LIMIT_EXCEEDED = 2
+    LICENSE_SUSPENDED = 4
+    LICENSE_EXPIRED = 5
+    REQUEST_ID_REUSED = 6
+    METER_NOT_FOUND = 7
+    METER_NOT_ENTITLED = 8
+    RESERVATION_NOT_FOUND = 9
+    RESERVATION_EXPIRED = 10
+    RESERVATION_LIMIT_EXCEEDED = 11
+    AMOUNT_ABOVE_HELD = 12
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationResult:
+    """reservation.lua's answer: its status, the reservation (as far as known) and its
+    counter; `open`: open reservations of the license."""
+
+    status: ReservationStatus
+    answer: ReservationAnswer
+    open: int = 0
 
 
 class SyncCode(enum.IntEnum):
@@ -46,6 +76,8 @@ class SyncCode(enum.IntEnum):
     LICENSE_SUSPENDED = 4
     LICENSE_EXPIRED = 5
     REQUEST_ID_REUSED = 6
+    METER_NOT_FOUND = 7
+    METER_NOT_ENTITLED = 8
 
 
 class MachineStatus(enum.IntEnum):
@@ -209,8 +241,22 @@ class Store(Protocol):
         request_id: str,
         now_ms: int,
         periods: str,
+        meter: str = "",
     ) -> UsageResult:
-        """Runs usage.lua: one round trip, one atomic check-and-move."""
+        """Runs usage.lua: one round trip, one atomic check-and-move ("" = the license's own
+        counter, else that meter's)."""
+
+    async def reservation(
+        self,
+        license_id: str,
+        op: str,
+        args: Sequence[object],
+        *,
+        request_id: str,
+        now_ms: int,
+        periods: str,
+    ) -> ReservationResult:
+        """Runs reservation.lua (`op`: reserve, commit, release; `args`: its ARGV[5..])."""
 
     async def load_usage_script(self) -> None:
         """Makes sure every node has usage.lua, so the calls issued next are never re-sent
@@ -236,7 +282,7 @@ class Store(Protocol):
     async def sync_usage(
         self,
         license_id: str,
-        records: Sequence[tuple[str, int]],
+        records: Sequence[tuple[str, int, str]],
         *,
         now_ms: int,
         periods: str,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from meter_grpc.domain.errors import FieldViolation, invalid_fields
-from meter_grpc.domain.models import License, Machine, Policy
+from meter_grpc.domain.models import License, Machine, Meter, Policy
 
 MAX_AMOUNT = 2**50
 MAX_LIMIT = 2**50
@@ -66,6 +66,15 @@ def is_machine_id(value: str) -> bool:
 
 
 _ENTITLEMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+# Meter codes: they name fields of the license hash (`pm:<code>`, `m:<code>:u`), so no
+# separator of those names (':', ',', '|') can appear.
+_METER_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+MAX_METERS = 64
+METER_CODE_RULE = "an upper-case letter, then up to 63 upper-case letters, digits or '_'"
+
+
+def is_meter_code(value: str) -> bool:
+    return _METER_CODE.fullmatch(value) is not None
 
 
 def _key_name(key: str) -> str:
@@ -200,6 +209,47 @@ class Violations:
                     f"must be 1 to {MAX_ENTITLEMENT_LEN} characters of letters, digits, '_.:-'",
                 )
 
+    def meter(self, field: str, value: str) -> None:
+        """Optional (empty: the license's own counter); else a meter code."""
+        if value and not is_meter_code(value):
+            self.add(
+                field, f"must be a meter code: {METER_CODE_RULE} (empty: the license's own counter)"
+            )
+
+    def meters(self, field: str, meters: Sequence[Meter]) -> None:
+        if len(meters) > MAX_METERS:
+            self.add(field, f"must have at most {MAX_METERS} meters")
+            return
+        seen: set[str] = set()
+        for i, m in enumerate(meters):
+            if not m.code:
+                self.add(f"{field}[{i}].code", "is required")
+            elif not is_meter_code(m.code):
+                self.add(f"{field}[{i}].code", f"must be {METER_CODE_RULE}")
+            elif m.code in seen:
+                self.add(f"{field}[{i}].code", f"repeats {m.code!r}: codes are unique per policy")
+            seen.add(m.code)
+            self.limit(f"{field}[{i}].max_uses", m.max_uses)
+            if m.entitlement and (
+                len(m.entitlement) > MAX_ENTITLEMENT_LEN
+                or not _ENTITLEMENT.fullmatch(m.entitlement)
+            ):
+                self.add(
+                    f"{field}[{i}].entitlement",
+                    f"must be 1 to {MAX_ENTITLEMENT_LEN} characters of letters, digits, '_.:-'",
+                )
+
+    def meter_overrides(self, field: str, overrides: Mapping[str, int]) -> None:
+        if len(overrides) > MAX_METERS:
+            self.add(field, f"must have at most {MAX_METERS} entries")
+            return
+        for code, limit in overrides.items():
+            name = f"{field}[{_key_name(code)}]"
+            if not is_meter_code(code):
+                self.add(name, f"keys must be meter codes: {METER_CODE_RULE}")
+            else:
+                self.limit(name, limit)
+
     def page(self, size_field: str, page_size: int) -> int:
         if page_size < 0:
             self.add(size_field, "must not be negative")
@@ -229,6 +279,7 @@ def check_policy(v: Violations, p: Policy, prefix: str = "policy") -> None:
         )
     v.entitlements(f"{prefix}.entitlements", p.entitlements)
     v.metadata(f"{prefix}.metadata", p.metadata)
+    v.meters(f"{prefix}.meters", p.meters)
 
 
 def check_license(v: Violations, lic: License, prefix: str = "license") -> None:
@@ -239,6 +290,7 @@ def check_license(v: Violations, lic: License, prefix: str = "license") -> None:
     v.limit(f"{prefix}.max_cores", lic.max_cores_override)
     v.entitlements(f"{prefix}.entitlements", lic.entitlements)
     v.metadata(f"{prefix}.metadata", lic.metadata)
+    v.meter_overrides(f"{prefix}.meter_overrides", lic.meter_overrides)
 
 
 def check_license_with_policy(

@@ -22,6 +22,7 @@ from meter_grpc.domain.models import (
     ExpirationStrategy,
     License,
     Machine,
+    Meter,
     OverageStrategy,
     Policy,
     UsageResetInterval,
@@ -45,7 +46,18 @@ def policy_to_json(p: Policy) -> str:
 def policy_from_json(text: str) -> Policy:
     d: dict[str, Any] = json.loads(text)
     d.pop("propagated_revision", None)
+    meters = d.pop("meters", None) or []
     p = Policy(**d)
+    p.meters = [
+        Meter(
+            code=m["code"],
+            max_uses=m.get("max_uses"),
+            overage_strategy=OverageStrategy(m.get("overage_strategy", 0)),
+            usage_reset_interval=UsageResetInterval(m.get("usage_reset_interval", 0)),
+            entitlement=m.get("entitlement", ""),
+        )
+        for m in meters
+    ]
     p.expiration_strategy = ExpirationStrategy(p.expiration_strategy)
     p.overage_strategy = OverageStrategy(p.overage_strategy)
     p.usage_reset_interval = UsageResetInterval(p.usage_reset_interval)
@@ -54,6 +66,36 @@ def policy_from_json(text: str) -> Policy:
 
 # The field of licenses written by earlier versions that held the whole policy JSON.
 LEGACY_POLICY_JSON = "p_json"
+
+
+def meter_spec(m: Meter, policy_entitlements: list[str]) -> str:
+    """The `pm:<code>` field of a license hash: "max|overage|reset|entitlement", what the
+    scripts read of a meter (common.lua, load_counter). The entitlement is left out when the
+    policy itself grants it (every license holds it)."""
+    ent = "" if m.entitlement in policy_entitlements else m.entitlement
+    return f"{_opt(m.max_uses)}|{int(m.overage_strategy)}|{int(m.usage_reset_interval)}|{ent}"
+
+
+def meter_snapshot_fields(p: Policy) -> dict[str, str]:
+    """`p_meters` (the codes, comma-separated) and one `pm:<code>` per meter; `p_meters` empty
+    when the policy has no meter (the scripts then drop it: a license without meters carries
+    no meter field)."""
+    out = {"p_meters": ",".join(m.code for m in p.meters)}
+    for m in p.meters:
+        out[f"pm:{m.code}"] = meter_spec(m, p.entitlements)
+    return out
+
+
+def meter_counters(h: dict[str, str], p: Policy) -> dict[str, tuple[int, int, int]]:
+    """code -> (uses, period start, reserved) of each meter of `p` in a license hash."""
+    return {
+        m.code: (
+            int(h.get(f"m:{m.code}:u") or 0),
+            int(h.get(f"m:{m.code}:per") or 0),
+            int(h.get(f"m:{m.code}:r") or 0),
+        )
+        for m in p.meters
+    }
 
 
 def policy_snapshot_fields(p: Policy) -> dict[str, str]:
@@ -68,6 +110,7 @@ def policy_snapshot_fields(p: Policy) -> dict[str, str]:
         "p_heartbeat": _opt(p.heartbeat_duration_ms),
         "p_floating": "1" if p.floating else "0",
         "p_duration": _opt(p.duration_ms),
+        **meter_snapshot_fields(p),
     }
 
 
@@ -85,6 +128,8 @@ _UPDATABLE: dict[str, tuple[str, Any]] = {
     "key_digest": ("kd", str),
     "sealed_file_key": ("kf", str),
     "last_check_in_ms": ("check_in", _opt),
+    # code -> limit, as JSON; "" (not kept in a new hash) when there is none
+    "meter_overrides": ("mo", lambda o: json.dumps(o, sort_keys=True) if o else ""),
 }
 
 
@@ -118,12 +163,33 @@ def license_to_hash(lic: License) -> dict[str, str]:
         "p_rev": str(lic.policy.revision),
         **policy_snapshot_fields(lic.policy),
     }
+
     return {k: v for k, v in h.items() if v != "" and _EMPTY_JSON.get(k) != v}
 
 
 def policy_rev(h: dict[str, str]) -> int:
     """The revision of its policy a license hash follows."""
     return int(h.get("p_rev") or 0)
+
+
+def snapshot_meters(h: dict[str, str], base: Policy) -> list[Meter]:
+    """The meters the license enforces (`p_meters`, `pm:<code>`), entitlements from `base`."""
+    out = []
+    for code in filter(None, h.get("p_meters", "").split(",")):
+        spec = h.get(f"pm:{code}", "").split("|")
+        if len(spec) < 4:
+            continue
+        known = base.meter(code)
+        out.append(
+            Meter(
+                code=code,
+                max_uses=_parse_opt(spec[0]),
+                overage_strategy=OverageStrategy(int(spec[1] or 0)),
+                usage_reset_interval=UsageResetInterval(int(spec[2] or 0)),
+                entitlement=known.entitlement if known is not None else spec[3],
+            )
+        )
+    return out
 
 
 def snapshot_policy(h: dict[str, str], base: Policy | None) -> Policy:
@@ -149,12 +215,13 @@ def snapshot_policy(h: dict[str, str], base: Policy | None) -> Policy:
         metadata=dict(base.metadata),
         revision=policy_rev(h),
         propagated_revision=0,
+        meters=snapshot_meters(h, base),
     )
 
 
 def license_from_hash(h: dict[str, str], policy: Policy | None = None) -> License:
     """The License of a hash; `policy`: its policy as stored (see snapshot_policy)."""
-    return License(
+    lic = License(
         id=h["id"],
         policy_id=h["policy_id"],
         name=h.get("name", ""),
@@ -175,7 +242,11 @@ def license_from_hash(h: dict[str, str], policy: Policy | None = None) -> Licens
         policy=snapshot_policy(h, policy),
         key_digest=h.get("kd", ""),
         sealed_file_key=h.get("kf", ""),
+        meter_overrides={k: int(v) for k, v in json.loads(h.get("mo") or "{}").items()},
     )
+    lic.meter_counters = meter_counters(h, lic.policy)
+    lic.reserved = int(h.get("rsv") or 0)
+    return lic
 
 
 def machine_to_json(m: Machine) -> str:

@@ -88,6 +88,32 @@ def machine_order(license_id: str) -> str:
     return f"{_lic(license_id)}:machine_order"
 
 
+def reservations(license_id: str) -> str:
+    """Hash: reservation id -> its record "state|meter|amount|expire|committed|created" (open
+    ones, and closed ones for the retention, to answer RESERVATION_EXPIRED and replays)."""
+    return f"{_lic(license_id)}:rsv"
+
+
+def reservation_expiry(license_id: str) -> str:
+    """Sorted set: the open reservations of the license scored by their expire time (ms), so
+    that the scripts release the expired ones, oldest first, without a sweeper."""
+    return f"{_lic(license_id)}:rsvx"
+
+
+def reservation_closed(license_id: str) -> str:
+    """Sorted set: closed reservations scored by the time their record may be forgotten."""
+    return f"{_lic(license_id)}:rsvc"
+
+
+def reservation_keys(license_id: str) -> list[str]:
+    """The reservation keys every usage script takes (after the events and outbox keys)."""
+    return [
+        reservations(license_id),
+        reservation_expiry(license_id),
+        reservation_closed(license_id),
+    ]
+
+
 def machine_keys(license_id: str) -> list[str]:
     """KEYS[1..6] of every machine script (storage/lua/machines_common.lua)."""
     return [

@@ -23,6 +23,7 @@ from meter_grpc.storage.transport import Node
 SCRIPT_NAMES = (
     "usage",
     "usage_sync",
+    "reservation",
     "cas",
     "events_after",
     "create_record",
@@ -63,6 +64,14 @@ MACHINE_SCRIPTS = frozenset(
 # Constants the scripts share with Python, defined once here and prepended to every script.
 REQUEST_RECORD_TTL_MS = 24 * 3600 * 1000  # request_id answers are replayed for 24 h
 USAGE_RECORD_TTL_MS = 30 * 24 * 3600 * 1000  # SyncUsage record ids are remembered 30 days
+# Reservations: a closed one's record is kept this long (RESERVATION_EXPIRED, replays); the
+# longest ttl; the reservation keys of a license expire this long after their last write
+# (every record is dead by then); at most this many expired reservations are released (and
+# as many old records forgotten) per script call, oldest first.
+RESERVATION_RETENTION_MS = 24 * 3600 * 1000
+MAX_RESERVATION_TTL_MS = 7 * 24 * 3600 * 1000
+RESERVATION_KEEP_MS = MAX_RESERVATION_TTL_MS + RESERVATION_RETENTION_MS + 3600 * 1000
+RESERVATION_BATCH = 100
 # Usage events kept per license (METER_EVENT_RETENTION): at least the newest N, trimmed in
 # whole stream nodes (up to 100 more); 0 = no event is written.
 EVENTS_MAXLEN = 1000
@@ -76,6 +85,9 @@ def _constants(events_maxlen: int, export: bool, events_max_age_ms: int) -> str:
         "REQUEST_RECORD_TTL_MS": REQUEST_RECORD_TTL_MS,
         "USAGE_RECORD_TTL_MS": USAGE_RECORD_TTL_MS,
         "EVENTS_MAXLEN": events_maxlen,
+        "RESERVATION_RETENTION_MS": RESERVATION_RETENTION_MS,
+        "RESERVATION_KEEP_MS": RESERVATION_KEEP_MS,
+        "RESERVATION_BATCH": RESERVATION_BATCH,
     }
     lines = [f"local {name} = {value}" for name, value in values.items()]
     return "-- constants from meter_grpc/storage/scripts.py\n" + "\n".join(lines) + "\n"

@@ -25,13 +25,24 @@ from meter_grpc.domain.models import (
     KeyHolder,
     License,
     Machine,
+    MeterUsage,
     Policy,
+    Reservation,
+    ReservationAnswer,
+    ReservationState,
     Slots,
     Usage,
     UsageEvent,
     UsageEventType,
 )
-from meter_grpc.domain.ports import CreateRecord, LicenseRead, MachineResult, UsageResult
+from meter_grpc.domain.ports import (
+    CreateRecord,
+    LicenseRead,
+    MachineResult,
+    ReservationResult,
+    ReservationStatus,
+    UsageResult,
+)
 from meter_grpc.storage import codec, keys
 from meter_grpc.storage.commands import RedisClient, pairs
 from meter_grpc.storage.scripts import (
@@ -95,6 +106,16 @@ _EVENT_TYPES = {
     "dec": UsageEventType.DECREMENTED,
     "reset": UsageEventType.RESET,
     "limit": UsageEventType.LIMIT_REACHED,
+    "reserve": UsageEventType.RESERVED,
+    "commit": UsageEventType.COMMITTED,
+    "release": UsageEventType.RELEASED,
+    "expire": UsageEventType.EXPIRED,
+}
+_RESERVATION_STATES = {
+    "o": ReservationState.OPEN,
+    "c": ReservationState.COMMITTED,
+    "r": ReservationState.RELEASED,
+    "x": ReservationState.EXPIRED,
 }
 
 
@@ -107,6 +128,8 @@ def _event(event_id: str, f: dict[str, str]) -> UsageEvent:
         max_uses=int(f["max"]) if f.get("max") else None,
         request_id=f.get("rid", ""),
         time_ms=int(f.get("ts") or 0),
+        meter=f.get("m", ""),
+        reservation_id=f.get("rsv", ""),
     )
 
 
@@ -515,6 +538,7 @@ class RedisStore:
                 *keys.machine_keys(license_id),
                 keys.license_events(license_id),
                 keys.policy_mailbox(license_id),
+                *keys.reservation_keys(license_id),
                 keys.license_tombstone(license_id),
             ],
             args=[tombstone_ms],
@@ -543,20 +567,23 @@ class RedisStore:
         request_id: str,
         now_ms: int,
         periods: str,
+        meter: str = "",
     ) -> UsageResult:
-        """Runs usage.lua: one round trip, one atomic check-and-move."""
+        """Runs usage.lua: one round trip, one atomic check-and-move (of the license's own
+        counter, or with `meter` of that meter's)."""
         script_keys = [
             keys.license(license_id),
             keys.license_events(license_id),
             await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
         ]
         if request_id:
             script_keys.append(keys.request_record(license_id, request_id))
-        row = await self.scripts.usage(
-            keys=script_keys,
-            args=[now_ms, op, amount, request_id, periods],
-        )
-        status, uses, max_uses, ceiling, period_end, replayed = row
+        args: list[object] = [now_ms, op, amount, request_id, periods]
+        if meter:
+            args.append(meter)
+        row = await self.scripts.usage(keys=script_keys, args=args)
+        status, uses, max_uses, ceiling, period_end, replayed, reserved = row
         return UsageResult(
             _USAGE_STATUSES[status],
             Usage(
@@ -565,7 +592,57 @@ class RedisStore:
                 None if ceiling < 0 else ceiling,
                 None if period_end < 0 else period_end,
                 replayed == 1,
+                reserved,
             ),
+        )
+
+    @storage_call
+    async def reservation(
+        self,
+        license_id: str,
+        op: str,
+        args: Sequence[object],
+        *,
+        request_id: str,
+        now_ms: int,
+        periods: str,
+    ) -> ReservationResult:
+        """Runs reservation.lua: one round trip, atomic."""
+        script_keys = [
+            keys.license(license_id),
+            keys.license_events(license_id),
+            await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
+        ]
+        if request_id:
+            script_keys.append(keys.request_record(license_id, request_id))
+        row = await self.scripts.reservation(
+            keys=script_keys, args=[now_ms, op, periods, request_id, *args]
+        )
+        status, rid, state, meter, amount, expire, committed, created = row[:8]
+        uses, max_uses, ceiling, period_end, reserved, replayed, open_ = row[8:15]
+        usage = Usage(
+            int(uses),
+            _opt(int(max_uses)),
+            _opt(int(ceiling)),
+            _opt(int(period_end)),
+            int(replayed) == 1,
+            int(reserved),
+        )
+        r = Reservation(
+            id=str(rid),
+            license_id=license_id,
+            meter=str(meter),
+            amount=int(amount),
+            expire_time_ms=int(expire),
+            state=_RESERVATION_STATES.get(str(state), ReservationState.UNSPECIFIED),
+            committed_amount=int(committed),
+            create_time_ms=int(created),
+        )
+        return ReservationResult(
+            ReservationStatus(int(status)),
+            ReservationAnswer(r, MeterUsage(str(meter), usage), int(replayed) == 1),
+            int(open_),
         )
 
     @storage_call
@@ -618,12 +695,12 @@ class RedisStore:
     async def sync_usage(
         self,
         license_id: str,
-        records: Sequence[tuple[str, int]],
+        records: Sequence[tuple[str, int] | tuple[str, int, str]],
         *,
         now_ms: int,
         periods: str,
     ) -> tuple[int, list[str]] | None:
-        """Runs usage_sync.lua on (record id, amount) pairs: one round trip, atomic.
+        """Runs usage_sync.lua on (record id, amount[, meter]) tuples: one round trip, atomic.
 
         Returns the usage after the call and one SyncCode name per record, or None when the
         license does not exist.
@@ -632,11 +709,13 @@ class RedisStore:
             keys.license(license_id),
             keys.license_events(license_id),
             await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
         ]
         args: list[object] = [now_ms, periods]
-        for record_id, amount in records:
+        for record in records:
+            record_id, amount = record[0], record[1]
             script_keys.append(keys.usage_record(license_id, record_id))
-            args += [record_id, str(amount)]
+            args += [record_id, str(amount), record[2] if len(record) > 2 else ""]
         row = await self.scripts.usage_sync(keys=script_keys, args=args)
         if not row[0]:
             return None

@@ -31,7 +31,9 @@ local mailbox = redis.call('HGETALL', KEYS[2])
 if #mailbox > 0 then
   local rev = tonumber(redis.call('HGET', KEYS[2], 'p_rev'))
   if rev > tonumber(redis.call('HGET', KEYS[1], 'p_rev')) then
+    local old_meters = redis.call('HGET', KEYS[1], 'p_meters')
     redis.call('HSET', KEYS[1], unpack(mailbox))
+    forget_meters(KEYS[1], old_meters)
     redis.call('HDEL', KEYS[1], 'p_json') -- a mailbox left by an earlier version
   end
   redis.call('DEL', KEYS[2])

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  license hash               (keys.license)
 -- KEYS[2..] the license's other keys: machines, fingerprints, heartbeats, dead fingerprints,
---           machine order, events, policy mailbox; the last one is the tombstone (keys.license_tombstone)
+--           machine order, events, policy mailbox, reservations; the last one is the tombstone (keys.license_tombstone)
 -- ARGV[1]  how long the tombstone stays (ms)
 --
 -- Returns {key digest, policy_id} of the deleted license (for the caller to drop it from the

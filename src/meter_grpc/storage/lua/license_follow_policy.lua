@@ -7,7 +7,9 @@
 -- KEYS[2]  policy mailbox             (keys.policy_mailbox)
 -- ARGV[1]  policy revision
 -- ARGV[2]  mailbox TTL (ms): for a license not written yet (being created); 0 = none
--- ARGV[3..] field, value pairs of the snapshot (p_uses, p_machines, ...)
+-- ARGV[3..] field, value pairs of the snapshot (p_uses, p_machines, ..., `p_meters` and one
+--           `pm:<code>` per meter: the fields of meters the policy no longer has are dropped,
+--           with their counters, and an empty `p_meters` is not kept)
 --
 -- Returns 1 when applied, 0 when the license is already at this revision or newer (or gone
 -- for good), 2 when the license does not exist yet and the revision was left in its mailbox
@@ -29,6 +31,8 @@ end
 if tonumber(rev) >= tonumber(ARGV[1]) then
   return 0
 end
+local old_meters = redis.call('HGET', KEYS[1], 'p_meters')
 redis.call('HSET', KEYS[1], 'p_rev', ARGV[1], unpack(ARGV, 3))
 redis.call('HDEL', KEYS[1], 'p_json')
+forget_meters(KEYS[1], old_meters)
 return 1

@@ -4,19 +4,26 @@
 -- KEYS[1]      license hash                    (keys.license)
 -- KEYS[2]      usage events stream             (keys.license_events)
 -- KEYS[3]      outbox stream of the license's slot (keys.outbox), written only when EXPORT = 1
--- KEYS[3 + i]  record i's answer               (keys.usage_record), i = 1 .. n
+-- KEYS[4..6]   reservations, their expiry and closed sets (keys.reservation_keys)
+-- KEYS[6 + i]  record i's answer               (keys.usage_record), i = 1 .. n
 -- ARGV[1]      now (ms)
 -- ARGV[2]      current period bounds (see period_of in common.lua)
--- ARGV[1 + 2i], ARGV[2 + 2i]  record i's id and amount (1 .. 2^50, as a decimal string)
+-- ARGV[3i], ARGV[3i + 1], ARGV[3i + 2]  record i's id, amount (1 .. 2^50, as a decimal
+--              string) and meter ("" = the license's own counter)
 -- No counter passes MAX_COUNTER (2^53 - 1); answers live USAGE_RECORD_TTL_MS.
 --
 -- Returns {found, uses, code_1, ..., code_n}: found 0 = LICENSE_NOT_FOUND (nothing else);
+--   uses: the license's own counter after the call;
 --   code: 1 APPLIED, 2 DUPLICATE, 3 USAGE_LIMIT_EXCEEDED, 4 LICENSE_SUSPENDED,
---         5 LICENSE_EXPIRED, 6 REQUEST_ID_REUSED (mirrored by scripts.SyncCode)
--- Each record's first answer is stored as "<amount>|<code>" for the ttl. A record whose id is
--- stored answers DUPLICATE when it was applied, its first code when it was rejected, and
--- REQUEST_ID_REUSED (nothing stored) when the amount differs. A period rollover (lazy) resets
--- the counter before the first record; the counter is written once, at the end.
+--         5 LICENSE_EXPIRED, 6 REQUEST_ID_REUSED, 7 METER_NOT_FOUND, 8 METER_NOT_ENTITLED
+--         (mirrored by scripts.SyncCode)
+-- Each record's first answer is stored as "<amount>|<code>" (a meter's: "<amount>:<meter>|
+-- <code>") for the ttl, but for METER_NOT_FOUND and METER_NOT_ENTITLED, which are answered
+-- anew. A record whose id is stored answers DUPLICATE when it was applied, its first code
+-- when it was rejected, and REQUEST_ID_REUSED (nothing stored) when the amount or meter
+-- differs. Units held by reservations count against the limit; expired reservations are
+-- released first. A period rollover (lazy) resets each counter before its first record; each
+-- counter is written once, at the end.
 
 local lic = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -24,37 +31,54 @@ local ttl = USAGE_RECORD_TTL_MS
 local max_counter = MAX_COUNTER
 local maxlen = EVENTS_MAXLEN
 
-local f = redis.call('HMGET', lic, 'uses', 'o_uses', 'p_uses', 'p_overage', 'suspended',
-  'expire', 'p_expiry_strategy', 'p_reset', 'period')
-if not f[1] then
+if redis.call('EXISTS', lic) == 0 then
   return {0, 0}
 end
+if redis.call('HEXISTS', lic, 'rsvn') == 1 then
+  release_expired(lic, KEYS[2], KEYS[4], KEYS[5], KEYS[6], now)
+end
 
-local uses = tonumber(f[1])
-local max = opt(f[2]) or opt(f[3])
-local ceil = ceiling(max, opt(f[4]))
-local pstart = period_of(opt(f[8]), ARGV[2])
+-- meter code -> counter (loaded, rolled and checked once), with `before` its uses then
+local counters = {}
+local order = {}
+local function counter(meter)
+  local c = counters[meter]
+  if c == nil then
+    c = load_counter(lic, meter, ARGV[2])
+    if not c.missing then
+      roll_counter(lic, KEYS[2], KEYS[3], now, c, '')
+    end
+    c.before = c.uses
+    counters[meter] = c
+    order[#order + 1] = meter
+  end
+  return c
+end
 
-uses = roll_period(lic, KEYS[2], now, uses, opt(f[9]), pstart, max, KEYS[3], '')
-local before = uses
-
+local own = counter('')
 local refusal = nil
-if f[5] == '1' then
+if own.suspended then
   refusal = 4
-elseif expired_refuses_use(opt(f[6]), opt(f[7]), now) then
+elseif expired_refuses_use(own.expire, own.strategy, now) then
   refusal = 5
 end
 
 local out = {1, 0}
-for i = 1, #KEYS - 3 do
-  local key = KEYS[3 + i]
-  local rid = ARGV[1 + 2 * i]
-  local amount_s = ARGV[2 + 2 * i]
+local n = (#ARGV - 2) / 3
+for i = 1, n do
+  local key = KEYS[6 + i]
+  local rid = ARGV[3 * i]
+  local amount_s = ARGV[3 * i + 1]
+  local meter = ARGV[3 * i + 2]
+  local digest = amount_s
+  if meter ~= '' then
+    digest = amount_s .. ':' .. meter
+  end
   local code
   local stored = redis.call('GET', key)
   if stored then
     local sep = string.find(stored, '|', 1, true)
-    if string.sub(stored, 1, sep - 1) ~= amount_s then
+    if string.sub(stored, 1, sep - 1) ~= digest then
       code = 6
     else
       code = tonumber(string.sub(stored, sep + 1))
@@ -63,30 +87,40 @@ for i = 1, #KEYS - 3 do
       end
     end
   else
-    if refusal ~= nil then
+    local c = counter(meter)
+    if c.missing then
+      code = 7
+    elseif refusal ~= nil then
       code = refusal
+    elseif not c.entitled then
+      code = 8
     else
       local amount = tonumber(amount_s)
-      local new = uses + amount
-      if new > max_counter or (ceil ~= nil and new > ceil) then
+      local new = c.uses + amount
+      if new > max_counter or (c.ceil ~= nil and new + c.reserved > c.ceil) then
         code = 3
       else
-        emit(KEYS[2], maxlen, now, 'inc', amount, new, max, rid)
-        if max ~= nil and uses < max and new >= max then
-          emit(KEYS[2], maxlen, now, 'limit', amount, new, max, rid)
+        emit(KEYS[2], maxlen, now, 'inc', amount, new, c.max, rid, meter)
+        if c.max ~= nil and c.uses < c.max and new >= c.max then
+          emit(KEYS[2], maxlen, now, 'limit', amount, new, c.max, rid, meter)
         end
-        outbox(KEYS[3], lic, 'sync', amount, new, rid, now)
-        uses = new
+        outbox(KEYS[3], lic, 'sync', amount, new, rid, now, meter)
+        c.uses = new
         code = 1
       end
     end
-    redis.call('SET', key, amount_s .. '|' .. code, 'PX', ttl)
+    if code ~= 7 and code ~= 8 then
+      redis.call('SET', key, digest .. '|' .. code, 'PX', ttl)
+    end
   end
   out[2 + i] = code
 end
 
-if uses ~= before then
-  redis.call('HSET', lic, 'uses', int(uses))
+for _, meter in ipairs(order) do
+  local c = counters[meter]
+  if c.uses ~= c.before then
+    redis.call('HSET', lic, c.uf, int(c.uses))
+  end
 end
-out[2] = uses
+out[2] = own.uses
 return out
