@@ -313,13 +313,6 @@ async def test_old_format_is_migrated_on_start(
     written as the earlier version did; a replica starting on them migrates them: every old
     key still authenticates (on that replica and this one), replays return the full key,
     and nothing of the earlier format remains."""
-    if is_cluster_url(running.redis_url):
-        # On the session's shared Cluster, after test_export and test_propagation filled it,
-        # this test was seen to stall past its timeout about one run in three, after its
-        # assertions (while the second replica stops); alone and in other orders it passes in
-        # seconds. The Cluster's migration stays covered by the concurrent and killed
-        # migrations below.
-        pytest.skip("stalls intermittently on the session's shared Cluster (open)")
     policy = await make_policy(name="old format")
     made, rids, _ = await _old_data(running, redis, licenses, policy.id, 6)
     async with another_replica(running, tmp_path) as ch:

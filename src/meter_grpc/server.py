@@ -45,6 +45,7 @@ from meter_grpc.storage import migrate
 from meter_grpc.storage.commands import RedisClient
 from meter_grpc.storage.embedded import EmbeddedServer
 from meter_grpc.storage.store import LISTPACK_VALUE_NEEDED, RedisStore
+from meter_grpc.tasks import cancel_and_wait
 
 log = logging.getLogger("meter_grpc")
 
@@ -196,7 +197,8 @@ class Service:
         while True:
             error = "no answer"
             try:
-                ok = await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_s)
+                async with asyncio.timeout(self.settings.redis_timeout_s):
+                    ok = await self.store.ping()
             except Exception as exc:
                 ok, error = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
             if ok != serving:
@@ -219,10 +221,7 @@ class Service:
         """Drain in-flight calls, then close the pool and the embedded store."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self.exporter is not None:
             await self.exporter.close()  # what it read unacknowledged is read again later
         await self.licensing.propagator.close()  # pending marks let the next start resume

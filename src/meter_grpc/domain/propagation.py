@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from meter_grpc.domain import failpoints, ids
 from meter_grpc.domain.errors import MeterError
 from meter_grpc.domain.models import Policy
+from meter_grpc.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from meter_grpc.domain.ports import Store
@@ -161,9 +162,4 @@ class Propagator:
     async def close(self) -> None:
         """Stops the propagations running here (another replica, or the next start, resumes
         them from their pending marks)."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, MeterError):
-                await task
+        await cancel_and_wait(list(self._tasks.values()))

@@ -48,6 +48,7 @@ from meter_grpc.storage import keys
 from meter_grpc.storage.commands import pairs
 from meter_grpc.storage.store import RedisStore
 from meter_grpc.storage.transport import Node, StoreError
+from meter_grpc.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +218,7 @@ class Exporter:
             )
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for b in list(self.buckets):
             with contextlib.suppress(Exception):
@@ -350,7 +347,8 @@ class Exporter:
             if not worked:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+                    async with asyncio.timeout(POLL_S):
+                        await self._wake.wait()
 
     async def _round(self, run: _SinkRun) -> bool:
         await self._sweep()

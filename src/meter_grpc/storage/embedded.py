@@ -380,7 +380,8 @@ class EmbeddedServer:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()
                 try:
-                    await asyncio.wait_for(proc.wait(), timeout_s)
+                    async with asyncio.timeout(timeout_s):
+                        await proc.wait()
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
