@@ -163,6 +163,11 @@ class Emulator:
     def throttle_headers(self) -> dict[str, str]:
         return {}
 
+    def held_events(self) -> list[tuple[str, int]]:
+        """(event id as the system's dedup key, signed delta) of every event held, one pair
+        per entry held (so an event held twice shows twice)."""
+        raise NotImplementedError
+
     @web.middleware
     async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.is_down:  # a connection kept alive from before: cut it
@@ -225,6 +230,9 @@ class LagoEmulator(Emulator):
             return (e["external_subscription_id"], e["transaction_id"])
         ts = str(Decimal(str(e["timestamp"])))
         return (e["transaction_id"], ts, e["external_subscription_id"], e["code"])
+
+    def held_events(self) -> list[tuple[str, int]]:
+        return [(e["transaction_id"], e["properties"]["delta"]) for e in self.held.values()]
 
     def double_billed(self) -> list[str]:
         seen = collections.Counter(e["transaction_id"] for e in self.held.values())
@@ -332,6 +340,9 @@ class M3terEmulator(Emulator):
         self.bodies: list[int] = []  # the size of every body taken
         self.held: dict[str, dict[str, Any]] = {}
 
+    def held_events(self) -> list[tuple[str, int]]:
+        return [(uid, m["measure"]["delta"]) for uid, m in self.held.items()]
+
     @property
     def token_url(self) -> str:
         return f"{self.url}/oauth/token"
@@ -437,6 +448,10 @@ class OpenMeterEmulator(Emulator):
     def double_billed(self) -> list[tuple[str, str]]:
         return list(self.repeats)
 
+    def held_events(self) -> list[tuple[str, int]]:
+        out = [(e["id"], e["data"]["delta"]) for e in self.held.values()]
+        return out + [(i, self.held[(s, i)]["data"]["delta"]) for s, i in self.repeats]
+
     def _check(self, e: object) -> str | None:
         if not isinstance(e, dict):
             return "event is not an object"
@@ -520,6 +535,11 @@ class StripeEmulator(Emulator):
 
     def double_billed(self) -> list[str]:
         return list(self.repeats)
+
+    def held_events(self) -> list[tuple[str, int]]:
+        """payload[value] is the delta (METER_EXPORT_STRIPE_VALUE=delta, the default)."""
+        out = [(i, int(f["payload[value]"])) for i, f in self.held.items()]
+        return out + [(i, int(self.held[i]["payload[value]"])) for i in self.repeats]
 
     def throttle_headers(self) -> dict[str, str]:
         return {"Retry-After": f"{self.throttle_s:g}"}
