@@ -343,6 +343,10 @@ class M3terEmulator(Emulator):
     def held_events(self) -> list[tuple[str, int]]:
         return [(uid, m["measure"]["delta"]) for uid, m in self.held.items()]
 
+    def double_billed(self) -> list[str]:
+        """Always empty: m3ter keeps a uid once (for 35 days), as `held` does."""
+        return []
+
     @property
     def token_url(self) -> str:
         return f"{self.url}/oauth/token"

@@ -554,14 +554,17 @@ def test_export_settings(tmp_path: Path) -> None:
     s = Settings.from_env({})
     assert (s.export_ndjson, s.export_ndjson_source) == ("", "meter-grpc")
     assert (s.export_lease_s, s.export_dead_letters_max) == (10.0, 100_000)
+    assert s.export_backoff_max_s == 60.0
     s = Settings.from_env(
         {
             "METER_EXPORT_NDJSON": str(tmp_path / "u.ndjson"),
             "METER_EXPORT_NDJSON_SOURCE": "billing-a",
             "METER_EXPORT_LEASE": "2.5",
             "METER_EXPORT_DEAD_LETTERS_MAX": "500",
+            "METER_EXPORT_BACKOFF_MAX": "2.5",
         }
     )
+    assert s.export_backoff_max_s == 2.5
     assert s.export_ndjson == str(tmp_path / "u.ndjson") and s.export_ndjson_source == "billing-a"
     assert (s.export_lease_s, s.export_dead_letters_max) == (2.5, 500)
     for name, bad in (
@@ -570,6 +573,7 @@ def test_export_settings(tmp_path: Path) -> None:
         ("METER_EXPORT_LEASE", "soon"),
         ("METER_EXPORT_DEAD_LETTERS_MAX", "0"),
         ("METER_EXPORT_DEAD_LETTERS_MAX", "many"),
+        ("METER_EXPORT_BACKOFF_MAX", "0"),
     ):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: bad})

@@ -15,8 +15,10 @@ events in order (a license's events are all in its slot's stream).
 
 Per sink: at most `max_batch` events per delivery, oldest first, a license whose earlier event
 waits for a retry holding its later events back; RETRY waits an exponential backoff with jitter
-(at least the sink's retry_after_s); DEAD goes to the sink's dead-letter stream
-(keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then is acknowledged. Entries
+(at least the sink's retry_after_s) that grows with the event's failed attempts; an event the
+sink held back unsent (Outcome.sent False) waits only the sink's retry_after_s; DEAD goes to
+the sink's dead-letter stream (keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then
+is acknowledged. Entries
 every group acknowledged are trimmed (XTRIM MINID). A stream found empty is polled less and
 less often (up to IDLE_POLL_MAX_S). Streams are found in a registry (keys.export_streams) that
 every replica adds a stream to before its first write there, read every SWEEP_S; a SCAN at
@@ -474,6 +476,9 @@ class Exporter:
                 done.append(item)
                 counts[2] += 1
                 error = outcome.reason or "refused"
+            elif not outcome.sent:  # held back unsent: waits only what the system asked
+                item.not_before = time.monotonic() + (outcome.retry_after_s or 0.0)
+                counts[1] += 1
             else:
                 item.attempts += 1
                 wait = min(self.backoff_max_s, BACKOFF_BASE_S * 2 ** (item.attempts - 1))
