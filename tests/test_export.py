@@ -642,3 +642,61 @@ async def test_outbox_streams_missing_from_the_registry_are_found_by_a_scan(
         await until(lambda: held() >= total, 60, "every event of the unregistered streams")
         assert streams <= await redis.smembers(keys.export_streams())  # type: ignore[misc]
     assert held() == total > 0
+
+
+class RecordingSink:
+    """Takes every event at once and keeps each batch it was handed."""
+
+    name = "recorder"
+    max_batch = 32
+
+    def __init__(self) -> None:
+        self.batches: list[list[ExportEvent]] = []
+
+    async def deliver(self, events: Sequence[ExportEvent]) -> list[Outcome]:
+        self.batches.append(list(events))
+        return [Outcome.delivered()] * len(events)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_batch_spreads_over_the_licenses_waiting(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A backlog of 16 licenses, 60 events each (each license in a stream of its own, as a
+    slot is): the first batches take from every license in turn, not 32 events of the first
+    license read. (A sink that calls per customer, Stripe, worked on one license at a time:
+    the queue filled with the first streams' 500 entries each and a batch took the oldest.)"""
+    async with exporting(running, tmp_path, [], export=False) as (_service, ch):
+        ids = await _licenses(ch, 16)
+        us = ugrpc.UsageServiceStub(ch)
+        for _ in range(60):
+            await asyncio.gather(
+                *(
+                    us.IncrementUsage(
+                        upb.IncrementUsageRequest(license_id=lid), metadata=admin_md()
+                    )
+                    for lid in ids
+                )
+            )
+    total = await _outbox_total(redis, ids)
+    assert total == 16 * 60
+    recorder = RecordingSink()
+    mine = set(ids)
+    async with exporting(running, tmp_path, [recorder]):
+
+        def held() -> int:
+            return sum(e.license_id in mine for b in recorder.batches for e in b)
+
+        await until(lambda: held() >= total, 60, "every event")
+    first = [b for b in recorder.batches if any(e.license_id in mine for e in b)][:5]
+    for batch in first:
+        licenses = {e.license_id for e in batch}
+        assert len(licenses) >= 12, [len(licenses) for licenses in first]
+    # Each license's events still in order, across and within batches.
+    for lid in ids:
+        seq = [
+            int(e.id.rsplit(":", 1)[1]) for b in recorder.batches for e in b if e.license_id == lid
+        ]
+        assert seq == sorted(seq) and len(set(seq)) == 60, lid

@@ -29,6 +29,7 @@ Nothing here runs on the request path: it shares only the Redis connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -56,7 +57,8 @@ SWEEP_S = 10.0  # the registry of outbox streams (keys.export_streams) is read a
 RESCAN_S = 600.0  # the keyspace is SCANned again for unregistered outbox streams after this
 POLL_S = 0.05  # a stream that had entries is read again after this
 IDLE_POLL_MAX_S = 5.0  # an empty stream is read at most this long after its last look
-READ_COUNT = 500  # entries read from one stream at once
+READ_COUNT = 500  # entries read from one stream at once, at most
+READ_MIN = 50  # ... and at least (when the queue has room)
 QUEUE_MAX = 5000  # events held in memory per sink (read, not yet acknowledged)
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 60.0
@@ -360,25 +362,30 @@ class Exporter:
         return True
 
     async def _fill(self, run: _SinkRun) -> None:
+        """Reads the streams due for a look. Each stream holds at most its share of the queue
+        (QUEUE_MAX over the streams known, READ_MIN..READ_COUNT), so one busy stream cannot
+        fill the queue and starve the others' licenses."""
         now = time.monotonic()
-        for b in list(self.buckets):
-            for stream in list(self._known.get(b, ())):
-                st = run.streams.get(stream)
-                if st is None:
-                    st = run.streams[stream] = _StreamState(b)
-                if len(run.queue) >= QUEUE_MAX:
-                    return
-                if st.next_poll > now:
-                    continue
-                got = await self._read(run, stream, st)
-                if got:
-                    st.idle_s = POLL_S
-                else:
-                    st.idle_s = min(IDLE_POLL_MAX_S, st.idle_s * 2)
-                st.next_poll = now + st.idle_s
+        known = [(b, s) for b in list(self.buckets) for s in list(self._known.get(b, ()))]
+        share = min(READ_COUNT, max(READ_MIN, QUEUE_MAX // max(1, len(known))))
+        queued = collections.Counter(i.stream for i in run.queue)
+        for b, stream in known:
+            st = run.streams.get(stream)
+            if st is None:
+                st = run.streams[stream] = _StreamState(b)
+            if len(run.queue) >= QUEUE_MAX:
+                return
+            if st.next_poll > now or queued[stream] >= share:
+                continue
+            got = await self._read(run, stream, st, share - queued[stream])
+            if got:
+                st.idle_s = POLL_S
+            else:
+                st.idle_s = min(IDLE_POLL_MAX_S, st.idle_s * 2)
+            st.next_poll = now + st.idle_s
 
-    async def _read(self, run: _SinkRun, stream: str, st: _StreamState) -> int:
-        count = min(READ_COUNT, QUEUE_MAX - len(run.queue))
+    async def _read(self, run: _SinkRun, stream: str, st: _StreamState, room: int) -> int:
+        count = min(room, QUEUE_MAX - len(run.queue))
         name = run.sink.name
         try:
             reply = await self._call(
@@ -406,9 +413,13 @@ class Exporter:
         return n if not pending else max(n, 1 if rows else 0)
 
     def _batch(self, run: _SinkRun) -> list[_Item]:
+        """Up to max_batch events due, taken in turn from each license (its oldest first), so
+        a batch spreads over as many licenses as are waiting: a sink that calls per license
+        or per customer (Stripe) works on all of them at once, not one license's backlog. A
+        license whose earlier event waits for a retry holds its later events back."""
         now = time.monotonic()
         held: set[str] = set()
-        out: list[_Item] = []
+        lanes: dict[str, list[_Item]] = {}
         for item in run.queue:
             lic = item.license_id
             if lic in held:
@@ -416,9 +427,19 @@ class Exporter:
             if item.not_before > now:
                 held.add(lic)
                 continue
-            out.append(item)
-            if len(out) >= run.sink.max_batch:
-                break
+            lanes.setdefault(lic, []).append(item)
+        out: list[_Item] = []
+        depth = 0
+        while len(out) < run.sink.max_batch and lanes:
+            for lic in list(lanes):
+                lane = lanes[lic]
+                if depth >= len(lane):
+                    del lanes[lic]
+                    continue
+                out.append(lane[depth])
+                if len(out) >= run.sink.max_batch:
+                    break
+            depth += 1
         return out
 
     async def _metadata(self, license_ids: set[str]) -> dict[str, tuple[dict[str, str], str]]:
