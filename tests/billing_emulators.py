@@ -571,9 +571,11 @@ class StripeEmulator(Emulator):
         form = {k: str(v) for k, v in (await request.post()).items()}
         now = self.now_ms()
         key = request.headers.get("Idempotency-Key", "")
-        for k, (at, _, _) in list(self.idempotent.items()):
-            if now - at >= STRIPE_DAY_MS:
-                del self.idempotent[k]
+        while self.idempotent:  # kept in the order taken: the expired ones come first
+            first = next(iter(self.idempotent))
+            if now - self.idempotent[first][0] < STRIPE_DAY_MS:
+                break
+            del self.idempotent[first]
         if key in self.idempotent:
             _, first, status = self.idempotent[key]
             if first != form:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -700,3 +701,81 @@ async def test_a_batch_spreads_over_the_licenses_waiting(
             int(e.id.rsplit(":", 1)[1]) for b in recorder.batches for e in b if e.license_id == lid
         ]
         assert seq == sorted(seq) and len(set(seq)) == 60, lid
+
+
+async def test_a_removed_sink_no_longer_holds_the_outbox_back_and_can_be_forgotten(
+    running: Running, redis: aioredis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink taken out of the configuration: its consumer group stays on the outbox streams,
+    but trimming follows the sinks configured on live replicas only, so the outbox does not
+    grow for ever behind it. The removed sink is reported (a WARNING once per start,
+    ExportStatus.removed_sinks, `meter-grpc export status`), and `meter-grpc export forget`
+    destroys its groups and its dead letters; a sink still configured cannot be forgotten."""
+    gone = FlakySink(fail=0, throttle=0)
+    gone.name = "gone"
+    await redis.delete(keys.export_dead("gone"), keys.export_error("gone"))  # type: ignore[misc]
+    async with exporting(running, tmp_path, [gone]) as (service, ch):
+        ids = await _licenses(ch, 6)
+        us = ugrpc.UsageServiceStub(ch)
+        for lid in ids:
+            gone.refuse.add(f"{lid}:1")  # a dead letter each
+            await us.IncrementUsage(upb.IncrementUsageRequest(license_id=lid), metadata=admin_md())
+        await until_async(lambda: _xlen(redis, keys.export_dead("gone"), 6), 30)
+        gone.down = True  # from now on it holds what it read pending
+        await _traffic([f"127.0.0.1:{service.port}"], ids, 300, seed=51)
+        await until(lambda: _idle_but(service, "gone"), 30, "ndjson to take everything")
+    streams = {keys.outbox(lid) for lid in ids}
+    held_back = sum([await redis.xlen(s) for s in streams])  # type: ignore[misc]
+    assert held_back > 0  # the "gone" group holds them (pending or unread)
+    caplog.set_level(logging.WARNING, logger="meter_grpc.export.exporter")
+    async with exporting(running, tmp_path, []) as (service, ch):  # "gone" is configured no more
+        await until(lambda: "'gone' is configured on no replica" in caplog.text, 30, "warning")
+        assert caplog.text.count("'gone' is configured on no replica") == 1
+        us = ugrpc.UsageServiceStub(ch)
+        await _traffic([f"127.0.0.1:{service.port}"], ids, 100, seed=52)
+
+        async def trimmed() -> bool:  # ndjson acknowledged all: nothing of mine is kept
+            assert service.exporter is not None
+            for s in streams:
+                await service.exporter.trim(s)
+            return sum([await redis.xlen(s) for s in streams]) == 0  # type: ignore[misc]
+
+        await until_async(trimmed, 30)
+        for stream in streams:  # the group is still there, behind the trimmed entries
+            names = {g["name"] for g in await redis.xinfo_groups(stream)}  # type: ignore[misc]
+            assert "gone" in names
+        status = await us.ExportStatus(upb.ExportStatusRequest(), metadata=admin_md())
+        assert [s.sink for s in status.sinks] == ["ndjson"]
+        removed = {s.sink: s for s in status.removed_sinks}
+        assert "gone" in removed and removed["gone"].dead_letters == 6
+        assert "ndjson" not in removed
+        env = clean_env(METER_TARGET=f"127.0.0.1:{service.port}", METER_TOKEN=ADMIN_TOKEN)
+        shown = await asyncio.to_thread(run_cli, "export", "status", "--json", env=env)
+        assert shown.status == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        assert "gone" in {r["sink"] for r in doc["removed_sinks"]}
+        table = await asyncio.to_thread(run_cli, "export", "status", env=env)
+        assert "export forget gone" in table.stderr
+        # A sink configured here (or on any live replica) is not forgotten.
+        kept = await asyncio.to_thread(run_cli, "export", "forget", "ndjson", env=env)
+        assert kept.status != 0 and "configured on a live replica" in kept.stderr
+        forgot = await asyncio.to_thread(run_cli, "export", "forget", "gone", "--json", env=env)
+        assert forgot.status == 0, forgot.stderr
+        answer = json.loads(forgot.stdout)
+        assert answer["sink"] == "gone" and int(answer["groups"]) >= len(streams)
+        assert int(answer["dead_letters"]) == 6
+        for stream in streams:
+            names = {g["name"] for g in await redis.xinfo_groups(stream)}  # type: ignore[misc]
+            assert "gone" not in names and "ndjson" in names
+        for name in (keys.export_dead("gone"), keys.export_error("gone")):
+            assert not await redis.exists(name)  # type: ignore[misc]
+        status = await us.ExportStatus(upb.ExportStatusRequest(), metadata=admin_md())
+        assert "gone" not in {s.sink for s in status.removed_sinks}
+        again = await asyncio.to_thread(run_cli, "export", "forget", "gone", env=env)
+        assert again.status != 0 and "no consumer group" in again.stderr
+    await _nothing_pending(redis, ids, ["ndjson"])
+
+
+def _idle_but(service: Service, sink: str) -> bool:
+    assert service.exporter is not None
+    return all(not run.queue for name, run in service.exporter.runs.items() if name != sink)

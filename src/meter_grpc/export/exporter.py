@@ -66,6 +66,10 @@ METADATA_TTL_S = 10.0
 METADATA_MAX = 10_000
 TRIM_EVERY_S = 1.0
 EXPORT_STATUS_EVERY_S = 30.0  # the Prometheus gauges' refresh (only with metrics on)
+# A replica's configured sinks (keys.export_sinks) count for this long after it last renewed
+# them: a sink keeps holding the trimming back while a replica configuring it is down or
+# restarting for less than this.
+SINKS_TTL_S = 600.0
 
 
 class ExportMetrics(Protocol):
@@ -203,6 +207,9 @@ class Exporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._trimmed: dict[str, float] = {}
         self._wake = asyncio.Event()
+        # sinks configured on some live replica (this one's always): the groups trimmed for
+        self._live_sinks: set[str] = set(self.runs)
+        self._reported = False  # the groups of sinks configured nowhere: logged once a start
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -226,6 +233,9 @@ class Exporter:
             with contextlib.suppress(Exception):
                 await self.store.scripts.cas(keys=[keys.export_lease(b)], args=["del", self.owner])
         self.buckets.clear()
+        if self._reported:  # it advertised its sinks: a replica stopped is no longer live
+            with contextlib.suppress(Exception):
+                await self.store.client.hdel(keys.export_sinks(), self.owner)
         for run in self.runs.values():
             with contextlib.suppress(Exception):
                 await run.sink.close()
@@ -249,13 +259,59 @@ class Exporter:
     async def _lease_loop(self) -> None:
         while True:
             try:
+                await self._advertise()
                 await self._leases()
+                if not self._reported:
+                    self._reported = True
+                    await self._report_removed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("export leases: %s", exc)
                 self._drop(set(self.buckets))
             await asyncio.sleep(self.lease_s / 3)
+
+    async def _advertise(self) -> None:
+        """Renews this replica's configured sinks in keys.export_sinks and reads the others'
+        (dropping those not renewed within SINKS_TTL_S) into `_live_sinks`."""
+        now_ms = int(time.time() * 1000)
+        until = now_ms + int(SINKS_TTL_S * 1000)
+        name = keys.export_sinks()
+        await self.store.client.hset(name, mapping={self.owner: f"{until} {','.join(self.runs)}"})
+        self._live_sinks = await self.live_sinks(now_ms)
+
+    async def live_sinks(self, now_ms: int | None = None) -> set[str]:
+        """The sinks this replica and every live replica configure (keys.export_sinks)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        name = keys.export_sinks()
+        rows: dict[str, str] = await self.store.client.hgetall(name)
+        live = set(self.runs)
+        stale = []
+        for owner, value in rows.items():
+            until, _, names = str(value).partition(" ")
+            if not until.isdigit() or int(until) < now_ms:
+                stale.append(owner)
+            else:
+                live.update(n for n in names.split(",") if n)
+        if stale:
+            await self.store.client.hdel(name, *stale)
+        return live
+
+    async def _report_removed(self) -> None:
+        """Once per start: a WARNING naming the sinks configured on no live replica whose
+        groups or dead letters are still in the store."""
+        removed = await self.removed_sinks()
+        for st in removed:
+            log.warning(
+                "export: sink %r is configured on no replica, but its consumer groups (%d "
+                "events not acknowledged still in the outbox) and %d dead letters are kept; "
+                "they no longer hold the outbox's trimming back. `meter-grpc export forget %s` "
+                "removes them",
+                st.name,
+                st.lag_events,
+                st.dead_letters,
+                st.name,
+            )
 
     async def _leases(self) -> None:
         ttl = str(int(self.lease_s * 1000))
@@ -565,7 +621,10 @@ class Exporter:
             await self._call("XTRIM", stream, "MINID", low)
 
     async def _oldest_unacked(self, stream: str) -> str | None:
+        """Over the groups of the sinks configured on a live replica only: a removed sink's
+        group does not hold the trimming back (ExportStatus reports it)."""
         groups = [pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+        groups = [g for g in groups if str(g["name"]) in self._live_sinks]
         if not groups:
             return None
         low: str | None = None
@@ -584,7 +643,30 @@ class Exporter:
     async def status(self) -> list[SinkStatus]:
         """Per sink: events not acknowledged yet (read or not) and the age of the oldest,
         the last error, dead letters held. Reads every outbox stream."""
-        out = {name: SinkStatus(name) for name in self.runs}
+        return await self._status(list(self.runs))
+
+    async def removed_sinks(self) -> list[SinkStatus]:
+        """The sinks configured on no live replica that still have a consumer group on some
+        outbox stream or dead letters, by name, with their status (what they have not
+        acknowledged that is still in the streams)."""
+        live = await self.live_sinks()
+        found: set[str] = set()
+        for stream in await self.outbox_streams():
+            try:
+                found.update(
+                    str(pairs(g)["name"]) for g in await self._call("XINFO", "GROUPS", stream)
+                )
+            except Exception:
+                continue
+        async for name in self.store.client.scan_iter(keys.export_dead("*")):
+            found.add(str(name).removeprefix(keys.export_dead("")))
+        gone = sorted(found - live)
+        return await self._status(gone, missing_group_lags=False) if gone else []
+
+    async def _status(
+        self, names: list[str], *, missing_group_lags: bool = True
+    ) -> list[SinkStatus]:
+        out = {name: SinkStatus(name) for name in names}
         now_ms = int(time.time() * 1000)
         streams = await self.outbox_streams()
         for stream in streams:
@@ -595,6 +677,8 @@ class Exporter:
             present = {str(g["name"]): g for g in groups}
             for name, st in out.items():
                 g = present.get(name)
+                if g is None and not missing_group_lags:
+                    continue
                 if g is None:
                     n = int(await self.store.client.execute_command("XLEN", stream))
                     if n:
@@ -607,6 +691,11 @@ class Exporter:
                 lag = g.get("lag")
                 pending = int(g["pending"])
                 unread = int(lag) if lag is not None else 0
+                if lag is None and not missing_group_lags:  # trimmed past it: what is left
+                    rows = await self.store.client.xrange(
+                        stream, min="(" + str(g["last-delivered-id"]), count=READ_COUNT
+                    )
+                    unread = len(rows)
                 st.lag_events += pending + unread
                 oldest: str | None = None
                 if pending:
@@ -627,6 +716,36 @@ class Exporter:
                 await self.store.client.execute_command("XLEN", keys.export_dead(name))
             )
         return list(out.values())
+
+    async def forget(self, sink: str) -> tuple[int, int]:
+        """Destroys `sink`'s consumer group on every outbox stream, deletes its dead letters
+        and last error, and trims the streams it held back. Returns (groups destroyed, dead
+        letters deleted). ValueError: the sink is configured on a live replica, or nothing
+        of it is left."""
+        self._live_sinks = await self.live_sinks()
+        if sink in self._live_sinks:
+            raise ValueError(
+                f"sink {sink!r} is configured on a live replica: remove its METER_EXPORT_* "
+                f"settings from every replica first (a replica counts as live for "
+                f"{SINKS_TTL_S / 60:g} minutes after it last ran)"
+            )
+        groups = 0
+        streams = await self.outbox_streams()
+        for stream in streams:
+            try:
+                groups += int(await self._call("XGROUP", "DESTROY", stream, sink))
+            except Exception as exc:
+                if "no such key" not in str(exc).lower():
+                    raise
+        dead = int(await self.store.client.execute_command("XLEN", keys.export_dead(sink)))
+        await self.store.client.delete(keys.export_dead(sink))
+        await self.store.client.delete(keys.export_error(sink))
+        if not groups and not dead:
+            raise ValueError(f"sink {sink!r} has no consumer group and no dead letters here")
+        for stream in streams:
+            await self.trim(stream)
+        log.info("export: forgot sink %r (%d consumer groups, %d dead letters)", sink, groups, dead)
+        return groups, dead
 
     async def outbox_streams(self) -> list[str]:
         """The outbox streams registered (keys.export_streams), in name order."""
