@@ -304,7 +304,7 @@ class Exporter:
         for st in removed:
             log.warning(
                 "export: sink %r is configured on no replica, but its consumer groups (%d "
-                "events not acknowledged still in the outbox) and %d dead letters are kept; "
+                "events it has not acknowledged) and %d dead letters are kept; "
                 "they no longer hold the outbox's trimming back. `meter-grpc export forget %s` "
                 "removes them",
                 st.name,
