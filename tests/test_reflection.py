@@ -166,4 +166,4 @@ async def test_grpcio_reflection_client_builds_the_services(running: Running) ->
         "BatchIncrementUsage(meter.v1.BatchIncrementUsageRequest) "
         "meter.v1.BatchIncrementUsageResponse" in methods
     )
-    assert len(methods) == 10  # with ExportStatus and ReplayDeadLetters
+    assert len(methods) == 11  # with ExportStatus, ReplayDeadLetters and ForgetExportSink
