@@ -25,6 +25,7 @@ from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import ConfigError, OpenMeterExport, Settings
+from meter_grpc.export.exporter import Exporter
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
 from meter_grpc.export.sinks.ndjson import NdjsonSink
 from meter_grpc.server import Service, build_server
@@ -779,3 +780,41 @@ async def test_a_removed_sink_no_longer_holds_the_outbox_back_and_can_be_forgott
 def _idle_but(service: Service, sink: str) -> bool:
     assert service.exporter is not None
     return all(not run.queue for name, run in service.exporter.runs.items() if name != sink)
+
+
+async def test_trim_and_status_survive_acknowledgements_racing_them(
+    running: Running, redis: aioredis.Redis
+) -> None:
+    """A group's entries acknowledged between the XINFO GROUPS that says it has some pending
+    and the XPENDING that asks for the oldest (another sink's task acknowledges while this one
+    trims): XPENDING answers no oldest id. Trimming and ExportStatus read that as nothing
+    pending; they failed on int('None'), which stalled the sink's task a second and made
+    ExportStatus answer INTERNAL."""
+    stream = keys.outbox("race-license")
+    await redis.delete(stream)  # type: ignore[misc]
+    sink = RecordingSink()
+    exporter = Exporter(running.service.store, [sink])  # type: ignore[arg-type]
+    await redis.xgroup_create(stream, sink.name, id="0", mkstream=True)  # type: ignore[misc]
+    await redis.sadd(keys.export_streams(), stream)  # type: ignore[misc]
+    stop = asyncio.Event()
+
+    async def acknowledger() -> None:  # pending goes 1, 0, 1, 0 ... as fast as it can
+        n = 0
+        while not stop.is_set():
+            n += 1
+            fields = {"id": f"race-license:{n}", "k": "increment", "d": "1", "u": str(n)}
+            await redis.xadd(stream, {**fields, "rid": "", "t": "1"})  # type: ignore[misc]
+            got = await redis.xreadgroup(sink.name, "b0", {stream: ">"}, count=1)  # type: ignore[misc]
+            for _, rows in got:
+                await redis.xack(stream, sink.name, *[r[0] for r in rows])  # type: ignore[misc]
+
+    task = asyncio.create_task(acknowledger())
+    try:
+        for _ in range(300):
+            await exporter.trim(stream)
+            await exporter._status([sink.name])
+    finally:
+        stop.set()
+        await task
+        await redis.delete(stream)  # type: ignore[misc]
+        await redis.srem(keys.export_streams(), stream)  # type: ignore[misc]

@@ -43,7 +43,7 @@ from tests.test_export import (
 )
 from tests.test_process import ServiceProcess
 
-LICENSES = 32  # Stripe takes one call at a time per customer: one customer per license
+LICENSES = 64  # Stripe takes one call at a time per customer: one customer per license
 CHANGES = 10_000
 SINKS = ("lago", "m3ter", "openmeter", "stripe", "ndjson")
 # Per emulator: 30% of calls fail (503), 5% are throttled (429 with the system's reset

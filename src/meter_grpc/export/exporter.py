@@ -629,11 +629,14 @@ class Exporter:
             return None
         low: str | None = None
         for g in groups:
+            # Pending at XINFO time may be acknowledged by the XPENDING (another sink's task):
+            # then nothing the group read is unacknowledged, and the entry after its last
+            # delivered id (as XINFO saw it) is still a bound below every unacknowledged one.
+            first = _next_id(str(g["last-delivered-id"]))
             if int(g["pending"]) > 0:
-                summary = await self._call("XPENDING", stream, str(g["name"]))
-                first = str(summary[1])
-            else:
-                first = _next_id(str(g["last-delivered-id"]))
+                oldest = (await self._call("XPENDING", stream, str(g["name"])))[1]
+                if oldest is not None:
+                    first = str(oldest)
             if low is None or position(first) < position(low):
                 low = first
         return low
@@ -698,10 +701,10 @@ class Exporter:
                     unread = len(rows)
                 st.lag_events += pending + unread
                 oldest: str | None = None
-                if pending:
-                    summary = await self._call("XPENDING", stream, name)
-                    oldest = str(summary[1])
-                elif unread:
+                if pending:  # None when acknowledged since XINFO
+                    first = (await self._call("XPENDING", stream, name))[1]
+                    oldest = None if first is None else str(first)
+                if oldest is None and unread:
                     rows = await self.store.client.xrange(
                         stream, min="(" + str(g["last-delivered-id"]), count=1
                     )
