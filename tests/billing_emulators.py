@@ -15,7 +15,8 @@ takes these faults, drawn per call from `random.Random(seed)`:
   `await emu.up()`: listen again on the same port.
 
 Counters: `emu.calls`, `emu.statuses` (Counter of answered statuses), `emu.lost` (calls
-taken but not answered), `emu.cut` (calls cut while down). `emu.faults_off()` stops drawing
+taken but not answered), `emu.cut` (calls cut while down). `emu.held_events()`: (event id
+as the system's dedup key, signed delta) per event held, the same form for every system. `emu.faults_off()` stops drawing
 faults (to drain at the end of a test).
 
 What each keeps, by its dedup key, and its own rules:

@@ -793,7 +793,7 @@ async def test_trim_and_status_survive_acknowledgements_racing_them(
     stream = keys.outbox("race-license")
     await redis.delete(stream)  # type: ignore[misc]
     sink = RecordingSink()
-    exporter = Exporter(running.service.store, [sink])  # type: ignore[arg-type]
+    exporter = Exporter(running.service.store, [sink])
     await redis.xgroup_create(stream, sink.name, id="0", mkstream=True)  # type: ignore[misc]
     await redis.sadd(keys.export_streams(), stream)  # type: ignore[misc]
     stop = asyncio.Event()
