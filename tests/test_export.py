@@ -820,3 +820,51 @@ async def test_trim_and_status_survive_acknowledgements_racing_them(
         await task
         await redis.delete(stream)  # type: ignore[misc]
         await redis.srem(keys.export_streams(), stream)  # type: ignore[misc]
+
+
+class HoldBackSink:
+    """Answers the events of `mine` 'held back, not sent' (a retry with sent False) in its
+    first `rounds` calls that carry any, then takes them; takes every other event at once."""
+
+    name = "holdback"
+    max_batch = 10
+
+    def __init__(self, mine: set[str], rounds: int) -> None:
+        self.mine, self.rounds = mine, rounds
+        self.calls = 0
+        self.first_call = 0.0
+        self.delivered_at = 0.0
+
+    async def deliver(self, events: Sequence[ExportEvent]) -> list[Outcome]:
+        if not any(e.license_id in self.mine for e in events):
+            return [Outcome.delivered()] * len(events)
+        self.calls += 1
+        now = asyncio.get_running_loop().time()
+        self.first_call = self.first_call or now
+        if self.calls <= self.rounds:
+            unsent = Outcome(Verdict.RETRY, reason="held back").unsent()
+            return [unsent if e.license_id in self.mine else Outcome.delivered() for e in events]
+        self.delivered_at = now
+        return [Outcome.delivered()] * len(events)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_events_held_back_unsent_are_retried_without_backoff(
+    running: Running, tmp_path: Path
+) -> None:
+    """A sink that holds events back without sending them (behind another event's retry in
+    the same delivery: Stripe's lanes, a halved batch) answers them `sent=False`: no failed
+    attempt of theirs, so they go again at once instead of after a backoff that doubles each
+    time (0.1-0.2 s, then 0.2-0.4 s, ... up to METER_EXPORT_BACKOFF_MAX, 1 s here): 8 rounds
+    held back took about 5 s before."""
+    async with exporting(running, tmp_path, [], export=False) as (_service, ch):
+        ids = await _licenses(ch, 1)
+        us = ugrpc.UsageServiceStub(ch)
+        await us.IncrementUsage(upb.IncrementUsageRequest(license_id=ids[0]), metadata=admin_md())
+    sink = HoldBackSink(set(ids), rounds=8)
+    async with exporting(running, tmp_path, [sink]):
+        await until(lambda: sink.delivered_at > 0, 60, "the event delivered")
+    assert sink.calls == 9
+    assert sink.delivered_at - sink.first_call < 1.5
