@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from meter_grpc.domain import periods  # noqa: E402
+from meter_grpc.domain.ids import new_id  # noqa: E402
 from meter_grpc.export.exporter import Exporter  # noqa: E402
 from meter_grpc.export.sinks.ndjson import NdjsonSink  # noqa: E402
 from meter_grpc.storage import keys  # noqa: E402
@@ -36,7 +37,7 @@ from meter_grpc.storage.store import RedisStore  # noqa: E402
 
 
 async def _licenses(client: RedisClient, n: int) -> list[str]:
-    ids = [f"bench-{i:06d}" for i in range(n)]
+    ids = [new_id() for _ in range(n)]  # UUIDv7, as real licenses: the entry ids' length
     await asyncio.gather(
         *(
             client.hset(keys.license(i), mapping={"id": i, "policy_id": "p", "uses": "0"})

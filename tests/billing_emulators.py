@@ -15,7 +15,8 @@ takes these faults, drawn per call from `random.Random(seed)`:
   `await emu.up()`: listen again on the same port.
 
 Counters: `emu.calls`, `emu.statuses` (Counter of answered statuses), `emu.lost` (calls
-taken but not answered), `emu.cut` (calls cut while down). `emu.faults_off()` stops drawing
+taken but not answered), `emu.cut` (calls cut while down). `emu.held_events()`: (event id
+as the system's dedup key, signed delta) per event held, the same form for every system. `emu.faults_off()` stops drawing
 faults (to drain at the end of a test).
 
 What each keeps, by its dedup key, and its own rules:
@@ -163,6 +164,11 @@ class Emulator:
     def throttle_headers(self) -> dict[str, str]:
         return {}
 
+    def held_events(self) -> list[tuple[str, int]]:
+        """(event id as the system's dedup key, signed delta) of every event held, one pair
+        per entry held (so an event held twice shows twice)."""
+        raise NotImplementedError
+
     @web.middleware
     async def _faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.is_down:  # a connection kept alive from before: cut it
@@ -225,6 +231,9 @@ class LagoEmulator(Emulator):
             return (e["external_subscription_id"], e["transaction_id"])
         ts = str(Decimal(str(e["timestamp"])))
         return (e["transaction_id"], ts, e["external_subscription_id"], e["code"])
+
+    def held_events(self) -> list[tuple[str, int]]:
+        return [(e["transaction_id"], e["properties"]["delta"]) for e in self.held.values()]
 
     def double_billed(self) -> list[str]:
         seen = collections.Counter(e["transaction_id"] for e in self.held.values())
@@ -332,6 +341,13 @@ class M3terEmulator(Emulator):
         self.bodies: list[int] = []  # the size of every body taken
         self.held: dict[str, dict[str, Any]] = {}
 
+    def held_events(self) -> list[tuple[str, int]]:
+        return [(uid, m["measure"]["delta"]) for uid, m in self.held.items()]
+
+    def double_billed(self) -> list[str]:
+        """Always empty: m3ter keeps a uid once (for 35 days), as `held` does."""
+        return []
+
     @property
     def token_url(self) -> str:
         return f"{self.url}/oauth/token"
@@ -437,6 +453,10 @@ class OpenMeterEmulator(Emulator):
     def double_billed(self) -> list[tuple[str, str]]:
         return list(self.repeats)
 
+    def held_events(self) -> list[tuple[str, int]]:
+        out = [(e["id"], e["data"]["delta"]) for e in self.held.values()]
+        return out + [(i, self.held[(s, i)]["data"]["delta"]) for s, i in self.repeats]
+
     def _check(self, e: object) -> str | None:
         if not isinstance(e, dict):
             return "event is not an object"
@@ -521,6 +541,11 @@ class StripeEmulator(Emulator):
     def double_billed(self) -> list[str]:
         return list(self.repeats)
 
+    def held_events(self) -> list[tuple[str, int]]:
+        """payload[value] is the delta (METER_EXPORT_STRIPE_VALUE=delta, the default)."""
+        out = [(i, int(f["payload[value]"])) for i, f in self.held.items()]
+        return out + [(i, int(self.held[i]["payload[value]"])) for i in self.repeats]
+
     def throttle_headers(self) -> dict[str, str]:
         return {"Retry-After": f"{self.throttle_s:g}"}
 
@@ -547,9 +572,11 @@ class StripeEmulator(Emulator):
         form = {k: str(v) for k, v in (await request.post()).items()}
         now = self.now_ms()
         key = request.headers.get("Idempotency-Key", "")
-        for k, (at, _, _) in list(self.idempotent.items()):
-            if now - at >= STRIPE_DAY_MS:
-                del self.idempotent[k]
+        while self.idempotent:  # kept in the order taken: the expired ones come first
+            first = next(iter(self.idempotent))
+            if now - self.idempotent[first][0] < STRIPE_DAY_MS:
+                break
+            del self.idempotent[first]
         if key in self.idempotent:
             _, first, status = self.idempotent[key]
             if first != form:

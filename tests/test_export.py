@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +25,7 @@ from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import ConfigError, OpenMeterExport, Settings
+from meter_grpc.export.exporter import Exporter
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
 from meter_grpc.export.sinks.ndjson import NdjsonSink
 from meter_grpc.server import Service, build_server
@@ -554,14 +556,17 @@ def test_export_settings(tmp_path: Path) -> None:
     s = Settings.from_env({})
     assert (s.export_ndjson, s.export_ndjson_source) == ("", "meter-grpc")
     assert (s.export_lease_s, s.export_dead_letters_max) == (10.0, 100_000)
+    assert s.export_backoff_max_s == 60.0
     s = Settings.from_env(
         {
             "METER_EXPORT_NDJSON": str(tmp_path / "u.ndjson"),
             "METER_EXPORT_NDJSON_SOURCE": "billing-a",
             "METER_EXPORT_LEASE": "2.5",
             "METER_EXPORT_DEAD_LETTERS_MAX": "500",
+            "METER_EXPORT_BACKOFF_MAX": "2.5",
         }
     )
+    assert s.export_backoff_max_s == 2.5
     assert s.export_ndjson == str(tmp_path / "u.ndjson") and s.export_ndjson_source == "billing-a"
     assert (s.export_lease_s, s.export_dead_letters_max) == (2.5, 500)
     for name, bad in (
@@ -570,6 +575,7 @@ def test_export_settings(tmp_path: Path) -> None:
         ("METER_EXPORT_LEASE", "soon"),
         ("METER_EXPORT_DEAD_LETTERS_MAX", "0"),
         ("METER_EXPORT_DEAD_LETTERS_MAX", "many"),
+        ("METER_EXPORT_BACKOFF_MAX", "0"),
     ):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: bad})
@@ -655,9 +661,9 @@ async def test_idle_streams_are_not_read_until_their_newest_entry_changes(
         reads: list[str] = []
         read = exporter._read
 
-        async def counted(run: Any, stream: str, st: Any) -> int:
+        async def counted(run: Any, stream: str, st: Any, room: int) -> int:
             reads.append(stream)
-            return await read(run, stream, st)
+            return await read(run, stream, st, room)
 
         exporter._read = counted  # type: ignore[method-assign]
         await until(lambda: len(set(reads)) >= len(slots), 30, "every stream read once")
@@ -671,3 +677,227 @@ async def test_idle_streams_are_not_read_until_their_newest_entry_changes(
         )
         await until(lambda: f"{lid}:1" in flaky.held, 30, "the new event delivered")
         assert set(reads) == {keys.outbox(lid)}
+
+
+class RecordingSink:
+    """Takes every event at once and keeps each batch it was handed."""
+
+    name = "recorder"
+    max_batch = 32
+
+    def __init__(self) -> None:
+        self.batches: list[list[ExportEvent]] = []
+
+    async def deliver(self, events: Sequence[ExportEvent]) -> list[Outcome]:
+        self.batches.append(list(events))
+        return [Outcome.delivered()] * len(events)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_batch_spreads_over_the_licenses_waiting(
+    running: Running, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A backlog of 16 licenses, 60 events each (each license in a stream of its own, as a
+    slot is): the first batches take from every license in turn, not 32 events of the first
+    license read. (A sink that calls per customer, Stripe, worked on one license at a time:
+    the queue filled with the first streams' 500 entries each and a batch took the oldest.)"""
+    async with exporting(running, tmp_path, [], export=False) as (_service, ch):
+        ids = await _licenses(ch, 16)
+        us = ugrpc.UsageServiceStub(ch)
+        for _ in range(60):
+            await asyncio.gather(
+                *(
+                    us.IncrementUsage(
+                        upb.IncrementUsageRequest(license_id=lid), metadata=admin_md()
+                    )
+                    for lid in ids
+                )
+            )
+    total = await _outbox_total(redis, ids)
+    assert total == 16 * 60
+    recorder = RecordingSink()
+    mine = set(ids)
+    async with exporting(running, tmp_path, [recorder]):
+
+        def held() -> int:
+            return sum(e.license_id in mine for b in recorder.batches for e in b)
+
+        await until(lambda: held() >= total, 60, "every event")
+    first = [b for b in recorder.batches if any(e.license_id in mine for e in b)][:5]
+    for batch in first:
+        licenses = {e.license_id for e in batch}
+        assert len(licenses) >= 12, [len(licenses) for licenses in first]
+    # Each license's events still in order, across and within batches.
+    for lid in ids:
+        seq = [
+            int(e.id.rsplit(":", 1)[1]) for b in recorder.batches for e in b if e.license_id == lid
+        ]
+        assert seq == sorted(seq) and len(set(seq)) == 60, lid
+
+
+async def test_a_removed_sink_no_longer_holds_the_outbox_back_and_can_be_forgotten(
+    running: Running, redis: aioredis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink taken out of the configuration: its consumer group stays on the outbox streams,
+    but trimming follows the sinks configured on live replicas only, so the outbox does not
+    grow for ever behind it. The removed sink is reported (a WARNING once per start,
+    ExportStatus.removed_sinks, `meter-grpc export status`), and `meter-grpc export forget`
+    destroys its groups and its dead letters; a sink still configured cannot be forgotten."""
+    gone = FlakySink(fail=0, throttle=0)
+    gone.name = "gone"
+    await redis.delete(keys.export_dead("gone"), keys.export_error("gone"))  # type: ignore[misc]
+    async with exporting(running, tmp_path, [gone]) as (service, ch):
+        ids = await _licenses(ch, 6)
+        us = ugrpc.UsageServiceStub(ch)
+        for lid in ids:
+            gone.refuse.add(f"{lid}:1")  # a dead letter each
+            await us.IncrementUsage(upb.IncrementUsageRequest(license_id=lid), metadata=admin_md())
+        await until_async(lambda: _xlen(redis, keys.export_dead("gone"), 6), 30)
+        gone.down = True  # from now on it holds what it read pending
+        await _traffic([f"127.0.0.1:{service.port}"], ids, 300, seed=51)
+        await until(lambda: _idle_but(service, "gone"), 30, "ndjson to take everything")
+    streams = {keys.outbox(lid) for lid in ids}
+    held_back = sum([await redis.xlen(s) for s in streams])  # type: ignore[misc]
+    assert held_back > 0  # the "gone" group holds them (pending or unread)
+    caplog.set_level(logging.WARNING, logger="meter_grpc.export.exporter")
+    async with exporting(running, tmp_path, []) as (service, ch):  # "gone" is configured no more
+        await until(lambda: "'gone' is configured on no replica" in caplog.text, 30, "warning")
+        assert caplog.text.count("'gone' is configured on no replica") == 1
+        us = ugrpc.UsageServiceStub(ch)
+        await _traffic([f"127.0.0.1:{service.port}"], ids, 100, seed=52)
+
+        async def trimmed() -> bool:  # ndjson acknowledged all: nothing of mine is kept
+            assert service.exporter is not None
+            for s in streams:
+                await service.exporter.trim(s)
+            return sum([await redis.xlen(s) for s in streams]) == 0  # type: ignore[misc]
+
+        await until_async(trimmed, 30)
+        for stream in streams:  # the group is still there, behind the trimmed entries
+            names = {g["name"] for g in await redis.xinfo_groups(stream)}  # type: ignore[misc]
+            assert "gone" in names
+        status = await us.ExportStatus(upb.ExportStatusRequest(), metadata=admin_md())
+        assert [s.sink for s in status.sinks] == ["ndjson"]
+        removed = {s.sink: s for s in status.removed_sinks}
+        assert "gone" in removed and removed["gone"].dead_letters == 6
+        assert "ndjson" not in removed
+        env = clean_env(METER_TARGET=f"127.0.0.1:{service.port}", METER_TOKEN=ADMIN_TOKEN)
+        shown = await asyncio.to_thread(run_cli, "export", "status", "--json", env=env)
+        assert shown.status == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        assert "gone" in {r["sink"] for r in doc["removed_sinks"]}
+        table = await asyncio.to_thread(run_cli, "export", "status", env=env)
+        assert "export forget gone" in table.stderr
+        # A sink configured here (or on any live replica) is not forgotten.
+        kept = await asyncio.to_thread(run_cli, "export", "forget", "ndjson", env=env)
+        assert kept.status != 0 and "configured on a live replica" in kept.stderr
+        forgot = await asyncio.to_thread(run_cli, "export", "forget", "gone", "--json", env=env)
+        assert forgot.status == 0, forgot.stderr
+        answer = json.loads(forgot.stdout)
+        assert answer["sink"] == "gone" and int(answer["groups"]) >= len(streams)
+        assert int(answer["dead_letters"]) == 6
+        for stream in streams:
+            names = {g["name"] for g in await redis.xinfo_groups(stream)}  # type: ignore[misc]
+            assert "gone" not in names and "ndjson" in names
+        for name in (keys.export_dead("gone"), keys.export_error("gone")):
+            assert not await redis.exists(name)  # type: ignore[misc]
+        status = await us.ExportStatus(upb.ExportStatusRequest(), metadata=admin_md())
+        assert "gone" not in {s.sink for s in status.removed_sinks}
+        again = await asyncio.to_thread(run_cli, "export", "forget", "gone", env=env)
+        assert again.status != 0 and "no consumer group" in again.stderr
+    await _nothing_pending(redis, ids, ["ndjson"])
+
+
+def _idle_but(service: Service, sink: str) -> bool:
+    assert service.exporter is not None
+    return all(not run.queue for name, run in service.exporter.runs.items() if name != sink)
+
+
+async def test_trim_and_status_survive_acknowledgements_racing_them(
+    running: Running, redis: aioredis.Redis
+) -> None:
+    """A group's entries acknowledged between the XINFO GROUPS that says it has some pending
+    and the XPENDING that asks for the oldest (another sink's task acknowledges while this one
+    trims): XPENDING answers no oldest id. Trimming and ExportStatus read that as nothing
+    pending; they failed on int('None') (or sent XTRIM MINID None), which stalled the sink's
+    task a second and made ExportStatus answer INTERNAL."""
+    stream = keys.outbox("race-license")
+    await redis.delete(stream)  # type: ignore[misc]
+    sink = RecordingSink()
+    sink.name = "racer"
+    exporter = Exporter(running.service.store, [sink])
+    await redis.xgroup_create(stream, sink.name, id="0", mkstream=True)  # type: ignore[misc]
+    await redis.sadd(keys.export_streams(), stream)  # type: ignore[misc]
+    stop = asyncio.Event()
+
+    async def acknowledger() -> None:  # pending goes 1, 0, 1, 0 ... as fast as it can
+        n = 0
+        while not stop.is_set():
+            n += 1
+            fields = {"id": f"race-license:{n}", "k": "increment", "d": "1", "u": str(n)}
+            await redis.xadd(stream, {**fields, "rid": "", "t": "1"})  # type: ignore[misc]
+            got = await redis.xreadgroup(sink.name, "b0", {stream: ">"}, count=1)  # type: ignore[misc]
+            for _, rows in got:
+                await redis.xack(stream, sink.name, *[r[0] for r in rows])  # type: ignore[misc]
+
+    task = asyncio.create_task(acknowledger())
+    try:
+        for n in range(300):
+            await exporter.trim(stream)
+            if n % 5 == 0:  # reads every outbox stream of the session: less often
+                await exporter._status([sink.name])
+    finally:
+        stop.set()
+        await task
+        await redis.delete(stream)  # type: ignore[misc]
+        await redis.srem(keys.export_streams(), stream)  # type: ignore[misc]
+
+
+class HoldBackSink:
+    """Answers the events of `mine` 'held back, not sent' (a retry with sent False) in its
+    first `rounds` calls that carry any, then takes them; takes every other event at once."""
+
+    name = "holdback"
+    max_batch = 10
+
+    def __init__(self, mine: set[str], rounds: int) -> None:
+        self.mine, self.rounds = mine, rounds
+        self.calls = 0
+        self.first_call = 0.0
+        self.delivered_at = 0.0
+
+    async def deliver(self, events: Sequence[ExportEvent]) -> list[Outcome]:
+        if not any(e.license_id in self.mine for e in events):
+            return [Outcome.delivered()] * len(events)
+        self.calls += 1
+        now = asyncio.get_running_loop().time()
+        self.first_call = self.first_call or now
+        if self.calls <= self.rounds:
+            unsent = Outcome(Verdict.RETRY, reason="held back").unsent()
+            return [unsent if e.license_id in self.mine else Outcome.delivered() for e in events]
+        self.delivered_at = now
+        return [Outcome.delivered()] * len(events)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_events_held_back_unsent_are_retried_without_backoff(
+    running: Running, tmp_path: Path
+) -> None:
+    """A sink that holds events back without sending them (behind another event's retry in
+    the same delivery: Stripe's lanes, a halved batch) answers them `sent=False`: no failed
+    attempt of theirs, so they go again at once instead of after a backoff that doubles each
+    time (0.1-0.2 s, then 0.2-0.4 s, ... up to METER_EXPORT_BACKOFF_MAX, 1 s here): 8 rounds
+    held back took about 5 s before."""
+    async with exporting(running, tmp_path, [], export=False) as (_service, ch):
+        ids = await _licenses(ch, 1)
+        us = ugrpc.UsageServiceStub(ch)
+        await us.IncrementUsage(upb.IncrementUsageRequest(license_id=ids[0]), metadata=admin_md())
+    sink = HoldBackSink(set(ids), rounds=8)
+    async with exporting(running, tmp_path, [sink]):
+        await until(lambda: sink.delivered_at > 0, 60, "the event delivered")
+    assert sink.calls == 9
+    assert sink.delivered_at - sink.first_call < 1.5

@@ -166,6 +166,6 @@ async def test_grpcio_reflection_client_builds_the_services(running: Running) ->
         "BatchIncrementUsage(meter.v1.BatchIncrementUsageRequest) "
         "meter.v1.BatchIncrementUsageResponse" in methods
     )
-    # with ExportStatus, ReplayDeadLetters, ListUsage, ReserveUsage, CommitReservation and
-    # ReleaseReservation
-    assert len(methods) == 14
+    # with ExportStatus, ReplayDeadLetters, ForgetExportSink, ListUsage, ReserveUsage,
+    # CommitReservation and ReleaseReservation
+    assert len(methods) == 15

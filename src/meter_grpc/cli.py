@@ -573,15 +573,34 @@ EXPORT_COLUMNS = (
 def cmd_export(args: argparse.Namespace, out: Output) -> None:
     with connect(args) as client:
         if args.action == "status":
-            rows = []
-            for s in client.export_status().sinks:
+            answer = client.export_status()
+            rows, removed = [], []
+            for s in answer.sinks:
                 row = {c: "" for c in EXPORT_COLUMNS} | to_dict(s)
                 row.setdefault("lag_events", 0)
                 rows.append(row)
+            for s in answer.removed_sinks:
+                row = {c: "" for c in EXPORT_COLUMNS} | to_dict(s)
+                row.setdefault("lag_events", 0)
+                removed.append(row)
             if out.as_json:
-                out.document({"sinks": rows})
-            else:
-                out.table("sinks", rows, EXPORT_COLUMNS)
+                out.document({"sinks": rows, "removed_sinks": removed})
+                return
+            out.table("sinks", rows, EXPORT_COLUMNS)
+            for row in removed:
+                print(
+                    f"{PROG}: sink {row['sink']} is configured on no replica but its consumer "
+                    f"groups ({row['lag_events']} events left) and {row.get('dead_letters') or 0}"
+                    f" dead letters are kept: `{PROG} export forget {row['sink']}` removes them",
+                    file=sys.stderr,
+                )
+            return
+        if args.action == "forget":
+            f = client.forget_export_sink(args.sink)
+            out.record(
+                {"sink": args.sink, "groups": 0, "dead_letters": 0} | to_dict(f),
+                ("sink", "groups", "dead_letters"),
+            )
             return
         r = client.replay_dead_letters(args.sink, args.limit)
         out.record(
@@ -935,7 +954,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-id", help="idempotency key")
 
     # usage export
-    exp = group("export", "usage export to billing: status per sink, replay of dead letters")
+    exp = group(
+        "export",
+        "usage export to billing: status per sink, replay of dead letters, forget a removed sink",
+    )
     action(
         exp, "status", "per sink: lag in events and seconds, last error, dead letters", cmd_export
     )
@@ -944,6 +966,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit", type=parse_positive_or_zero, default=0, help="at most this many (default: all)"
     )
+    p = action(
+        exp,
+        "forget",
+        "remove the consumer groups and dead letters of a sink no replica configures any more",
+        cmd_export,
+    )
+    p.add_argument("sink", help="a sink removed from every replica's configuration")
 
     # machines
     mac = group("machines", "activate, list, get, deactivate machines")

@@ -168,8 +168,8 @@ class Settings:
     export_ndjson_source: str = "meter-grpc"
     export_lease_s: float = 10.0
     export_dead_letters_max: int = 100_000
-    # The longest wait before a failed delivery is retried, and how often slots without an
-    # outbox stream are looked at again (set by tests; not environment variables).
+    # The longest wait before a failed delivery is retried (METER_EXPORT_BACKOFF_MAX), and how
+    # often the registry of outbox streams is read again (set by tests; no variable).
     export_backoff_max_s: float = 60.0
     export_sweep_s: float = 10.0
     # Testing only: failpoints armed from METER_FAILPOINTS (domain/failpoints.py).
@@ -275,6 +275,7 @@ class Settings:
             export_dead_letters_max=count("METER_EXPORT_DEAD_LETTERS_MAX", 100_000),
         )
         settings.export_http_timeout_s = number("METER_EXPORT_HTTP_TIMEOUT", "30", float)
+        settings.export_backoff_max_s = number("METER_EXPORT_BACKOFF_MAX", "60", float)
         _read_sinks(settings, get)
         try:
             settings.failpoints = failpoints.parse(get("METER_FAILPOINTS"))

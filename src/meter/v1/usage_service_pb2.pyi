@@ -1096,18 +1096,27 @@ class ExportStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SINKS_FIELD_NUMBER: _builtins.int
+    REMOVED_SINKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SinkExportStatus]:
         """One per configured sink, in the order they are configured."""
+
+    @_builtins.property
+    def removed_sinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SinkExportStatus]:
+        """Sinks configured on no live replica whose consumer groups or dead letters are still in
+        the store, by name. Their groups no longer hold the outbox's trimming back, so
+        `lag_events` counts only what is still in the streams; see ForgetExportSink.
+        """
 
     def __init__(
         self,
         *,
         sinks: _abc.Iterable[Global___SinkExportStatus] | None = ...,
+        removed_sinks: _abc.Iterable[Global___SinkExportStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sinks", b"sinks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_sinks", b"removed_sinks", "sinks", b"sinks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1182,6 +1191,54 @@ class ReplayDeadLettersRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplayDeadLettersRequest: _TypeAlias = ReplayDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ForgetExportSinkRequest(_message.Message):
+    """Request message for ForgetExportSink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINK_FIELD_NUMBER: _builtins.int
+    sink: _builtins.str
+    """The sink whose consumer groups and dead letters are removed."""
+    def __init__(
+        self,
+        *,
+        sink: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sink", b"sink"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetExportSinkRequest: _TypeAlias = ForgetExportSinkRequest  # noqa: Y015
+
+@_typing.final
+class ForgetExportSinkResponse(_message.Message):
+    """Response message for ForgetExportSink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    groups: _builtins.int
+    """Outbox streams whose consumer group of the sink was destroyed."""
+    dead_letters: _builtins.int
+    """Dead letters deleted."""
+    def __init__(
+        self,
+        *,
+        groups: _builtins.int = ...,
+        dead_letters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetExportSinkResponse: _TypeAlias = ForgetExportSinkResponse  # noqa: Y015
 
 @_typing.final
 class ReplayDeadLettersResponse(_message.Message):

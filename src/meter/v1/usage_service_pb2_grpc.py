@@ -120,6 +120,11 @@ class UsageServiceStub:
                 request_serializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersRequest.SerializeToString,
                 response_deserializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.ForgetExportSink = channel.unary_unary(
+                '/meter.v1.UsageService/ForgetExportSink',
+                request_serializer=meter_dot_v1_dot_usage__service__pb2.ForgetExportSinkRequest.SerializeToString,
+                response_deserializer=meter_dot_v1_dot_usage__service__pb2.ForgetExportSinkResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -270,6 +275,16 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetExportSink(self, request, context):
+        """Removes what a sink no replica configures any longer left in the store: its consumer
+        group on every outbox stream, its dead letters and its last error. A sink configured on
+        a live replica (one that ran with it within the last 10 minutes), or with nothing left
+        in the store, is INVALID_ARGUMENT. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +357,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.ReplayDeadLetters,
                     request_deserializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersRequest.FromString,
                     response_serializer=meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersResponse.SerializeToString,
+            ),
+            'ForgetExportSink': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetExportSink,
+                    request_deserializer=meter_dot_v1_dot_usage__service__pb2.ForgetExportSinkRequest.FromString,
+                    response_serializer=meter_dot_v1_dot_usage__service__pb2.ForgetExportSinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -738,6 +758,33 @@ class UsageService:
             '/meter.v1.UsageService/ReplayDeadLetters',
             meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersRequest.SerializeToString,
             meter_dot_v1_dot_usage__service__pb2.ReplayDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetExportSink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meter.v1.UsageService/ForgetExportSink',
+            meter_dot_v1_dot_usage__service__pb2.ForgetExportSinkRequest.SerializeToString,
+            meter_dot_v1_dot_usage__service__pb2.ForgetExportSinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,12 @@ class UsageServiceStub:
     sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
     INVALID_ARGUMENT. Admin only.
     """
+    ForgetExportSink: _grpc.UnaryUnaryMultiCallable[_usage_service_pb2.ForgetExportSinkRequest, _usage_service_pb2.ForgetExportSinkResponse]
+    """Removes what a sink no replica configures any longer left in the store: its consumer
+    group on every outbox stream, its dead letters and its last error. A sink configured on
+    a live replica (one that ran with it within the last 10 minutes), or with nothing left
+    in the store, is INVALID_ARGUMENT. Admin only.
+    """
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
@@ -208,6 +214,12 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Delivers a sink's dead letters again, oldest first (all, or the first `limit`): those the
     sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
     INVALID_ARGUMENT. Admin only.
+    """
+    ForgetExportSink: _aio.UnaryUnaryMultiCallable[_usage_service_pb2.ForgetExportSinkRequest, _usage_service_pb2.ForgetExportSinkResponse]  # type: ignore[assignment]
+    """Removes what a sink no replica configures any longer left in the store: its consumer
+    group on every outbox stream, its dead letters and its last error. A sink configured on
+    a live replica (one that ran with it within the last 10 minutes), or with nothing left
+    in the store, is INVALID_ARGUMENT. Admin only.
     """
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -380,6 +392,18 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Delivers a sink's dead letters again, oldest first (all, or the first `limit`): those the
         sink now accepts leave the dead-letter list, the others stay. An unknown `sink` is
         INVALID_ARGUMENT. Admin only.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetExportSink(
+        self,
+        request: _usage_service_pb2.ForgetExportSinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_service_pb2.ForgetExportSinkResponse, _abc.Awaitable[_usage_service_pb2.ForgetExportSinkResponse]]:
+        """Removes what a sink no replica configures any longer left in the store: its consumer
+        group on every outbox stream, its dead letters and its last error. A sink configured on
+        a live replica (one that ran with it within the last 10 minutes), or with nothing left
+        in the store, is INVALID_ARGUMENT. Admin only.
         """
 
 def add_UsageServiceServicer_to_server(servicer: UsageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

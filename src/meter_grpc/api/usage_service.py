@@ -25,7 +25,8 @@ from meter_grpc.api.errors import internal_status, to_status_proto
 from meter_grpc.domain.errors import MeterError, invalid
 from meter_grpc.domain.metering import STREAM_WINDOW, Increment, Metering
 from meter_grpc.domain.models import Usage
-from meter_grpc.export.exporter import Exporter
+from meter_grpc.export.exporter import Exporter, SinkStatus
+from meter_grpc.storage.store import RedisStore
 
 log = logging.getLogger("meter_grpc.api")
 
@@ -44,30 +45,54 @@ def _outcome(answer: Usage | BaseException, method: str) -> dict[str, Any]:
     return {"error": internal_status()}
 
 
+def _sink_status(s: SinkStatus) -> pb.SinkExportStatus:
+    return pb.SinkExportStatus(
+        sink=s.name,
+        lag_events=s.lag_events,
+        lag_seconds=s.lag_seconds,
+        last_error=s.last_error,
+        last_error_time=ts(s.last_error_ms) if s.last_error_ms else None,
+        dead_letters=s.dead_letters,
+    )
+
+
 class UsageService(pb_grpc.UsageServiceServicer):
     def __init__(self, metering: Metering, exporter: Exporter | None = None) -> None:
         self.metering = metering
         self.exporter = exporter
 
+    def _export_admin(self) -> Exporter:
+        """The exporter, or one with no sinks on the same store (a replica that configures
+        none still reports and forgets the sinks others left behind)."""
+        if self.exporter is not None:
+            return self.exporter
+        store = self.metering.store
+        assert isinstance(store, RedisStore), "export needs the Redis store"
+        return Exporter(store, [])
+
     async def ExportStatus(
         self, request: pb.ExportStatusRequest, context: Ctx
     ) -> pb.ExportStatusResponse:
-        if self.exporter is None:
-            return pb.ExportStatusResponse()
-        rows = await self.exporter.status()
+        exporter = self._export_admin()
+        rows = await exporter.status()
+        removed = await exporter.removed_sinks()
         return pb.ExportStatusResponse(
-            sinks=[
-                pb.SinkExportStatus(
-                    sink=s.name,
-                    lag_events=s.lag_events,
-                    lag_seconds=s.lag_seconds,
-                    last_error=s.last_error,
-                    last_error_time=ts(s.last_error_ms) if s.last_error_ms else None,
-                    dead_letters=s.dead_letters,
-                )
-                for s in rows
-            ]
+            sinks=[_sink_status(s) for s in rows],
+            removed_sinks=[_sink_status(s) for s in removed],
         )
+
+    async def ForgetExportSink(
+        self, request: pb.ForgetExportSinkRequest, context: Ctx
+    ) -> pb.ForgetExportSinkResponse:
+        if not request.sink:
+            raise invalid("sink", "required: the sink configured on no replica to forget")
+        if len(request.sink) > 64 or not request.sink.isprintable() or " " in request.sink:
+            raise invalid("sink", "a sink name: at most 64 printable characters, no space")
+        try:
+            groups, dead = await self._export_admin().forget(request.sink)
+        except ValueError as exc:
+            raise invalid("sink", str(exc)) from None
+        return pb.ForgetExportSinkResponse(groups=groups, dead_letters=dead)
 
     async def ReplayDeadLetters(
         self, request: pb.ReplayDeadLettersRequest, context: Ctx

@@ -316,6 +316,12 @@ class MeterClient:
         req = upb.ReplayDeadLettersRequest(sink=sink, limit=limit)
         return self._call(self._usage.ReplayDeadLetters, req)
 
+    def forget_export_sink(self, sink: str) -> upb.ForgetExportSinkResponse:
+        """Removes the consumer groups and dead letters of a sink no replica configures any
+        longer (admin)."""
+        req = upb.ForgetExportSinkRequest(sink=sink)
+        return self._call(self._usage.ForgetExportSink, req)
+
     def batch_increment_usage(
         self, items: Sequence[upb.IncrementUsageRequest]
     ) -> upb.BatchIncrementUsageResponse:

@@ -15,11 +15,13 @@ events in order (a license's events are all in its slot's stream).
 
 Per sink: at most `max_batch` events per delivery, oldest first, a license whose earlier event
 waits for a retry holding its later events back; RETRY waits an exponential backoff with jitter
-(at least the sink's retry_after_s); DEAD goes to the sink's dead-letter stream
-(keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then is acknowledged. Entries
-every group acknowledged are trimmed (XTRIM MINID). A stream read to its end is read again
-only once its newest entry changed (outbox_heads.lua: one call per node for many streams),
-looked at less and less often while nothing changes (up to IDLE_POLL_MAX_S). Streams are found in a registry (keys.export_streams) that
+(at least the sink's retry_after_s) that grows with the event's failed attempts; an event the
+sink held back unsent (Outcome.sent False) waits only the sink's retry_after_s; DEAD goes to
+the sink's dead-letter stream (keys.export_dead, capped at METER_EXPORT_DEAD_LETTERS_MAX), then
+is acknowledged. Entries every group acknowledged are trimmed (XTRIM MINID). A stream read to
+its end is read again only once its newest entry changed (outbox_heads.lua: one call per node
+for many streams), looked at less and less often while nothing changes (up to
+IDLE_POLL_MAX_S). Streams are found in a registry (keys.export_streams) that
 every replica adds a stream to before its first write there, read every SWEEP_S; a SCAN at
 start and every RESCAN_S finds streams written before the registry existed.
 Nothing here runs on the request path: it shares only the Redis connection.
@@ -28,6 +30,7 @@ Nothing here runs on the request path: it shares only the Redis connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -58,7 +61,8 @@ RESCAN_S = 600.0  # the keyspace is SCANned again for unregistered outbox stream
 POLL_S = 0.05  # a stream that had entries is read again after this
 IDLE_POLL_MAX_S = 2.0  # a stream with nothing new is looked at again at most this long after
 HEADS_PER_CALL = 1000  # streams looked at in one outbox_heads.lua call
-READ_COUNT = 500  # entries read from one stream at once
+READ_COUNT = 500  # entries read from one stream at once, at most
+READ_MIN = 50  # ... and at least (when the queue has room)
 QUEUE_MAX = 5000  # events held in memory per sink (read, not yet acknowledged)
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 60.0
@@ -66,6 +70,10 @@ METADATA_TTL_S = 10.0
 METADATA_MAX = 10_000
 TRIM_EVERY_S = 1.0
 EXPORT_STATUS_EVERY_S = 30.0  # the Prometheus gauges' refresh (only with metrics on)
+# A replica's configured sinks (keys.export_sinks) count for this long after it last renewed
+# them: a sink keeps holding the trimming back while a replica configuring it is down or
+# restarting for less than this.
+SINKS_TTL_S = 600.0
 
 
 class ExportMetrics(Protocol):
@@ -205,6 +213,9 @@ class Exporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._trimmed: dict[str, float] = {}
         self._wake = asyncio.Event()
+        # sinks configured on some live replica (this one's always): the groups trimmed for
+        self._live_sinks: set[str] = set(self.runs)
+        self._reported = False  # the groups of sinks configured nowhere: logged once a start
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -224,6 +235,9 @@ class Exporter:
             with contextlib.suppress(Exception):
                 await self.store.scripts.cas(keys=[keys.export_lease(b)], args=["del", self.owner])
         self.buckets.clear()
+        if self._reported:  # it advertised its sinks: a replica stopped is no longer live
+            with contextlib.suppress(Exception):
+                await self.store.client.hdel(keys.export_sinks(), self.owner)
         for run in self.runs.values():
             with contextlib.suppress(Exception):
                 await run.sink.close()
@@ -247,13 +261,59 @@ class Exporter:
     async def _lease_loop(self) -> None:
         while True:
             try:
+                await self._advertise()
                 await self._leases()
+                if not self._reported:
+                    self._reported = True
+                    await self._report_removed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("export leases: %s", exc)
                 self._drop(set(self.buckets))
             await asyncio.sleep(self.lease_s / 3)
+
+    async def _advertise(self) -> None:
+        """Renews this replica's configured sinks in keys.export_sinks and reads the others'
+        (dropping those not renewed within SINKS_TTL_S) into `_live_sinks`."""
+        now_ms = int(time.time() * 1000)
+        until = now_ms + int(SINKS_TTL_S * 1000)
+        name = keys.export_sinks()
+        await self.store.client.hset(name, mapping={self.owner: f"{until} {','.join(self.runs)}"})
+        self._live_sinks = await self.live_sinks(now_ms)
+
+    async def live_sinks(self, now_ms: int | None = None) -> set[str]:
+        """The sinks this replica and every live replica configure (keys.export_sinks)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        name = keys.export_sinks()
+        rows: dict[str, str] = await self.store.client.hgetall(name)
+        live = set(self.runs)
+        stale = []
+        for owner, value in rows.items():
+            until, _, names = str(value).partition(" ")
+            if not until.isdigit() or int(until) < now_ms:
+                stale.append(owner)
+            else:
+                live.update(n for n in names.split(",") if n)
+        if stale:
+            await self.store.client.hdel(name, *stale)
+        return live
+
+    async def _report_removed(self) -> None:
+        """Once per start: a WARNING naming the sinks configured on no live replica whose
+        groups or dead letters are still in the store."""
+        removed = await self.removed_sinks()
+        for st in removed:
+            log.warning(
+                "export: sink %r is configured on no replica, but its consumer groups (%d "
+                "events it has not acknowledged) and %d dead letters are kept; "
+                "they no longer hold the outbox's trimming back. `meter-grpc export forget %s` "
+                "removes them",
+                st.name,
+                st.lag_events,
+                st.dead_letters,
+                st.name,
+            )
 
     async def _leases(self) -> None:
         ttl = str(int(self.lease_s * 1000))
@@ -361,17 +421,22 @@ class Exporter:
         return True
 
     async def _fill(self, run: _SinkRun) -> None:
-        """Reads the streams that are due: a stream read to its end before is read again only
-        if its newest entry changed since (`_heads`, one script call per node)."""
+        """Reads the streams due for a look. Each stream holds at most its share of the queue
+        (QUEUE_MAX over the streams known, READ_MIN..READ_COUNT), so one busy stream cannot
+        fill the queue and starve the others' licenses. A stream read to its end before is
+        read again only if its newest entry changed since (`_heads`, one script call per
+        node)."""
         now = time.monotonic()
+        known = [(b, s) for b in list(self.buckets) for s in list(self._known.get(b, ()))]
+        share = min(READ_COUNT, max(READ_MIN, QUEUE_MAX // max(1, len(known))))
+        queued = collections.Counter(i.stream for i in run.queue)
         due: list[tuple[str, _StreamState]] = []
-        for b in list(self.buckets):
-            for stream in self._known.get(b, ()):
-                st = run.streams.get(stream)
-                if st is None:
-                    st = run.streams[stream] = _StreamState(b)
-                if st.next_poll <= now:
-                    due.append((stream, st))
+        for b, stream in known:
+            st = run.streams.get(stream)
+            if st is None:
+                st = run.streams[stream] = _StreamState(b)
+            if st.next_poll <= now and queued[stream] < share:
+                due.append((stream, st))
         heads = await self._heads([s for s, st in due if st.cursor == ">"])
         for stream, st in due:
             if len(run.queue) >= QUEUE_MAX:
@@ -380,7 +445,7 @@ class Exporter:
             if st.drained and head is not None and head == st.head:
                 got = 0  # nothing new: not read
             else:
-                got = await self._read(run, stream, st)
+                got = await self._read(run, stream, st, share - queued[stream])
                 st.head = head
             if got:
                 st.idle_s = POLL_S
@@ -413,8 +478,8 @@ class Exporter:
         await asyncio.gather(*(one(node, names) for node, names in by_node.values()))
         return out
 
-    async def _read(self, run: _SinkRun, stream: str, st: _StreamState) -> int:
-        count = min(READ_COUNT, QUEUE_MAX - len(run.queue))
+    async def _read(self, run: _SinkRun, stream: str, st: _StreamState, room: int) -> int:
+        count = min(room, QUEUE_MAX - len(run.queue))
         name = run.sink.name
         try:
             reply = await self._call(
@@ -444,9 +509,13 @@ class Exporter:
         return n if not pending else max(n, 1 if rows else 0)
 
     def _batch(self, run: _SinkRun) -> list[_Item]:
+        """Up to max_batch events due, taken in turn from each license (its oldest first), so
+        a batch spreads over as many licenses as are waiting: a sink that calls per license
+        or per customer (Stripe) works on all of them at once, not one license's backlog. A
+        license whose earlier event waits for a retry holds its later events back."""
         now = time.monotonic()
         held: set[str] = set()
-        out: list[_Item] = []
+        lanes: dict[str, list[_Item]] = {}
         for item in run.queue:
             lic = item.license_id
             if lic in held:
@@ -454,9 +523,19 @@ class Exporter:
             if item.not_before > now:
                 held.add(lic)
                 continue
-            out.append(item)
-            if len(out) >= run.sink.max_batch:
-                break
+            lanes.setdefault(lic, []).append(item)
+        out: list[_Item] = []
+        depth = 0
+        while len(out) < run.sink.max_batch and lanes:
+            for lic in list(lanes):
+                lane = lanes[lic]
+                if depth >= len(lane):
+                    del lanes[lic]
+                    continue
+                out.append(lane[depth])
+                if len(out) >= run.sink.max_batch:
+                    break
+            depth += 1
         return out
 
     async def _metadata(self, license_ids: set[str]) -> dict[str, tuple[dict[str, str], str]]:
@@ -514,6 +593,9 @@ class Exporter:
                 done.append(item)
                 counts[2] += 1
                 error = outcome.reason or "refused"
+            elif not outcome.sent:  # held back unsent: waits only what the system asked
+                item.not_before = time.monotonic() + (outcome.retry_after_s or 0.0)
+                counts[1] += 1
             else:
                 item.attempts += 1
                 wait = min(self.backoff_max_s, BACKOFF_BASE_S * 2 ** (item.attempts - 1))
@@ -579,16 +661,22 @@ class Exporter:
             await self._call("XTRIM", stream, "MINID", low)
 
     async def _oldest_unacked(self, stream: str) -> str | None:
+        """Over the groups of the sinks configured on a live replica only: a removed sink's
+        group does not hold the trimming back (ExportStatus reports it)."""
         groups = [pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+        groups = [g for g in groups if str(g["name"]) in self._live_sinks]
         if not groups:
             return None
         low: str | None = None
         for g in groups:
+            # Pending at XINFO time may be acknowledged by the XPENDING (another sink's task):
+            # then nothing the group read is unacknowledged, and the entry after its last
+            # delivered id (as XINFO saw it) is still a bound below every unacknowledged one.
+            first = _next_id(str(g["last-delivered-id"]))
             if int(g["pending"]) > 0:
-                summary = await self._call("XPENDING", stream, str(g["name"]))
-                first = str(summary[1])
-            else:
-                first = _next_id(str(g["last-delivered-id"]))
+                oldest = (await self._call("XPENDING", stream, str(g["name"])))[1]
+                if oldest is not None:
+                    first = str(oldest)
             if low is None or position(first) < position(low):
                 low = first
         return low
@@ -598,7 +686,30 @@ class Exporter:
     async def status(self) -> list[SinkStatus]:
         """Per sink: events not acknowledged yet (read or not) and the age of the oldest,
         the last error, dead letters held. Reads every outbox stream."""
-        out = {name: SinkStatus(name) for name in self.runs}
+        return await self._status(list(self.runs))
+
+    async def removed_sinks(self) -> list[SinkStatus]:
+        """The sinks configured on no live replica that still have a consumer group on some
+        outbox stream or dead letters, by name, with their status (what they have not
+        acknowledged that is still in the streams)."""
+        live = await self.live_sinks()
+        found: set[str] = set()
+        for stream in await self.outbox_streams():
+            try:
+                found.update(
+                    str(pairs(g)["name"]) for g in await self._call("XINFO", "GROUPS", stream)
+                )
+            except Exception:
+                continue
+        async for name in self.store.client.scan_iter(keys.export_dead("*")):
+            found.add(str(name).removeprefix(keys.export_dead("")))
+        gone = sorted(found - live)
+        return await self._status(gone, missing_group_lags=False) if gone else []
+
+    async def _status(
+        self, names: list[str], *, missing_group_lags: bool = True
+    ) -> list[SinkStatus]:
+        out = {name: SinkStatus(name) for name in names}
         now_ms = int(time.time() * 1000)
         streams = await self.outbox_streams()
         for stream in streams:
@@ -609,6 +720,8 @@ class Exporter:
             present = {str(g["name"]): g for g in groups}
             for name, st in out.items():
                 g = present.get(name)
+                if g is None and not missing_group_lags:
+                    continue
                 if g is None:
                     n = int(await self.store.client.execute_command("XLEN", stream))
                     if n:
@@ -621,12 +734,17 @@ class Exporter:
                 lag = g.get("lag")
                 pending = int(g["pending"])
                 unread = int(lag) if lag is not None else 0
+                if lag is None and not missing_group_lags:  # trimmed past it: what is left
+                    rows = await self.store.client.xrange(
+                        stream, min="(" + str(g["last-delivered-id"]), count=READ_COUNT
+                    )
+                    unread = len(rows)
                 st.lag_events += pending + unread
                 oldest: str | None = None
-                if pending:
-                    summary = await self._call("XPENDING", stream, name)
-                    oldest = str(summary[1])
-                elif unread:
+                if pending:  # None when acknowledged since XINFO
+                    first = (await self._call("XPENDING", stream, name))[1]
+                    oldest = None if first is None else str(first)
+                if oldest is None and unread:
                     rows = await self.store.client.xrange(
                         stream, min="(" + str(g["last-delivered-id"]), count=1
                     )
@@ -641,6 +759,36 @@ class Exporter:
                 await self.store.client.execute_command("XLEN", keys.export_dead(name))
             )
         return list(out.values())
+
+    async def forget(self, sink: str) -> tuple[int, int]:
+        """Destroys `sink`'s consumer group on every outbox stream, deletes its dead letters
+        and last error, and trims the streams it held back. Returns (groups destroyed, dead
+        letters deleted). ValueError: the sink is configured on a live replica, or nothing
+        of it is left."""
+        self._live_sinks = await self.live_sinks()
+        if sink in self._live_sinks:
+            raise ValueError(
+                f"sink {sink!r} is configured on a live replica: remove its METER_EXPORT_* "
+                f"settings from every replica first (a replica counts as live for "
+                f"{SINKS_TTL_S / 60:g} minutes after it last ran)"
+            )
+        groups = 0
+        streams = await self.outbox_streams()
+        for stream in streams:
+            try:
+                groups += int(await self._call("XGROUP", "DESTROY", stream, sink))
+            except Exception as exc:  # a registered stream deleted since: nothing to destroy
+                if not any(t in str(exc).lower() for t in ("no such key", "key to exist")):
+                    raise
+        dead = int(await self.store.client.execute_command("XLEN", keys.export_dead(sink)))
+        await self.store.client.delete(keys.export_dead(sink))
+        await self.store.client.delete(keys.export_error(sink))
+        if not groups and not dead:
+            raise ValueError(f"sink {sink!r} has no consumer group and no dead letters here")
+        for stream in streams:
+            await self.trim(stream)
+        log.info("export: forgot sink %r (%d consumer groups, %d dead letters)", sink, groups, dead)
+        return groups, dead
 
     async def outbox_streams(self) -> list[str]:
         """The outbox streams registered (keys.export_streams), in name order."""

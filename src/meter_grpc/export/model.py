@@ -11,6 +11,7 @@ read and replay).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,10 +59,17 @@ class Outcome:
     retry_after_s: float | None = None
     # RETRY and DEAD: what the billing system said (status code and body, shortened).
     reason: str = ""
+    # RETRY: False when the event was not sent at all (held back behind another event's
+    # retry in the same delivery): not a failed attempt, so it adds nothing to its backoff.
+    sent: bool = True
 
     @staticmethod
     def delivered() -> Outcome:
         return _DELIVERED
+
+    def unsent(self) -> Outcome:
+        """This retry for an event held back without being sent."""
+        return dataclasses.replace(self, sent=False)
 
 
 _DELIVERED = Outcome(Verdict.DELIVERED)

@@ -261,6 +261,12 @@ def export_lease(bucket: int) -> str:
     return f"{PREFIX}:export:lease:{bucket}"
 
 
+def export_sinks() -> str:
+    """Hash: replica (exporter owner) -> `<until Unix ms> <sink>,<sink>...`, the sinks each
+    live replica configures, renewed with its leases. The outbox is trimmed for these only."""
+    return f"{PREFIX}:export:sinks"
+
+
 def export_error(sink: str) -> str:
     """Hash: the last delivery error of a sink (`at` Unix ms, `reason`), for ExportStatus."""
     return f"{PREFIX}:export:error:{sink}"

@@ -40,6 +40,7 @@ MAX_RETRY_AFTER_S = 3600.0  # a reset header further away than this is taken as 
 AUTH_LOG_EVERY_S = 60.0  # a sink logs the same configuration error at most this often
 RETRY_STATUSES = frozenset({408, 409, 425})
 CONFIG_STATUSES = frozenset({401, 403, 404, 405, 407})
+UNREACHABLE = "connection failed: cannot connect"  # the reason's start when no connection opened
 
 
 def one_line(text: str, limit: int = REASON_CHARS) -> str:
@@ -123,7 +124,8 @@ async def isolate(events: Sequence[ExportEvent], send: Send) -> list[Outcome]:
     others again: the ones the answer names are settled (dead, or delivered for a duplicate)
     and the rest resent, else the batch is halved. A single refused event is dead. So a batch
     of n takes at most 2n - 1 calls. A retry answer stops it: every event not settled yet is
-    retried (a throttled or failing system is not called again within the same delivery)."""
+    retried (a throttled or failing system is not called again within the same delivery); those
+    not in the failed call are marked unsent (no failed attempt of theirs)."""
     outcomes: list[Outcome | None] = [None] * len(events)
     pending = [list(range(len(events)))] if events else []
     while pending:
@@ -131,7 +133,10 @@ async def isolate(events: Sequence[ExportEvent], send: Send) -> list[Outcome]:
         answer = await send([events[i] for i in idx])
         if isinstance(answer, Outcome):
             if answer.verdict is Verdict.RETRY:
-                return [o or answer for o in outcomes]
+                tried = set(idx)
+                return [
+                    o or (answer if i in tried else answer.unsent()) for i, o in enumerate(outcomes)
+                ]
             for i in idx:
                 outcomes[i] = answer
         elif len(idx) == 1:
@@ -145,7 +150,7 @@ async def isolate(events: Sequence[ExportEvent], send: Send) -> list[Outcome]:
         else:
             half = len(idx) // 2
             pending += [idx[half:], idx[:half]]
-    return [o or retry("not sent") for o in outcomes]
+    return [o or retry("not sent").unsent() for o in outcomes]
 
 
 class HttpSink:
@@ -189,6 +194,8 @@ class HttpSink:
                 return Answer(resp.status, resp.headers, body)
         except TimeoutError:
             return retry(f"no answer within {self._timeout_s:g} s")
+        except aiohttp.ClientConnectorError as exc:  # nothing sent: the system is unreachable
+            return retry(f"{UNREACHABLE}: {one_line(str(exc) or type(exc).__name__)}")
         except (aiohttp.ClientError, OSError) as exc:
             return retry(f"connection failed: {one_line(str(exc) or type(exc).__name__)}")
 

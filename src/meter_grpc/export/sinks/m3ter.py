@@ -105,8 +105,8 @@ class M3terSink(HttpSink):
                 outcomes[i] = outcome
             stop = next((o for o in results if o.verdict is Verdict.RETRY), None)
             if stop is not None:
-                return [o or stop for o in outcomes]
-        return [o or retry("not sent") for o in outcomes]
+                return [o or stop.unsent() for o in outcomes]
+        return [o or retry("not sent").unsent() for o in outcomes]
 
     async def _send(
         self, batch: Sequence[ExportEvent], encoded: dict[str, bytes]

@@ -14,7 +14,8 @@ delivered. v1 takes 1,000 calls/s but only one at a time per customer and meter:
 events are sent one after another per customer (which keeps each license's order) and up to
 CUSTOMERS_AT_ONCE customers at once. So one customer's events go at one per round trip (about
 10/s at 100 ms), and many customers' at up to 32 per round trip (about 300/s at 100 ms, well
-under v1's 1,000 calls/s).
+under v1's 1,000 calls/s). A retry (5xx, timeout) stops its customer's lane for this delivery,
+the other customers go on; a 429 or a refused connection stops every lane.
 
 Negative deltas are sent as they are (Stripe takes signed whole numbers): a `sum` meter nets
 them within the billing period, and a period whose total is negative is billed as 0.
@@ -38,7 +39,7 @@ from urllib.parse import urlencode
 from meter_grpc.config import OWN_COUNTER, StripeExport
 from meter_grpc.domain.clock import Clock
 from meter_grpc.export.model import ExportEvent, Outcome, Verdict
-from meter_grpc.export.sinks._http import HttpSink, dead, one_line, retry
+from meter_grpc.export.sinks._http import UNREACHABLE, HttpSink, dead, one_line, retry
 
 MAX_BATCH = 500  # events handed to one deliver(); each is its own call
 DEDUP_WINDOW_MS = 24 * 3600 * 1000  # Stripe keeps an identifier at least this long
@@ -97,22 +98,29 @@ class StripeSink(HttpSink):
             if outcomes[i] is None:
                 customer = event.license_metadata[self._config.customer_key]
                 groups.setdefault(customer, []).append(i)
-        stopped: list[Outcome] = []  # the first retry: nothing more is sent after it
+        stopped: list[Outcome] = []  # a throttle or an unreachable Stripe: every lane stops
+        held: dict[int, Outcome] = {}  # index -> the retry of its customer's lane
         slots = asyncio.Semaphore(CUSTOMERS_AT_ONCE)
 
         async def one_customer(customer: str, idx: list[int]) -> None:
             async with slots:
-                for i in idx:
+                for k, i in enumerate(idx):
                     if stopped:
                         return
                     outcome = await self._send(events[i], customer)
                     outcomes[i] = outcome
                     if outcome.verdict is Verdict.RETRY:
-                        stopped.append(outcome)
+                        if _everyone(outcome):
+                            stopped.append(outcome)
+                        for j in idx[k + 1 :]:
+                            held[j] = outcome.unsent()
+                        return
 
         await asyncio.gather(*(one_customer(c, idx) for c, idx in groups.items()))
-        # Not sent (after a retry): retried with it, which keeps each license's order.
-        return [o or (stopped[0] if stopped else retry("not sent")) for o in outcomes]
+        # Not sent: held back behind their lane's retry (which keeps each license's order), or
+        # stopped by a throttle; neither is a failed attempt of theirs.
+        rest = stopped[0].unsent() if stopped else retry("not sent").unsent()
+        return [o or held.get(i, rest) for i, o in enumerate(outcomes)]
 
     async def _send(self, event: ExportEvent, customer: str) -> Outcome:
         headers = {
@@ -130,6 +138,13 @@ class StripeSink(HttpSink):
         if outcome is not None:
             return outcome
         return dead(_stripe_reason(answer.status, answer.text))
+
+
+def _everyone(outcome: Outcome) -> bool:
+    """A retry that stops every customer's lane, not only its own: a 429 (Stripe asks to slow
+    down) or no connection opened (Stripe unreachable). A 5xx, a timeout or a connection cut
+    mid-call stops its lane only: the other customers' calls are independent."""
+    return outcome.retry_after_s is not None or outcome.reason.startswith(("HTTP 429", UNREACHABLE))
 
 
 def _stripe_reason(status: int, text: str) -> str:
