@@ -207,6 +207,7 @@ class Exporter:
         self.buckets: set[int] = set()  # held now
         self._known: dict[int, set[str]] = {}  # bucket -> outbox streams that exist
         self._sweep_at = 0.0  # the registry is read again from then on
+        self._sweeping = asyncio.Lock()
         self._rescan_at = 0.0  # the keyspace is SCANned again from then on
         # license id -> (until, metadata, policy id), looked up for the events of a batch
         self._meta: dict[str, tuple[float, dict[str, str], str]] = {}
@@ -355,26 +356,32 @@ class Exporter:
     async def _sweep(self) -> None:
         """Adds the registered outbox streams (keys.export_streams) of the buckets held to
         `_known`, creating the sinks' groups on each. The first sweep, and one every
-        RESCAN_S, also SCANs for streams written before the registry existed."""
-        now = time.monotonic()
-        if now < self._sweep_at or not self.buckets:
-            return
-        self._sweep_at = now + self.sweep_s
-        registry = keys.export_streams()
-        if now >= self._rescan_at:
-            self._rescan_at = now + RESCAN_S
-            found = [n async for n in self.store.client.scan_iter(keys.outbox_pattern())]
-            if found:
-                await self.store.client.sadd(registry, *found)
-        registered: set[str] = await self.store.client.smembers(registry)
-        for name in sorted(registered):
-            b = keys.slot_of(name) % BUCKETS
-            known = self._known.get(b)
-            if known is None or name in known:
-                continue
-            await self._groups(name)
-            if b in self.buckets:
-                known.add(name)
+        RESCAN_S, also SCANs for streams written before the registry existed. One sweep at a
+        time: another sink's round waits for it, so that no round reads a sweep half done
+        (its first batches would then hold the licenses of a few streams only)."""
+        async with self._sweeping:
+            now = time.monotonic()
+            if now < self._sweep_at or not self.buckets:
+                return
+            self._sweep_at = now + self.sweep_s
+            registry = keys.export_streams()
+            if now >= self._rescan_at:
+                self._rescan_at = now + RESCAN_S
+                found = [n async for n in self.store.client.scan_iter(keys.outbox_pattern())]
+                if found:
+                    await self.store.client.sadd(registry, *found)
+            registered: set[str] = await self.store.client.smembers(registry)
+            new: list[tuple[int, str]] = []
+            for name in sorted(registered):
+                b = keys.slot_of(name) % BUCKETS
+                known = self._known.get(b)
+                if known is not None and name not in known:
+                    new.append((b, name))
+            await asyncio.gather(*(self._groups(name) for _, name in new))
+            for b, name in new:
+                known = self._known.get(b)
+                if known is not None and b in self.buckets:
+                    known.add(name)
 
     async def _groups(self, stream: str) -> None:
         for name in self.runs:
