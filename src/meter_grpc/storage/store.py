@@ -557,6 +557,19 @@ class RedisStore:
             self._registered.add(name)
         return name
 
+    async def _usage_keys(self, license_id: str, request_id: str) -> list[str]:
+        """The KEYS of usage.lua and reservation.lua: the license, its events, its outbox,
+        its reservations, and the request's idempotency record when there is a request_id."""
+        names = [
+            keys.license(license_id),
+            keys.license_events(license_id),
+            await self._outbox(license_id),
+            *keys.reservation_keys(license_id),
+        ]
+        if request_id:
+            names.append(keys.request_record(license_id, request_id))
+        return names
+
     @storage_call
     async def usage(
         self,
@@ -571,14 +584,7 @@ class RedisStore:
     ) -> UsageResult:
         """Runs usage.lua: one round trip, one atomic check-and-move (of the license's own
         counter, or with `meter` of that meter's)."""
-        script_keys = [
-            keys.license(license_id),
-            keys.license_events(license_id),
-            await self._outbox(license_id),
-            *keys.reservation_keys(license_id),
-        ]
-        if request_id:
-            script_keys.append(keys.request_record(license_id, request_id))
+        script_keys = await self._usage_keys(license_id, request_id)
         args: list[object] = [now_ms, op, amount, request_id, periods]
         if meter:
             args.append(meter)
@@ -608,14 +614,7 @@ class RedisStore:
         periods: str,
     ) -> ReservationResult:
         """Runs reservation.lua: one round trip, atomic."""
-        script_keys = [
-            keys.license(license_id),
-            keys.license_events(license_id),
-            await self._outbox(license_id),
-            *keys.reservation_keys(license_id),
-        ]
-        if request_id:
-            script_keys.append(keys.request_record(license_id, request_id))
+        script_keys = await self._usage_keys(license_id, request_id)
         row = await self.scripts.reservation(
             keys=script_keys, args=[now_ms, op, periods, request_id, *args]
         )
