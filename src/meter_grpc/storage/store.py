@@ -547,23 +547,20 @@ class RedisStore:
 
     # --- usage ----------------------------------------------------------------------------
 
-    async def _outbox(self, license_id: str) -> str:
-        """The license's outbox stream; with export on, added to keys.export_streams() before
-        the first script call of this process that may write to it (one SADD per stream and
-        process), so the exporter finds every stream that holds an event."""
-        name = keys.outbox(license_id)
-        if self.export and name not in self._registered:
-            await self.client.sadd(keys.export_streams(), name)
-            self._registered.add(name)
-        return name
-
     async def _usage_keys(self, license_id: str, request_id: str) -> list[str]:
-        """The KEYS of usage.lua and reservation.lua: the license, its events, its outbox,
-        its reservations, and the request's idempotency record when there is a request_id."""
+        """The KEYS of usage.lua, reservation.lua and (without a request_id) the first ones of
+        usage_sync.lua: the license, its events, its outbox, its reservations, and the
+        request's idempotency record when there is a request_id. With export on, the outbox
+        is added to keys.export_streams() before the first script call of this process that
+        may write to it (one SADD per stream and process), so the exporter finds it."""
+        outbox = keys.outbox(license_id)
+        if self.export and outbox not in self._registered:
+            await self.client.sadd(keys.export_streams(), outbox)
+            self._registered.add(outbox)
         names = [
             keys.license(license_id),
             keys.license_events(license_id),
-            await self._outbox(license_id),
+            outbox,
             *keys.reservation_keys(license_id),
         ]
         if request_id:
@@ -704,12 +701,7 @@ class RedisStore:
         Returns the usage after the call and one SyncCode name per record, or None when the
         license does not exist.
         """
-        script_keys = [
-            keys.license(license_id),
-            keys.license_events(license_id),
-            await self._outbox(license_id),
-            *keys.reservation_keys(license_id),
-        ]
+        script_keys = await self._usage_keys(license_id, "")
         args: list[object] = [now_ms, periods]
         for record in records:
             record_id, amount = record[0], record[1]
