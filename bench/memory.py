@@ -11,9 +11,11 @@ creates in flight so that the transport pipelines them): the real format, every 
 - memory per license: `used_memory` (INFO memory) after creating --licenses licenses of a
   policy of default size (no machines, no events, no usage), minus before, divided by the
   count; with the share of each key (MEMORY USAGE of a sample).
-- latency: p50 of IncrementUsage over gRPC, one caller, each call on a random license of
-  those created, at 1,000 licenses and again once --max-licenses exist (or as many as were
-  created within --budget seconds of creating: the figure says how many).
+- latency: p50 of IncrementUsage over gRPC, one caller, each call on a random license, on a
+  store of 1,000 licenses and on a second store (same configuration, its own meter-grpc
+  server) once --max-licenses exist there (or as many as were created within --budget seconds
+  of creating: the figure says how many): on its first 1,000 and on any of them. The two are
+  measured in interleaved rounds at the end; the ratios are medians of the per-round ratios.
 
 Prints `RESULT key=value` lines (read by bench/bench.py for its table) and a readable summary.
 """
@@ -123,16 +125,6 @@ async def p50_increment(target: str, ids: list[str], seconds: float) -> tuple[fl
     return statistics.median(lat), len(lat)
 
 
-async def latency(
-    r: aioredis.Redis, target: str, ids: list[str], args: argparse.Namespace
-) -> tuple[float, float]:
-    """The median of --latency-rounds p50s of IncrementUsage (one caller, random licenses of
-    `ids`), and valkey's µs per script call over them."""
-    await r.config_resetstat()
-    p50s = [(await p50_increment(target, ids, args.seconds))[0] for _ in range(args.latency_rounds)]
-    return statistics.median(p50s), await script_usec(r)
-
-
 async def key_shares(r: aioredis.Redis, store: RedisStore, license_id: str) -> dict[str, int]:
     lic = await store.get_license(license_id)
     assert lic is not None
@@ -163,38 +155,60 @@ def spawn_meter(target: str, url: str, data_dir: Path) -> subprocess.Popen[bytes
     )
 
 
+class Stack:
+    """One embedded valkey-server, a meter-grpc server process on it, and this process's own
+    Licensing over the same store (sharing the server's key secret)."""
+
+    def __init__(self, tmp: Path, name: str) -> None:
+        self.dir = tmp / name
+        self.embedded = EmbeddedServer(self.dir / "valkey")
+        self.target = f"127.0.0.1:{free_port()}"
+
+    async def __aenter__(self) -> Stack:
+        url = await self.embedded.start()
+        self.proc = spawn_meter(self.target, url, self.dir / "data")
+        self.r = aioredis.Redis.from_url(url, decode_responses=True)
+        self.store = RedisStore(RedisClient(url, timeout_s=30))
+        # The server's key secret (created in its data dir): keys digest the same on both sides.
+        secret = KeySecret.configured(None, self.dir / "data")
+        self.licensing = Licensing(self.store, SystemClock(), secret)
+        self.policy = (await self.licensing.create_policy(Policy(name="bench"))).id
+        await wait_serving(self.target)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        await self.store.close()
+        await self.r.aclose()
+        await self.embedded.stop()
+
+    async def create(self, n: int, out: list[str]) -> None:
+        await create(self.r, self.licensing, self.policy, n, out)
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        embedded = EmbeddedServer(Path(tmp) / "valkey")
-        url = await embedded.start()
-        port = free_port()
-        target = f"127.0.0.1:{port}"
-        proc = spawn_meter(target, url, Path(tmp) / "data")
-        r = aioredis.Redis.from_url(url, decode_responses=True)
-        store = RedisStore(RedisClient(url, timeout_s=30))
-        # The server's key secret (created in its data dir): keys digest the same on both sides.
-        secret = KeySecret.configured(None, Path(tmp) / "data")
-        licensing = Licensing(store, SystemClock(), secret)
-        try:
-            policy = await licensing.create_policy(Policy(name="bench"))
-            await wait_serving(target)
+        # Two stores of the same configuration: `small` keeps 1,000 licenses, `large` grows to
+        # --max-licenses; their latencies are measured interleaved at the end, so that the
+        # machine's drift over the minutes of creating does not enter the comparison.
+        async with Stack(Path(tmp), "small") as small, Stack(Path(tmp), "large") as large:
+            small_ids: list[str] = []
+            await small.create(1000, small_ids)
             ids: list[str] = []
-            await create(r, licensing, policy.id, 1000, ids)
-            p50_1k, usec_1k = await latency(r, target, ids, args)
-            print(
-                f"# IncrementUsage p50 with 1,000 licenses: {p50_1k:.3f} ms "
-                f"(valkey {usec_1k:.1f} µs per script call)",
-                flush=True,
-            )
+            await large.create(1000, ids)
 
             # Memory: the licenses made from here on are never used (no usage, no events).
             fresh = args.licenses - len(ids)
-            before = await used_memory(r)
+            before = await used_memory(large.r)
             t0 = time.perf_counter()
-            await create(r, licensing, policy.id, fresh, ids)
+            await large.create(fresh, ids)
             rate = fresh / (time.perf_counter() - t0)
-            per_license = (await used_memory(r) - before) / fresh
-            shares = await key_shares(r, store, ids[-1])
+            per_license = (await used_memory(large.r) - before) / fresh
+            shares = await key_shares(large.r, large.store, ids[-1])
             print(
                 f"# {fresh:,} licenses created in {fresh / rate:.0f}s ({rate:,.0f}/s); "
                 f"used_memory delta / N = {per_license:,.0f} B per license (license hash "
@@ -208,35 +222,40 @@ async def main(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             while len(ids) < args.max_licenses and time.perf_counter() - t0 < args.budget:
                 n = min(50_000, args.max_licenses - len(ids))
-                await create(r, licensing, policy.id, n, ids)
+                await large.create(n, ids)
             big = len(ids)
-            # Interleaved: random licenses of all of them, and the first 1,000 at this size.
-            await r.config_resetstat()
-            large, again = [], []
-            for _ in range(args.latency_rounds):
-                large.append((await p50_increment(target, ids, args.seconds))[0])
-                again.append((await p50_increment(target, ids[:1000], args.seconds))[0])
-            usec_big = await script_usec(r)
-            p50_big, p50_again = statistics.median(large), statistics.median(again)
             print(
-                f"# IncrementUsage p50 with {big:,} licenses: {p50_big:.3f} ms on random ones, "
-                f"{p50_again:.3f} ms on the first 1,000 (valkey {usec_big:.1f} µs per script "
-                f"call); used_memory {await used_memory(r) / 2**20:,.0f} MiB",
+                f"# {big:,} licenses in the large store after {time.perf_counter() - t0:.0f}s "
+                f"more; used_memory {await used_memory(large.r) / 2**20:,.0f} MiB",
                 flush=True,
             )
-            print(f"RESULT p50_1k={p50_1k:.3f}")
-            print(f"RESULT p50_large={p50_big:.3f}")
-            print(f"RESULT p50_1k_at_large={p50_again:.3f}")
+            # Interleaved rounds, one caller each: the small store's 1,000 licenses at random,
+            # the large store's first 1,000 at random, then any of the large store's.
+            for st in (small, large):
+                await st.r.config_resetstat()
+            p1k, again, rand = [], [], []
+            for _ in range(args.latency_rounds):
+                p1k.append((await p50_increment(small.target, small_ids, args.seconds))[0])
+                again.append((await p50_increment(large.target, ids[:1000], args.seconds))[0])
+                rand.append((await p50_increment(large.target, ids, args.seconds))[0])
+            med = statistics.median
+            same_ratio = med(a / b for a, b in zip(again, p1k, strict=True))
+            rand_ratio = med(a / b for a, b in zip(rand, p1k, strict=True))
+            usec_small, usec_big = await script_usec(small.r), await script_usec(large.r)
+            print(
+                f"# IncrementUsage p50, {args.latency_rounds} interleaved rounds: "
+                f"{med(p1k):.3f} ms with 1,000 licenses (valkey {usec_small:.1f} µs per script "
+                f"call); with {big:,}: {med(again):.3f} ms on the first 1,000 "
+                f"({same_ratio:.2f}x), {med(rand):.3f} ms on random ones ({rand_ratio:.2f}x) "
+                f"(valkey {usec_big:.1f} µs per script call)",
+                flush=True,
+            )
+            print(f"RESULT p50_1k={med(p1k):.3f}")
+            print(f"RESULT p50_large={med(rand):.3f}")
+            print(f"RESULT p50_1k_at_large={med(again):.3f}")
+            print(f"RESULT ratio_same={same_ratio:.3f}")
+            print(f"RESULT ratio_random={rand_ratio:.3f}")
             print(f"RESULT large_n={big}")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            await store.close()
-            await r.aclose()
-            await embedded.stop()
 
 
 async def wait_serving(target: str) -> None:
@@ -260,10 +279,10 @@ def parse(argv: list[str] | None = None) -> Any:
     parser.add_argument("--licenses", type=int, default=100_000, help="for memory per license")
     parser.add_argument("--max-licenses", type=int, default=1_000_000, help="for the latency")
     parser.add_argument(
-        "--budget", type=float, default=300, help="seconds of creating beyond --licenses at most"
+        "--budget", type=float, default=900, help="seconds of creating beyond --licenses at most"
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="per latency measurement")
-    parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--latency-rounds", type=int, default=5)
     return parser.parse_args(argv)
 
 
