@@ -10,6 +10,10 @@ same run (ratios, because shared machines are noisy), printed as one table.
   every write, `always`) and against a server keeping no usage events
   (METER_EVENT_RETENTION=0) and against a server exporting usage (METER_EXPORT_NDJSON: the
   outbox append in the script, the exporter beside it in the same process);
+- the floor of one store round trip per call: the bare server awaiting one PING to the
+  embedded store through meter-grpc's transport before it answers (bench/bare_server.py with
+  a URL), unary and one caller; and the p50 of fdatasync after a 120-byte append on the
+  store's disk, which every answered write waits for with `appendfsync always`;
 - one caller (1 call in flight): IncrementUsage p50 against the bare server's p50, with
   `always` and with `everysec`;
 - one StreamUsage stream against the bare server's bidi echo stream (the same client,
