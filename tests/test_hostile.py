@@ -38,15 +38,20 @@ def path(m: MethodDescriptor) -> str:
 
 async def keyspace(redis: Any, license_id: str) -> Any:
     """What a refusal must leave unchanged: the key names and the license's hash. The usage
-    export's bookkeeping (meter:export:*) is left out: an exporting replica of an earlier
-    test leaves leases and its live-sinks entry that expire by themselves meanwhile."""
+    export's leases and live-sinks entry are left out: an exporting replica of an earlier
+    test leaves them, and they expire by themselves meanwhile (every other export key, the
+    stream registry included, must stay as it was)."""
     names = sorted([k async for k in redis.scan_iter(match="*") if not _export_key(k)])
     return names, await redis.hgetall(keys.license(license_id))
 
 
+_LEASE_PREFIX = keys.export_lease(0).rpartition(":")[0] + ":"
+
+
 def _export_key(name: Any) -> bool:
+    """An export key that expires by itself: a lease, or the live sinks' entry."""
     text = name.decode() if isinstance(name, bytes) else str(name)
-    return text.startswith(f"{keys.PREFIX}:export:")
+    return text.startswith(_LEASE_PREFIX) or text == keys.export_sinks()
 
 
 def assert_invalid(err: Any, field: str) -> None:
