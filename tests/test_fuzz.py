@@ -308,7 +308,10 @@ async def fuzz_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     logging.getLogger("meter_grpc").addHandler(handler)
     FIRST_CALL.append(time.monotonic())
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # A client that refuses trailers above 8 KiB every time (gRPC's default refuses them
+        # only by chance up to 16 KiB), so an error too large for a client fails here at once.
+        strict = [("grpc.max_metadata_size", 8192), ("grpc.absolute_max_metadata_size", 8192)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=strict) as channel:
             w = World(target=f"127.0.0.1:{port}", redis=r, channel=channel, calls=CALLS)
             await _populate(w)
             w.snap, w.snap_at = await snapshot(r), time.monotonic()

@@ -14,13 +14,15 @@ import pytest
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
+from google.rpc import error_details_pb2
 
 from meter.v1 import license_pb2, license_service_pb2, usage_pb2, usage_service_pb2
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
-from meter_grpc.api import auth
+from meter_grpc.api import auth, errors
+from meter_grpc.domain.errors import FieldViolation, MeterError, Reason
 from meter_grpc.domain.metering import Metering
 from meter_grpc.storage import keys
 from tests.support import UNKNOWN_ID, admin_md, expect_error, license_md, rich_error
@@ -594,3 +596,77 @@ async def test_an_activation_missing_its_cores_stores_nothing_under_its_request_
     request.cores = 2
     got = await licenses.ActivateMachine(request, metadata=license_md(lic.key))
     assert got.machine.cores == 2
+
+
+async def test_error_trailers_fit_a_strict_client_whatever_the_request_holds(
+    running: Any, make_license: Any
+) -> None:
+    """A gRPC client refuses trailers above its metadata limit (8 KiB soft, by chance up to
+    16 KiB): a status must fit 8 KiB however many multi-byte characters it echoes, which the
+    grpc-message trailer percent-encodes at 3 bytes each. This client refuses anything above
+    8 KiB every time."""
+    lic = await make_license()
+    emoji = "\U0001f600" * 3000
+    options = [("grpc.max_metadata_size", 8192), ("grpc.absolute_max_metadata_size", 8192)]
+    async with grpc.aio.insecure_channel(running.target, options=options) as ch:
+        licenses = lgrpc.LicenseServiceStub(ch)
+        usage = ugrpc.UsageServiceStub(ch)
+        calls = [
+            usage.IncrementUsage(upb.IncrementUsageRequest(license_id=emoji), metadata=admin_md()),
+            usage.IncrementUsage(
+                upb.IncrementUsageRequest(license_id=lic.id, request_id=emoji),
+                metadata=admin_md(),
+            ),
+            usage.ReplayDeadLetters(
+                upb.ReplayDeadLettersRequest(sink=emoji, limit=257), metadata=admin_md()
+            ),
+            licenses.CreatePolicy(
+                lpb.CreatePolicyRequest(
+                    policy={
+                        "name": emoji,
+                        "entitlements": [emoji[:300]] * 256,
+                        "metadata": {emoji[: 200 + i]: "v" for i in range(40)},
+                    }
+                ),
+                metadata=admin_md(),
+            ),
+            licenses.CreateLicense(
+                lpb.CreateLicenseRequest(
+                    license={"policy_id": emoji, "name": emoji, "metadata": {emoji: emoji}},
+                    request_id=emoji,
+                ),
+                metadata=admin_md(),
+            ),
+        ]
+        for call in calls:
+            err = await expect_error(call)
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert err.reason == "INVALID_ARGUMENT" and err.bad_fields
+
+
+BAD_REQUEST = error_details_pb2.BadRequest.DESCRIPTOR
+
+
+@pytest.mark.parametrize("text", ["A" * 5000, "\U0001f600" * 5000, "\x00%" * 5000])
+@pytest.mark.parametrize("reason", [Reason.INVALID_ARGUMENT, Reason.STORAGE_UNAVAILABLE])
+def test_every_status_fits_its_trailer_budget(text: str, reason: Reason) -> None:
+    """The largest status an error can make (every string at its longest in the costliest
+    characters, every detail) stays within MAX_STATUS_TRAILER_BYTES, names the first bad field
+    always, and as many of the others as fit."""
+    err = MeterError(
+        reason,
+        text,
+        metadata={f"key{i}": text for i in range(8)},
+        violations=[FieldViolation(text, text) for _ in range(100)],
+        quota_subject=text,
+    )
+    status = errors.to_status_proto(err)
+    assert errors.trailer_bytes(status) <= errors.MAX_STATUS_TRAILER_BYTES
+    assert len([d for d in status.details if d.Is(BAD_REQUEST)]) == 1
+    bad_request = error_details_pb2.BadRequest()
+    next(d for d in status.details if d.Is(BAD_REQUEST)).Unpack(bad_request)
+    assert 1 <= len(bad_request.field_violations) <= errors.MAX_VIOLATIONS
+    small = MeterError(reason, "m", violations=[FieldViolation(f"f{i}", "d") for i in range(30)])
+    bad_request = error_details_pb2.BadRequest()
+    next(d for d in errors.to_status_proto(small).details if d.Is(BAD_REQUEST)).Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == [f"f{i}" for i in range(20)]

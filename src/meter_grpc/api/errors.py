@@ -52,21 +52,41 @@ def _pack(msg: object) -> any_pb2.Any:
     return a
 
 
-# An error echoes what the client sent (an id, a metadata key, a bad path), and its details
-# travel in one trailer, which clients cap (grpc: 16 KiB): every string of a status is clipped
-# and at most MAX_VIOLATIONS fields are named (the message counts the others), so the largest
-# status stays far below that, whatever the request held.
+# An error echoes what the client sent (an id, a metadata key, a bad path), and it travels in
+# the trailers: grpc-message (the message, UTF-8 with every byte outside printable ASCII
+# percent-encoded, so up to 3 bytes per byte) and grpc-status-details-bin (the whole Status,
+# base64). A gRPC client refuses trailers above its metadata limit: 8 KiB by default, and
+# between 8 and 16 KiB by chance. So every string of a status is clipped (in UTF-8 bytes),
+# at most MAX_VIOLATIONS fields are named (the message counts the others), and violations are
+# left out from the last until both trailers together fit MAX_STATUS_TRAILER_BYTES, whatever
+# the request held.
 MAX_MESSAGE_LEN = 512
 MAX_METADATA_VALUE_LEN = 128
 MAX_FIELD_LEN = 128
 MAX_DESCRIPTION_LEN = 256
 MAX_VIOLATIONS = 20
+MAX_STATUS_TRAILER_BYTES = 6 * 1024
 
 
 def clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
+    """`text` in at most `limit` bytes of UTF-8 (cut between characters), plus a note of how
+    many characters were cut."""
+    if len(text) * 4 <= limit:
         return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    kept = data[:limit].decode("utf-8", "ignore")
+    return f"{kept}... ({len(text) - len(kept)} more characters)"
+
+
+def trailer_bytes(status: status_pb2.Status) -> int:
+    """What `status` puts into the trailers: grpc-message percent-encoded, grpc-status-details-bin
+    in base64."""
+    message = status.message.encode("utf-8")
+    escaped = sum(1 for b in message if b < 0x20 or b > 0x7E or b == 0x25)
+    size: int = status.ByteSize()
+    return len(message) + 2 * escaped + 4 * ((size + 2) // 3)
 
 
 def to_status_proto(err: MeterError) -> status_pb2.Status:
@@ -75,20 +95,6 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
     details = [
         _pack(error_details_pb2.ErrorInfo(reason=str(err.reason), domain=DOMAIN, metadata=metadata))
     ]
-    if err.violations:
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=clip(v.field, MAX_FIELD_LEN),
-                            description=clip(v.description, MAX_DESCRIPTION_LEN),
-                        )
-                        for v in err.violations[:MAX_VIOLATIONS]
-                    ]
-                )
-            )
-        )
     if err.quota_subject:
         details.append(
             _pack(
@@ -106,9 +112,26 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(err.retry_after_ms or 1000)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(
+    status = status_pb2.Status(
         code=code.value[0], message=clip(err.message, MAX_MESSAGE_LEN), details=details
     )
+    if err.violations:
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=clip(v.field, MAX_FIELD_LEN),
+                description=clip(v.description, MAX_DESCRIPTION_LEN),
+            )
+            for v in err.violations[:MAX_VIOLATIONS]
+        ]
+        # BadRequest goes second, after ErrorInfo, as clients read it.
+        while True:
+            bad = status_pb2.Status()
+            bad.CopyFrom(status)
+            bad.details.insert(1, _pack(error_details_pb2.BadRequest(field_violations=violations)))
+            if len(violations) == 1 or trailer_bytes(bad) <= MAX_STATUS_TRAILER_BYTES:
+                return bad
+            violations.pop()
+    return status
 
 
 def to_grpc_status(err: MeterError) -> grpc.Status:
