@@ -14,10 +14,17 @@ same run (ratios, because shared machines are noisy), printed as one table.
   embedded store through meter-grpc's transport before it answers (bench/bare_server.py with
   a URL), unary and one caller; and the p50 of fdatasync after a 120-byte append on the
   store's disk, which every answered write waits for with `appendfsync always`;
+- the store work of meter-grpc without its Python: the bare server running usage.lua (an
+  increment, the same keys and arguments IncrementUsage sends) through the same transport
+  before it answers (bench/bare_server.py with a URL and a license id), unary, one caller and
+  stream: what is left of a gap once authentication, validation and mapping cost nothing;
 - one caller (1 call in flight): IncrementUsage p50 against the bare server's p50, with
   `always` and with `everysec`;
 - one StreamUsage stream against the bare server's bidi echo stream (the same client,
-  --stream-inflight requests unanswered at most), and BatchIncrementUsage with --batch-size
+  --stream-inflight requests unanswered at most), with its floors: the bare stream sending one
+  PING, or running usage.lua, per message through meter-grpc's transport, windowed like
+  StreamUsage; and
+  BatchIncrementUsage with --batch-size
   items over --batch-licenses licenses, --batch-inflight calls in flight on one channel
   (increments/s); the counters are read back at the end and must equal the OK answers;
 - bench/memory.py (its own process and store): Redis memory per license and IncrementUsage
@@ -353,6 +360,25 @@ async def main(args: argparse.Namespace) -> None:
                     ).license.id
                     if name == "meter":
                         policy = pol.id
+                        script_lic = (
+                            await ls.CreateLicense(
+                                lpb.CreateLicenseRequest(license={"policy_id": pol.id}),
+                                metadata=MD,
+                            )
+                        ).license.id
+            # The store work of meter-grpc without its Python: the bare server running usage.lua
+            # (an increment of a license of its own) through meter-grpc's transport per call.
+            script_floor_target = f"127.0.0.1:{free_port()}"
+            procs["script-floor"] = spawn(
+                [
+                    str(ROOT / "bench" / "bare_server.py"),
+                    script_floor_target,
+                    args.redis_url or urls["always"],
+                    script_lic,
+                ],
+                {},
+            )
+            await wait_serving(script_floor_target, health=False)
 
             def increment(name: str, rid: bool = False) -> Call:
                 lic = lics[name]
@@ -424,6 +450,14 @@ async def main(args: argparse.Namespace) -> None:
                     c,
                 ),
                 (FLOOR, floor_target, bare_call, "floor", valkey["floor"], c),
+                (
+                    SCRIPT_FLOOR,
+                    script_floor_target,
+                    bare_call,
+                    "script-floor",
+                    valkey["floor"],
+                    c,
+                ),
             ]
             base: Scenario = ("bare", bare_target, bare_call, "bare", None, c)
             single: Scenario = (
@@ -451,7 +485,15 @@ async def main(args: argparse.Namespace) -> None:
                 valkey["floor"],
                 one,
             )
-            singles = (single_base, single, single_everysec, single_floor)
+            single_script_floor: Scenario = (
+                SCRIPT_FLOOR + ", one caller",
+                script_floor_target,
+                bare_call,
+                "script-floor",
+                valkey["floor"],
+                one,
+            )
+            singles = (single_base, single, single_everysec, single_floor, single_script_floor)
             print(
                 f"# {args.rounds} rounds x {args.seconds:g}s per scenario (interleaved; medians), "
                 f"{c} calls in flight over {args.channels} channels (one caller: 1 on 1), "
@@ -501,6 +543,7 @@ async def main(args: argparse.Namespace) -> None:
                     ("IncrementUsage, METER_EVENT_RETENTION=0", "(XADD cost)"),
                     ("IncrementUsage, export on (NDJSON)", "(outbox cost)"),
                     (FLOOR, "(floor)"),
+                    (SCRIPT_FLOOR, "(store work)"),
                 ):
                     rows.append(
                         (
@@ -516,9 +559,12 @@ async def main(args: argparse.Namespace) -> None:
                     (single, "", "≤ +0.3 ms"),
                     (single_everysec, ", appendfsync everysec", "(fsync cost)"),
                     (single_floor, "", "(floor)"),
+                    (single_script_floor, "", "(store work)"),
                 ):
                     p_meter = med(lats[sc[0]])
-                    what = FLOOR if sc is single_floor else f"IncrementUsage p50{label}"
+                    what = {single_floor: FLOOR, single_script_floor: SCRIPT_FLOOR}.get(
+                        sc, f"IncrementUsage p50{label}"
+                    )
                     rows.append(
                         (
                             f"one caller, {what} (ms)",
@@ -539,7 +585,9 @@ async def main(args: argparse.Namespace) -> None:
                     )
                 )
             if args.stream_rounds:
-                rows += await bulk(args, bare_target, targets["meter"], policy)
+                rows += await bulk(
+                    args, bare_target, targets["meter"], policy, floor_target, script_floor_target
+                )
             if args.memory:
                 rows += memory_rows(args)
             print()
@@ -574,6 +622,7 @@ async def main(args: argparse.Namespace) -> None:
 HEADER = ("figure", "meter-grpc", "baseline (same run)", "ratio", "target")
 # The bare server awaiting one PING through meter-grpc's transport per call (bare_server.py).
 FLOOR = "bare + 1 PING"
+SCRIPT_FLOOR = "bare + usage.lua"
 
 
 def fdatasync_p50(directory: Path, n: int = 2000) -> float:
@@ -666,9 +715,16 @@ def memory_rows(args: argparse.Namespace) -> list[tuple[str, str, str, str, str]
 
 
 async def bulk(
-    args: argparse.Namespace, bare_target: str, meter_target: str, policy: str
+    args: argparse.Namespace,
+    bare_target: str,
+    meter_target: str,
+    policy: str,
+    floor_target: str,
+    script_floor_target: str,
 ) -> list[tuple[str, str, str, str, str]]:
-    """StreamUsage (one stream, the server's window) against the bare bidi echo stream, and
+    """StreamUsage (one stream, the server's window) against the bare bidi echo stream, its
+    floors (the bare stream sending one PING, or running usage.lua, per message, windowed the
+    same way), and
     BatchIncrementUsage, interleaved per round like the unary scenarios; the counts of the
     licenses used are checked against the OK answers at the end."""
     async with grpc.aio.insecure_channel(meter_target) as ch:
@@ -689,6 +745,10 @@ async def bulk(
         bare_rates: list[float] = []
         stream_rates: list[float] = []
         stream_ratios: list[float] = []
+        floor_rates: list[float] = []
+        floor_ratios: list[float] = []
+        script_rates: list[float] = []
+        script_ratios: list[float] = []
         batch_rates: list[float] = []
         stream_ok = batch_ok = 0
         print(
@@ -706,6 +766,12 @@ async def bulk(
                 meter_target, stream_lic, args.seconds, args.stream_inflight
             )
             stream_ok += ok
+            floor, _ = await drive_stream(
+                floor_target, stream_lic, args.seconds, args.stream_inflight
+            )
+            scripted, _ = await drive_stream(
+                script_floor_target, stream_lic, args.seconds, args.stream_inflight
+            )
             after, _ = await drive_stream(
                 bare_target, stream_lic, args.seconds, args.stream_inflight
             )
@@ -715,9 +781,15 @@ async def bulk(
             bare_rates.append(baseline)
             stream_rates.append(rate)
             stream_ratios.append(rate / baseline)
+            floor_rates.append(floor)
+            floor_ratios.append(floor / baseline)
+            script_rates.append(scripted)
+            script_ratios.append(scripted / baseline)
             batch_rates.append(brate)
             print(
                 f"  round {r + 1}: bare bidi {baseline:.0f}/s, StreamUsage {rate:.0f}/s, "
+                f"bare bidi + 1 PING per message {floor:.0f}/s, "
+                f"bare bidi + usage.lua per message {scripted:.0f}/s, "
                 f"BatchIncrementUsage {brate:.0f} increments/s",
                 flush=True,
             )
@@ -741,6 +813,20 @@ async def bulk(
                 f"{med(bare_rates):,.0f} bare bidi echo",
                 f"{med(stream_ratios):.2f}x",
                 "≥ 0.70x" + check,
+            ),
+            (
+                "StreamUsage floor: bare bidi + 1 PING per message (msgs/s)",
+                f"{med(floor_rates):,.0f}",
+                f"{med(bare_rates):,.0f} bare bidi echo",
+                f"{med(floor_ratios):.2f}x",
+                "(floor)",
+            ),
+            (
+                "StreamUsage store work: bare bidi + usage.lua per message (msgs/s)",
+                f"{med(script_rates):,.0f}",
+                f"{med(bare_rates):,.0f} bare bidi echo",
+                f"{med(script_ratios):.2f}x",
+                "(store work)",
             ),
             (
                 f"BatchIncrementUsage x{args.batch_size}, one channel (increments/s)",
