@@ -25,6 +25,8 @@ from meter.v1 import policy_pb2
 from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.config import ConfigError, OpenMeterExport, Settings
+from meter_grpc.domain import failpoints
+from meter_grpc.domain.errors import MeterError
 from meter_grpc.export.exporter import Exporter
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
 from meter_grpc.export.sinks.ndjson import NdjsonSink
@@ -808,6 +810,71 @@ async def test_a_removed_sink_no_longer_holds_the_outbox_back_and_can_be_forgott
         again = await asyncio.to_thread(run_cli, "export", "forget", "gone", env=env)
         assert again.status != 0 and "no consumer group" in again.stderr
     await _nothing_pending(redis, ids, ["ndjson"])
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "forget_export_sink.group",
+        "forget_export_sink.error_deleted",
+        "forget_export_sink.dead_deleted",
+    ],
+)
+async def test_a_forget_cut_short_at_any_step_is_finished_by_running_it_again(
+    running: Running, redis: aioredis.Redis, failpoint: Any, step: str
+) -> None:
+    """ForgetExportSink is several steps (destroy the sink's group on every outbox stream,
+    delete its last error, delete its dead letters, trim): cut short after any of them (a
+    crash, a deadline, the store gone), the sink is half forgotten. Running it again removes
+    exactly what is left, whether or not the sink ever had dead letters (before, a forget cut
+    after its groups left the last error behind for good: the next run found no group and no
+    dead letter and refused); trimming needs nothing of it (it follows live sinks only), and
+    once nothing is left, forget says so."""
+    exporter = Exporter(running.service.store, [])
+    for with_dead in (True, False):
+        sink = f"half-{step.rsplit('.', 1)[1]}-{int(with_dead)}"
+        streams = [keys.outbox(f"forget-{sink}-{n}") for n in range(3)]
+        for stream in streams:
+            await redis.delete(stream)  # type: ignore[misc]
+            await redis.xadd(stream, {"id": "x:1", "k": "increment"})  # type: ignore[misc]
+            await redis.xgroup_create(stream, sink, id="0")  # type: ignore[misc]
+            await redis.sadd(keys.export_streams(), stream)  # type: ignore[misc]
+        if with_dead:
+            await redis.xadd(keys.export_dead(sink), {"id": "x:1", "reason": "refused"})  # type: ignore[misc]
+        await redis.hset(keys.export_error(sink), mapping={"reason": "down", "at": "1"})  # type: ignore[misc]
+        try:
+            failpoint(step)
+            with pytest.raises(MeterError):
+                await exporter.forget(sink)
+            failpoints.arm({})
+            left = [
+                s
+                for s in streams
+                if sink in {g["name"] for g in await redis.xinfo_groups(s)}  # type: ignore[misc]
+            ]
+            dead_left = await redis.xlen(keys.export_dead(sink))  # type: ignore[misc]
+            error_left = await redis.exists(keys.export_error(sink))  # type: ignore[misc]
+            if step == "forget_export_sink.group":
+                assert len(left) == 2  # the cut came after the first of three
+            if left or dead_left or error_left:
+                groups, dead = await exporter.forget(sink)
+                assert (groups, dead) == (len(left), dead_left)
+            else:  # cut after its last removal: it is done, and says so
+                with pytest.raises(ValueError, match="no consumer group"):
+                    await exporter.forget(sink)
+            for stream in streams:
+                names = {g["name"] for g in await redis.xinfo_groups(stream)}  # type: ignore[misc]
+                assert sink not in names
+            for name in (keys.export_dead(sink), keys.export_error(sink)):
+                assert not await redis.exists(name)  # type: ignore[misc]
+            with pytest.raises(ValueError, match="no consumer group"):
+                await exporter.forget(sink)
+        finally:
+            failpoints.arm({})
+            for stream in streams:
+                await redis.delete(stream)  # type: ignore[misc]
+                await redis.srem(keys.export_streams(), stream)  # type: ignore[misc]
+            await redis.delete(keys.export_dead(sink), keys.export_error(sink))  # type: ignore[misc]
 
 
 def _idle_but(service: Service, sink: str) -> bool:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meter_grpc.config import Settings
+from meter_grpc.domain import failpoints
 from meter_grpc.domain.watching import position
 from meter_grpc.export.model import ExportEvent, Kind, Outcome, Sink, Verdict
 from meter_grpc.export.sinks import build_sinks
@@ -779,6 +780,9 @@ class Exporter:
                 f"settings from every replica first (a replica counts as live for "
                 f"{SINKS_TTL_S / 60:g} minutes after it last ran)"
             )
+        # Each step is idempotent and what it removes is what the check below finds, so a
+        # forget cut short anywhere (a crash, a deadline, the store gone) is finished by
+        # running it again; the trimming after it is also done by every exporter's own.
         groups = 0
         streams = await self.outbox_streams()
         for stream in streams:
@@ -787,10 +791,13 @@ class Exporter:
             except Exception as exc:  # a registered stream deleted since: nothing to destroy
                 if not any(t in str(exc).lower() for t in ("no such key", "key to exist")):
                     raise
+            await failpoints.hit("forget_export_sink.group")
+        erased = int(await self.store.client.delete(keys.export_error(sink)))
+        await failpoints.hit("forget_export_sink.error_deleted")
         dead = int(await self.store.client.execute_command("XLEN", keys.export_dead(sink)))
         await self.store.client.delete(keys.export_dead(sink))
-        await self.store.client.delete(keys.export_error(sink))
-        if not groups and not dead:
+        await failpoints.hit("forget_export_sink.dead_deleted")
+        if not groups and not dead and not erased:
             raise ValueError(f"sink {sink!r} has no consumer group and no dead letters here")
         for stream in streams:
             await self.trim(stream)
