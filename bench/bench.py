@@ -49,7 +49,6 @@ import contextlib
 import gc
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 import uvloop
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from _serving import ROOT, free_port, spawn, wait_serving
 
 from meter.v1 import license_service_pb2 as lpb
 from meter.v1 import license_service_pb2_grpc as lgrpc
@@ -70,43 +69,8 @@ from meter.v1 import usage_service_pb2 as upb
 from meter.v1 import usage_service_pb2_grpc as ugrpc
 from meter_grpc.storage.embedded import EmbeddedServer, valkey_binary
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token"
 MD = (("authorization", f"Bearer {TOKEN}"),)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-async def wait_serving(target: str, health: bool) -> None:
-    async with grpc.aio.insecure_channel(target) as ch:
-        for _ in range(600):
-            try:
-                if health:
-                    r = await health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                else:
-                    await ugrpc.UsageServiceStub(ch).GetUsage(upb.GetUsageRequest(), timeout=1)
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{target} did not come up")
 
 
 Call = Callable[[ugrpc.UsageServiceStub, int], Awaitable[object]]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
 import statistics
@@ -42,6 +41,8 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from _serving import free_port, spawn, wait_serving  # noqa: E402
+
 from meter.v1 import usage_service_pb2 as upb  # noqa: E402
 from meter.v1 import usage_service_pb2_grpc as ugrpc  # noqa: E402
 from meter_grpc.domain.clock import SystemClock  # noqa: E402
@@ -56,14 +57,6 @@ from meter_grpc.storage.store import RedisStore  # noqa: E402
 TOKEN = "bench-admin-token"
 MD = (("authorization", f"Bearer {TOKEN}"),)
 IN_FLIGHT = 2000
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def used_memory(r: aioredis.Redis) -> int:
@@ -139,19 +132,15 @@ async def key_shares(r: aioredis.Redis, store: RedisStore, license_id: str) -> d
 
 
 def spawn_meter(target: str, url: str, data_dir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "meter_grpc"],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT / "src"),
+    return spawn(
+        ["-m", "meter_grpc"],
+        {
             "METER_LISTEN": target,
             "METER_REDIS_URL": url,
             "METER_DATA_DIR": str(data_dir),
             "METER_ADMIN_TOKENS": TOKEN,
             "METER_LOG_LEVEL": "WARNING",
         },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
 
 
@@ -173,7 +162,7 @@ class Stack:
         secret = KeySecret.configured(None, self.dir / "data")
         self.licensing = Licensing(self.store, SystemClock(), secret)
         self.policy = (await self.licensing.create_policy(Policy(name="bench"))).id
-        await wait_serving(self.target)
+        await wait_serving(self.target, health=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -256,20 +245,6 @@ async def main(args: argparse.Namespace) -> None:
             print(f"RESULT ratio_same={same_ratio:.3f}")
             print(f"RESULT ratio_random={rand_ratio:.3f}")
             print(f"RESULT large_n={big}")
-
-
-async def wait_serving(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as ch:
-        for _ in range(600):
-            try:
-                await ugrpc.UsageServiceStub(ch).GetUsage(
-                    upb.GetUsageRequest(license_id="x"), metadata=MD, timeout=1
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{target} did not come up")
 
 
 def parse(argv: list[str] | None = None) -> Any:
