@@ -47,6 +47,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import itertools
 import os
 import signal
 import statistics
@@ -346,10 +347,13 @@ async def main(args: argparse.Namespace) -> None:
 
             def increment(name: str, rid: bool = False) -> Call:
                 lic = lics[name]
+                # A request id never used before, in the warm-up, the rounds and the workers
+                # alike: a repeated one is a replay (no write, no fsync), not an increment.
+                ids = itertools.count()
 
                 async def call(stub: ugrpc.UsageServiceStub, i: int) -> object:
                     req = upb.IncrementUsageRequest(
-                        license_id=lic, request_id=f"b{i}" if rid else ""
+                        license_id=lic, request_id=f"b{next(ids)}" if rid else ""
                     )
                     return await stub.IncrementUsage(req, metadata=MD)
 
