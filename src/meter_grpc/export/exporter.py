@@ -131,6 +131,11 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
 
+def _no_such_stream(exc: Exception) -> bool:
+    """The error of XGROUP or XINFO on a stream that does not exist (any more)."""
+    return any(t in str(exc).lower() for t in ("no such key", "key to exist"))
+
+
 def _next_id(entry_id: str) -> str:
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq) + 1}"
@@ -671,7 +676,12 @@ class Exporter:
     async def _oldest_unacked(self, stream: str) -> str | None:
         """Over the groups of the sinks configured on a live replica only: a removed sink's
         group does not hold the trimming back (ExportStatus reports it)."""
-        groups = [pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+        try:
+            groups = [pairs(g) for g in await self._call("XINFO", "GROUPS", stream)]
+        except Exception as exc:  # a registered stream deleted since: nothing to trim
+            if not _no_such_stream(exc):
+                raise
+            return None
         groups = [g for g in groups if str(g["name"]) in self._live_sinks]
         if not groups:
             return None
@@ -787,11 +797,14 @@ class Exporter:
         streams = await self.outbox_streams()
         for stream in streams:
             try:
-                groups += int(await self._call("XGROUP", "DESTROY", stream, sink))
+                destroyed = int(await self._call("XGROUP", "DESTROY", stream, sink))
             except Exception as exc:  # a registered stream deleted since: nothing to destroy
-                if not any(t in str(exc).lower() for t in ("no such key", "key to exist")):
+                if not _no_such_stream(exc):
                     raise
-            await failpoints.hit("forget_export_sink.group")
+                destroyed = 0
+            groups += destroyed
+            if destroyed:
+                await failpoints.hit("forget_export_sink.group")
         erased = int(await self.store.client.delete(keys.export_error(sink)))
         await failpoints.hit("forget_export_sink.error_deleted")
         dead = int(await self.store.client.execute_command("XLEN", keys.export_dead(sink)))
