@@ -561,7 +561,8 @@ async def test_error_details_stay_small_whatever_the_request_holds(
             metadata=admin_md(),
         )
     )
-    assert err.bad_fields == ["policy.metadata['\\x00\\x00\\x00\\x00...']"]
+    # as many first characters as fit 64 bytes quoted: each escape takes 4
+    assert err.bad_fields == ["policy.metadata['" + "\\x00" * 14 + "...']"]
     for md in (admin_md(), license_md(lic.key)):
         err = await expect_error(
             usage.IncrementUsage(upb.IncrementUsageRequest(license_id=huge), metadata=md)
@@ -638,10 +639,42 @@ async def test_error_trailers_fit_a_strict_client_whatever_the_request_holds(
                 metadata=admin_md(),
             ),
         ]
+        # A metadata key of 37 emoji (4 bytes each, 148 bytes quoted) under a field name: the
+        # key is quoted by its first characters within the name's own bound, never cut by the
+        # error's clipping into something that is no field path.
+        long_key = {emoji[:37]: "v" * 1025}
+        calls.append(
+            licenses.ActivateMachine(
+                lpb.ActivateMachineRequest(
+                    license_id=lic.id, fingerprint="fp-1", metadata=long_key
+                ),
+                metadata=admin_md(),
+            )
+        )
         for call in calls:
             err = await expect_error(call)
             assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
             assert err.reason == "INVALID_ARGUMENT" and err.bad_fields
+            for f in err.bad_fields:
+                assert len(f.encode()) <= errors.MAX_FIELD_LEN and "more characters" not in f, f
+        assert err.bad_fields == ["metadata[" + repr(emoji[:14] + "...") + "]"]
+
+
+@pytest.mark.parametrize(
+    ("path", "clipped"),
+    [
+        ("items[3].amount", "items[3].amount"),
+        ("policy.metadata['" + "k" * 300 + "']", "policy.metadata"),
+        ("policy.metadata['" + "\\'" * 100 + "'].x", "policy.metadata"),
+        ('license.metadata["' + "\U0001f600" * 40 + '"]', "license.metadata"),
+        ("items[" + "7" * 200 + "].amount", "items"),
+        ("a" * 40 + ".b[1]" + ".c" * 60, "a" * 40 + ".b[1]" + ".c" * 41),
+    ],
+)
+def test_a_field_path_too_long_loses_its_last_parts_not_its_form(path: str, clipped: str) -> None:
+    """A bad field's path longer than MAX_FIELD_LEN bytes keeps its longest prefix that is
+    still a path (whole names, whole subscripts): clients and the fuzz suite read it as one."""
+    assert errors.clip_field(path, errors.MAX_FIELD_LEN) == clipped
 
 
 BAD_REQUEST = error_details_pb2.BadRequest.DESCRIPTOR

@@ -80,6 +80,39 @@ def clip(text: str, limit: int) -> str:
     return f"{kept}... ({len(text) - len(kept)} more characters)"
 
 
+def clip_field(path: str, limit: int) -> str:
+    """A BadRequest field path in at most `limit` bytes of UTF-8 that still names a field: the
+    segments and subscripts that do not fit are left off from the end, so
+    `policy.metadata['<a long key>']` becomes `policy.metadata` (the description says the
+    rest). Only a first name longer than `limit` is cut like any text."""
+    if len(path) * 4 <= limit or len(path.encode("utf-8", "replace")) <= limit:
+        return path
+    best, i, n = 0, 0, len(path)
+    while i < n:
+        if path[i] == ".":
+            i += 1
+            continue
+        if path[i] == "[":
+            quote = path[i + 1] if i + 1 < n else ""
+            if quote in ("'", '"'):
+                j = i + 2
+                while j < n and path[j] != quote:
+                    j += 2 if path[j] == "\\" else 1
+                i = j + 2  # past the closing quote and bracket
+            else:
+                j = path.find("]", i)
+                i = n if j < 0 else j + 1
+        else:
+            j = i
+            while j < n and path[j] not in ".[":
+                j += 1
+            i = j
+        if i > n or len(path[:i].encode("utf-8", "replace")) > limit:
+            break
+        best = i
+    return path[:best] if best else clip(path, limit)
+
+
 def trailer_bytes(status: status_pb2.Status) -> int:
     """What `status` puts into the trailers: grpc-message percent-encoded, grpc-status-details-bin
     in base64."""
@@ -118,7 +151,7 @@ def to_status_proto(err: MeterError) -> status_pb2.Status:
     if err.violations:
         violations = [
             error_details_pb2.BadRequest.FieldViolation(
-                field=clip(v.field, MAX_FIELD_LEN),
+                field=clip_field(v.field, MAX_FIELD_LEN),
                 description=clip(v.description, MAX_DESCRIPTION_LEN),
             )
             for v in err.violations[:MAX_VIOLATIONS]

@@ -77,12 +77,18 @@ def is_meter_code(value: str) -> bool:
     return _METER_CODE.fullmatch(value) is not None
 
 
+KEY_NAME_BYTES = 64
+
+
 def _key_name(key: str) -> str:
     """A map key quoted for a field name, by its first characters: the name stays short
-    (at most 64 characters of quoted key) whatever the key holds."""
+    (at most 64 bytes of UTF-8 of quoted key, so an error never has to cut the field name
+    itself) whatever the key holds: escapes and multi-byte characters leave fewer of them."""
+    n = min(len(key), 32)
     quoted = repr(key if len(key) <= 32 else key[:32] + "...")
-    if len(quoted) > 64:  # escapes (control characters) make the quote longer
-        quoted = repr(key[:4] + "...")
+    while len(quoted.encode("utf-8", "replace")) > KEY_NAME_BYTES:
+        n -= 1
+        quoted = repr(key[:n] + "...")
     return quoted
 
 
