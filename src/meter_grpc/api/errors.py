@@ -6,6 +6,8 @@ numbers as metadata); bad fields add BadRequest, limits QuotaFailure, UNAVAILABL
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -80,37 +82,26 @@ def clip(text: str, limit: int) -> str:
     return f"{kept}... ({len(text) - len(kept)} more characters)"
 
 
+# One step of a field path: a name (after a dot but the first) or a subscript (an index, or a
+# map key quoted with ' or " and backslash escapes, as domain.rules writes them).
+_PATH_STEP = re.compile(
+    r"""\.?[A-Za-z_][A-Za-z0-9_]*|\[(?:\d+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]"""
+)
+
+
 def clip_field(path: str, limit: int) -> str:
     """A BadRequest field path in at most `limit` bytes of UTF-8 that still names a field: the
-    segments and subscripts that do not fit are left off from the end, so
-    `policy.metadata['<a long key>']` becomes `policy.metadata` (the description says the
-    rest). Only a first name longer than `limit` is cut like any text."""
+    steps that do not fit are left off from the end, so `policy.metadata['<a long key>']`
+    becomes `policy.metadata` (the description says the rest). Only a first name longer than
+    `limit` (or no path at all) is cut like any text."""
     if len(path) * 4 <= limit or len(path.encode("utf-8", "replace")) <= limit:
         return path
-    best, i, n = 0, 0, len(path)
-    while i < n:
-        if path[i] == ".":
-            i += 1
-            continue
-        if path[i] == "[":
-            quote = path[i + 1] if i + 1 < n else ""
-            if quote in ("'", '"'):
-                j = i + 2
-                while j < n and path[j] != quote:
-                    j += 2 if path[j] == "\\" else 1
-                i = j + 2  # past the closing quote and bracket
-            else:
-                j = path.find("]", i)
-                i = n if j < 0 else j + 1
-        else:
-            j = i
-            while j < n and path[j] not in ".[":
-                j += 1
-            i = j
-        if i > n or len(path[:i].encode("utf-8", "replace")) > limit:
-            break
-        best = i
-    return path[:best] if best else clip(path, limit)
+    end = 0
+    while (step := _PATH_STEP.match(path, end)) and len(
+        path[: step.end()].encode("utf-8", "replace")
+    ) <= limit:
+        end = step.end()
+    return path[:end] if end else clip(path, limit)
 
 
 def trailer_bytes(status: status_pb2.Status) -> int:

@@ -29,6 +29,9 @@ MAX_REQUEST_ID_LEN = 128
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_LEN = 128
 MAX_METADATA_VALUE_LEN = 1024
+# A metadata key named in a bad field's path: quoted by its first characters, at most this many
+# bytes of UTF-8 (api.errors cuts paths above 128 bytes).
+KEY_NAME_BYTES = 64
 # A metadata map as stored and signed into license files: its JSON (ASCII-escaped, as the
 # service writes it) is at most this many bytes. With MAX_MACHINES_PER_LICENSE it bounds a
 # license file (README "Limits and bounds").
@@ -75,9 +78,6 @@ METER_CODE_RULE = "an upper-case letter, then up to 63 upper-case letters, digit
 
 def is_meter_code(value: str) -> bool:
     return _METER_CODE.fullmatch(value) is not None
-
-
-KEY_NAME_BYTES = 64
 
 
 def _key_name(key: str) -> str:
